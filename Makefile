@@ -1,0 +1,41 @@
+# The two README commands (make run, make test) need nothing installed beforehand but Python 3.11+.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test soak bench lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/batchtag run examples/photos -o examples/photos-tags.jsonl --retry-errors
+	$(BIN)/python -m batchtag.show examples/photos-tags.jsonl
+
+test: $(STAMP)
+	$(BIN)/ruff check batchtag tests bench scripts
+	$(BIN)/python -m pytest -q
+
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -m soak -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m bench.run
+
+lint: $(STAMP)
+	$(BIN)/ruff check batchtag tests bench scripts
+	$(BIN)/ruff format --check batchtag tests bench scripts
+
+format: $(STAMP)
+	$(BIN)/ruff format batchtag tests bench scripts
+	$(BIN)/ruff check --fix batchtag tests bench scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

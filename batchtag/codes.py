@@ -1,0 +1,151 @@
+"""The image-tag API's result codes: the one table both client and server read.
+
+Every code the provider documents (API-NOTES.md) is here with its message and whether a
+client should try again. The server answers with these messages; the client's retry policy
+asks ``is_transient``. HTTP statuses and transport failures, which carry no API code, are
+classified in the same place so the retry decision lives in exactly one table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Retry(Enum):
+    """What a client should do with a failure."""
+
+    TRANSIENT = "transient"  # try again after a backoff
+    PERMANENT = "permanent"  # record the error, never retry
+
+
+@dataclass(frozen=True)
+class CodeInfo:
+    code: int
+    message: str
+    retry: Retry
+
+
+OK = 0
+BAD_REQUEST = 3
+SIGNATURE_EMPTY = 4
+SIGNATURE_MALFORMED = 5
+SIGNATURE_MISMATCH = 6
+SIGNATURE_EXPIRED = 9
+APPID_UNKNOWN = 10
+SECRET_ID_UNKNOWN = 11
+APPID_MISMATCH = 12
+REPLAY = 13
+SIGNATURE_FAILED = 14
+RATE_LIMITED = 15
+BUCKET_UNKNOWN = 16
+URL_EMPTY = 17
+NO_SOURCE = 18
+IMAGE_TOO_LARGE = 20
+BAD_PARAMETER = 21
+INTERNAL_PACK = 200
+INTERNAL_UNPACK = 201
+INTERNAL_LINK = 202
+INTERNAL_TIMEOUT = 203
+IMAGE_DECODE_FAILED = -1102
+IMAGE_EMPTY = -1300
+PARAMETER_EMPTY = -1301
+URL_DOWNLOAD_FAILED = -1308
+IMAGE_FORMAT = -1400
+IMAGE_DOWNLOAD_FAILED = -1403
+IMAGE_UNRECOGNISED = -1404
+URL_FORMAT = -1505
+URL_DOWNLOAD_TIMEOUT = -1506
+URL_UNREACHABLE = -1507
+URL_PROHIBITED = -5062
+
+T, P = Retry.TRANSIENT, Retry.PERMANENT
+
+API_CODES: dict[int, CodeInfo] = {
+    info.code: info
+    for info in (
+        CodeInfo(OK, "success", P),
+        CodeInfo(BAD_REQUEST, "bad request", P),
+        CodeInfo(SIGNATURE_EMPTY, "signature empty", P),
+        CodeInfo(SIGNATURE_MALFORMED, "signature malformed", P),
+        CodeInfo(SIGNATURE_MISMATCH, "appid/bucket/url mismatch with the signature", P),
+        CodeInfo(7, "signature encode failed", T),
+        CodeInfo(8, "signature decode failed", T),
+        # The client signs every attempt afresh, so an expired signature is worth one more go.
+        CodeInfo(SIGNATURE_EXPIRED, "signature expired", T),
+        CodeInfo(APPID_UNKNOWN, "appid does not exist", P),
+        CodeInfo(SECRET_ID_UNKNOWN, "secret id does not exist", P),
+        CodeInfo(APPID_MISMATCH, "appid mismatch", P),
+        CodeInfo(REPLAY, "replay attack", T),
+        CodeInfo(SIGNATURE_FAILED, "signature check failed", P),
+        CodeInfo(RATE_LIMITED, "too many requests: rate limit hit", T),
+        CodeInfo(BUCKET_UNKNOWN, "bucket does not exist", P),
+        CodeInfo(URL_EMPTY, "url empty", P),
+        CodeInfo(NO_SOURCE, "neither image nor url", P),
+        CodeInfo(IMAGE_TOO_LARGE, "image too large", P),
+        CodeInfo(BAD_PARAMETER, "invalid parameter", P),
+        CodeInfo(INTERNAL_PACK, "internal pack failure", T),
+        CodeInfo(INTERNAL_UNPACK, "internal unpack failure", T),
+        CodeInfo(INTERNAL_LINK, "internal link failure", T),
+        CodeInfo(INTERNAL_TIMEOUT, "internal processing timeout", T),
+        CodeInfo(IMAGE_DECODE_FAILED, "image decode failed", P),
+        CodeInfo(IMAGE_EMPTY, "image empty", P),
+        CodeInfo(PARAMETER_EMPTY, "request parameter empty", P),
+        CodeInfo(URL_DOWNLOAD_FAILED, "downloading the url image failed", T),
+        CodeInfo(IMAGE_FORMAT, "illegal image format", P),
+        CodeInfo(IMAGE_DOWNLOAD_FAILED, "image download failed", T),
+        CodeInfo(IMAGE_UNRECOGNISED, "image cannot be recognised", P),
+        CodeInfo(URL_FORMAT, "url format wrong", P),
+        CodeInfo(URL_DOWNLOAD_TIMEOUT, "image download timed out", T),
+        CodeInfo(URL_UNREACHABLE, "cannot reach the server behind the url", T),
+        CodeInfo(URL_PROHIBITED, "the url's image is flagged as prohibited", P),
+    )
+}
+
+# Codes the client itself produces for failures that never got an API answer. They are
+# outside the provider's range so a record always says which side failed.
+CLIENT_HTTP_ERROR = -9001  # non-200 HTTP status without an API code
+CLIENT_TRANSPORT_ERROR = -9002  # connection refused/reset, DNS, protocol error
+CLIENT_TIMEOUT = -9003  # no answer within --timeout
+CLIENT_BAD_RESPONSE = -9004  # 200 but the body is not the API's JSON
+CLIENT_INPUT_ERROR = -9010  # the item itself: missing, unreadable, empty, not an image
+CLIENT_BAD_MANIFEST_LINE = -9011  # a manifest line that names no usable path or URL
+
+CLIENT_CODES: dict[int, CodeInfo] = {
+    info.code: info
+    for info in (
+        CodeInfo(CLIENT_HTTP_ERROR, "HTTP error", T),
+        CodeInfo(CLIENT_TRANSPORT_ERROR, "connection failed", T),
+        CodeInfo(CLIENT_TIMEOUT, "request timed out", T),
+        CodeInfo(CLIENT_BAD_RESPONSE, "response is not the API's JSON", T),
+        CodeInfo(CLIENT_INPUT_ERROR, "input error", P),
+        CodeInfo(CLIENT_BAD_MANIFEST_LINE, "bad manifest line", P),
+    )
+}
+
+# HTTP statuses without an API code: worth retrying when the server or a proxy is
+# overloaded or restarting, never when the request itself is wrong.
+TRANSIENT_HTTP_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def describe(code: int) -> CodeInfo:
+    """The table's row for ``code``; unknown codes are permanent (we cannot know better)."""
+    info = API_CODES.get(code) or CLIENT_CODES.get(code)
+    return info or CodeInfo(code, f"unknown code {code}", P)
+
+
+def message(code: int) -> str:
+    return describe(code).message
+
+
+def is_transient(code: int) -> bool:
+    return describe(code).retry is Retry.TRANSIENT
+
+
+def is_transient_http(status: int) -> bool:
+    return status in TRANSIENT_HTTP_STATUSES
+
+
+def is_rate_limit(code: int | None = None, http_status: int | None = None) -> bool:
+    """Both ways a server says "slow down": the API's code 15 and plain HTTP 429."""
+    return code == RATE_LIMITED or http_status == 429
