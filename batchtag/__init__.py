@@ -1,0 +1,13 @@
+"""batchtag: tag large image collections through the image-tag API.
+
+The Python API: ``run_batch`` (async) and ``run`` (sync) take a ``RunConfig`` and return
+a ``Summary``; ``batchtag.cli`` is a thin layer over them.
+"""
+
+__version__ = "0.1.0"
+
+from batchtag.config import RunConfig  # noqa: E402
+from batchtag.pipeline import run, run_batch  # noqa: E402
+from batchtag.progress import Summary  # noqa: E402
+
+__all__ = ["RunConfig", "Summary", "__version__", "run", "run_batch"]

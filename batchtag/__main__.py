@@ -1,0 +1,5 @@
+import sys
+
+from batchtag.cli import main
+
+sys.exit(main())

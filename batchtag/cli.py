@@ -1,0 +1,154 @@
+"""The command line: ``batchtag run`` and ``batchtag serve``, a thin layer over the API.
+
+Exit status (CONTRACT.md): 0 every item ok; 1 finished with failed items; 2 usage or
+configuration error (one line on stderr, no traceback); 130 interrupted (Ctrl-C/SIGTERM)
+after flushing what was done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from batchtag import __version__
+from batchtag.config import ConfigError, RunConfig, build_config
+from batchtag.pipeline import run_batch
+from batchtag.progress import Summary
+from batchtag.sink import SinkError
+from batchtag.sources import SourceError
+
+EXIT_OK, EXIT_FAILED_ITEMS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+log = logging.getLogger("batchtag")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, as the contract says
+        self.exit(EXIT_USAGE, f"batchtag: error: {message} (see batchtag {self.prog.split()[-1]} --help)\n")
+
+
+def add_run_parser(commands: Any) -> None:
+    p = commands.add_parser("run", help="tag images from directories, files and manifests",
+                            description="Tag every image in SOURCE... into OUT (JSONL), resumably.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="a directory, an image, a .txt/.csv/.jsonl manifest, or - for stdin")
+    p.add_argument("-o", "--out", required=True, help="results JSONL; also the resume checkpoint")
+    p.add_argument("--config", help="TOML file with settings (flags and environment win)")
+    p.add_argument("--endpoint", help="API base URL, or 'local' (default) for the embedded tagger")
+    p.add_argument("--appid")
+    p.add_argument("--secret-id")
+    p.add_argument("--secret-key")
+    p.add_argument("--bucket")
+    p.add_argument("--concurrency", type=int, help="requests in flight (default 16)")
+    p.add_argument("--qps", type=float, help="requests started per second, at most (default: no limit)")
+    p.add_argument("--retries", type=int, help="extra attempts for transient failures (default 5)")
+    p.add_argument("--timeout", type=float, help="seconds per request (default 30)")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   help="no progress bar (also automatic when stderr is not a terminal)")
+    p.add_argument("--summary-json", help="also write the end-of-run summary as JSON here")
+    p.add_argument("--retry-errors", action="store_true", default=None,
+                   help="do again the items whose record in OUT is an error")
+    p.add_argument("--tagger", choices=("model", "color"), help="embedded tagger (local endpoint only)")
+    p.add_argument("--lang", choices=("zh", "en"), help="tag language of the embedded tagger (default zh)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+
+def add_serve_parser(commands: Any) -> None:
+    p = commands.add_parser("serve", help="serve the image-tag API locally with a real model",
+                            description="Serve POST /v1/detection/imagetag_detect and GET /healthz.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--tagger", choices=("model", "color"), default="model")
+    p.add_argument("--lang", choices=("zh", "en"), default="zh")
+    p.add_argument("--credentials", metavar="FILE",
+                   help="JSON or TOML with a 'credentials' list of {appid, secret_id, secret_key}; "
+                        "default: one entry from BATCHTAG_APPID/BATCHTAG_SECRET_ID/BATCHTAG_SECRET_KEY")
+    p.add_argument("--qps-limit", type=float, help="each appid's quota; requests over it get code 15")
+    p.add_argument("--inject-latency-ms", type=float, default=0.0)
+    p.add_argument("--inject-latency-jitter-ms", type=float, default=0.0)
+    p.add_argument("--inject-error-rate", type=float, default=0.0)
+    p.add_argument("--allow-private-urls", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="batchtag", description="Tag large image collections through the image-tag API.")
+    parser.add_argument("--version", action="version", version=f"batchtag {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_run_parser(commands)
+    add_serve_parser(commands)
+    return parser
+
+
+def run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("sources", "out", "endpoint", "appid", "secret_id", "secret_key", "bucket", "concurrency", "qps",
+             "retries", "timeout", "progress", "summary_json", "retry_errors", "tagger", "lang")
+    return {name: getattr(args, name) for name in names}
+
+
+async def run_until_signalled(config: RunConfig) -> Summary:
+    """Ctrl-C and SIGTERM cancel the run, which flushes finished records and stops."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    return await run_batch(config)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    try:
+        config = build_config(run_flags(args), args.config)
+        summary = asyncio.run(run_until_signalled(config))
+    except (ConfigError, SourceError, SinkError) as exc:
+        print(f"batchtag: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("batchtag: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(summary.render(), file=sys.stderr)
+    return summary.exit_code
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    from batchtag.server import ServeConfig, load_credentials_file, serve_forever
+    from batchtag.signing import Credentials
+
+    try:
+        if args.credentials:
+            credentials = load_credentials_file(args.credentials)
+        else:
+            env = [os.environ.get(f"BATCHTAG_{n}", "") for n in ("APPID", "SECRET_ID", "SECRET_KEY")]
+            if not all(env):
+                raise ValueError("give --credentials FILE, or set BATCHTAG_APPID, BATCHTAG_SECRET_ID "
+                                 "and BATCHTAG_SECRET_KEY")
+            credentials = [Credentials(*env)]
+        config = ServeConfig(
+            host=args.host, port=args.port, tagger=args.tagger, lang=args.lang, credentials=credentials,
+            qps_limit=args.qps_limit, inject_latency_ms=args.inject_latency_ms,
+            inject_latency_jitter_ms=args.inject_latency_jitter_ms, inject_error_rate=args.inject_error_rate,
+            allow_private_urls=args.allow_private_urls,
+        )
+        serve_forever(config)
+    except (ValueError, OSError) as exc:
+        print(f"batchtag: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="batchtag: %(levelname)s: %(message)s")
+    if args.command == "run":
+        return command_run(args)
+    return command_serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

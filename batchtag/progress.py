@@ -1,0 +1,114 @@
+"""Progress while a run goes (a tqdm bar) and the summary at its end."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from batchtag import codes
+from batchtag.records import Record
+
+
+@dataclass
+class Summary:
+    out: str = ""
+    done: int = 0  # records written by this run
+    ok: int = 0
+    errors: int = 0
+    by_code: Counter[int] = field(default_factory=Counter)
+    attempts: int = 0  # requests sent, retries included
+    resized: int = 0
+    skipped_done: int = 0  # already in OUT from an earlier run
+    previous_errors: int = 0  # ... of which ended in error
+    duplicates: int = 0  # repeated keys in the sources, done once
+    warnings: int = 0  # skipped symlink loops and the like
+    wall_s: float = 0.0
+    interrupted: bool = False
+
+    def count(self, record: Record) -> None:
+        self.done += 1
+        self.attempts += record.attempts
+        self.by_code[record.code] += 1
+        if record.ok:
+            self.ok += 1
+        else:
+            self.errors += 1
+        if "resized" in record.extra:
+            self.resized += 1
+
+    @property
+    def items_per_s(self) -> float:
+        return self.done / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.errors or self.previous_errors else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["by_code"] = {str(code): n for code, n in sorted(self.by_code.items())}
+        data["items_per_s"] = round(self.items_per_s, 2)
+        data["requests_per_s"] = round(self.attempts / self.wall_s, 2) if self.wall_s > 0 else 0.0
+        data["exit_code"] = self.exit_code
+        return data
+
+    def write_json(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+            handle.write("\n")
+
+    def render(self) -> str:
+        """The one-screen end-of-run report."""
+        lines = [
+            f"batchtag: {self.done:,} items in {self.wall_s:.1f} s "
+            f"({self.items_per_s:,.1f} items/s, {self.attempts:,} requests)"
+            + ("  [interrupted]" if self.interrupted else ""),
+            f"  ok         {self.ok:>10,}",
+            f"  error      {self.errors:>10,}",
+        ]
+        failures = {code: n for code, n in self.by_code.items() if code != codes.OK}
+        for code, n in sorted(failures.items(), key=lambda kv: -kv[1])[:10]:
+            lines.append(f"    code {code:>6}  {n:>8,}  {codes.message(code)}")
+        if self.skipped_done:
+            lines.append(
+                f"  skipped    {self.skipped_done:>10,}  already in OUT"
+                + (f" ({self.previous_errors:,} of them errors: rerun with --retry-errors)" if self.previous_errors else "")
+            )
+        if self.duplicates:
+            lines.append(f"  duplicate  {self.duplicates:>10,}  repeated in the sources, done once")
+        if self.resized:
+            lines.append(f"  resized    {self.resized:>10,}  over the size limit, downscaled before sending")
+        lines.append(f"  results:   {self.out}")
+        return "\n".join(lines)
+
+
+class Progress:
+    """A tqdm bar on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool | None, stream: TextIO | None = None) -> None:
+        stream = stream or sys.stderr
+        if enabled is None:
+            enabled = stream.isatty()
+        self._bar = tqdm(total=None, unit="img", file=stream, disable=not enabled, dynamic_ncols=True,
+                         smoothing=0.05, mininterval=0.5)
+        self.enabled = enabled
+
+    def set_total(self, total: int) -> None:
+        if self.enabled:
+            self._bar.total = total
+            self._bar.refresh()
+
+    def advance(self, summary: Summary, n: int = 1) -> None:
+        if self.enabled:
+            self._bar.set_postfix(ok=summary.ok, err=summary.errors, refresh=False)
+            self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()

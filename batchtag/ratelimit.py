@@ -1,0 +1,85 @@
+"""Global request pacing with an adaptive (AIMD) rate.
+
+Why not aiolimiter: its leaky bucket lets a full bucket of requests out at once, so a
+1-second window can see up to twice the rate, and it has no notion of slowing down when
+the server says "too many requests". Here request starts are spaced at least 1/rate
+apart, with no saved-up burst after idle time, and the whole run (every worker shares
+one limiter) backs off multiplicatively on a rate-limit answer and creeps back up
+additively while answers are good, like TCP congestion control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass
+class AimdPolicy:
+    decrease: float = 0.8  # rate *= decrease on a rate-limit answer
+    increase_share: float = 0.02  # the rate grows by this share of its ceiling per second of good answers
+    min_rate: float = 0.5
+    cooldown_s: float = 1.0  # one decrease per this long: a burst of 15s is one signal
+
+
+class AdaptiveRateLimiter:
+    def __init__(self, max_rate: float | None, policy: AimdPolicy | None = None) -> None:
+        if max_rate is not None and max_rate <= 0:
+            raise ValueError("rate must be positive")
+        self.max_rate = max_rate
+        self.policy = policy or AimdPolicy()
+        self.rate: float | None = max_rate  # None: unlimited until the server objects
+        self._ceiling = max_rate
+        self._next_start = 0.0
+        self._last_decrease = -1e9
+        self._last_increase = time.monotonic()
+        self._lock = asyncio.Lock()
+        self._recent_starts: deque[float] = deque()
+        self.decreases = 0
+
+    async def acquire(self) -> None:
+        """Wait for this request's turn; returns at its start time."""
+        async with self._lock:
+            now = time.monotonic()
+            if self.rate is not None:
+                wait = self._next_start - now
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    now = max(time.monotonic(), self._next_start)
+                self._next_start = now + 1.0 / self.rate
+            self._note_start(now)
+
+    def _note_start(self, now: float) -> None:
+        """Keep one second of start times: the observed rate when no limit was set."""
+        self._recent_starts.append(now)
+        while self._recent_starts[0] < now - 1.0:
+            self._recent_starts.popleft()
+
+    def observed_rate(self) -> float:
+        return float(len(self._recent_starts))
+
+    def on_rate_limited(self) -> None:
+        now = time.monotonic()
+        if now - self._last_decrease < self.policy.cooldown_s:
+            return
+        current = self.rate if self.rate is not None else max(self.observed_rate(), 1.0)
+        self._ceiling = current if self._ceiling is None else min(self._ceiling, current)
+        self.rate = max(self.policy.min_rate, current * self.policy.decrease)
+        self._last_decrease = now
+        self._last_increase = now
+        self.decreases += 1
+
+    def on_success(self) -> None:
+        if self.rate is None or self._ceiling is None:
+            return
+        now = time.monotonic()
+        elapsed = now - self._last_increase
+        self._last_increase = now
+        target = self.max_rate if self.max_rate is not None else self._ceiling * 2
+        step = self.policy.increase_share * self._ceiling * elapsed
+        self.rate = min(target, self.rate + step)
+        if self.max_rate is None and self.rate >= target:
+            self.rate = None  # fully recovered: unlimited again
+            self._ceiling = None

@@ -1,0 +1,269 @@
+"""The aiohttp application: ``POST /v1/detection/imagetag_detect``, ``/healthz`` and ``/stats``.
+
+A request is checked in the API's order, cheapest and most fundamental first:
+body size -> JSON -> field types -> signature -> quota -> image source -> decode -> tag.
+Every failure is an ``ApiError`` answered as HTTP 200 with the code table's message, the
+API's convention, including bodies over ``max_body_bytes`` (code 20); only the injected
+faults answer otherwise (HTTP 503, or no answer at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiohttp import web
+from PIL import Image
+
+from batchtag import codes
+from batchtag.server.batcher import Batcher
+from batchtag.server.config import ServeConfig
+from batchtag.server.credentials import CredentialStore
+from batchtag.server.errors import ApiError, api_message
+from batchtag.server.faults import Fault, FaultInjector
+from batchtag.server.imaging import DecodeLimits, decode_base64, decode_image
+from batchtag.server.quota import QuotaLimiter
+from batchtag.server.urlfetch import UrlFetcher
+from batchtag.signing import SignatureError, verify
+from batchtag.taggers import Tag, Tagger, load_tagger
+
+log = logging.getLogger(__name__)
+
+DETECT_PATH = "/v1/detection/imagetag_detect"
+# Parsing a multi-megabyte JSON body takes tens of milliseconds: do it off the event loop.
+INLINE_JSON_LIMIT = 256 * 1024
+DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DetectRequest:
+    appid: str
+    bucket: str | None
+    image: str | None
+    url: str | None
+
+
+@dataclass
+class ServerState:
+    config: ServeConfig
+    tagger: Tagger
+    credentials: CredentialStore
+    quota: QuotaLimiter
+    faults: FaultInjector
+    limits: DecodeLimits
+    answered: Counter[int] = field(default_factory=Counter)
+    # Created in the app's lifecycle, on its event loop:
+    fetcher: UrlFetcher | None = None
+    batcher: Batcher | None = None
+    decode_pool: ThreadPoolExecutor | None = None
+
+    async def in_decode_thread(self, func: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, func, *args)
+
+
+STATE = web.AppKey("batchtag_state", ServerState)
+
+
+def create_app(config: ServeConfig, tagger: Tagger | None = None) -> web.Application:
+    """The API server for ``config``; loads the configured tagger unless one is given."""
+    tagger = tagger if tagger is not None else load_tagger(config.tagger, config.lang)
+    state = ServerState(
+        config=config,
+        tagger=tagger,
+        credentials=CredentialStore(config.credentials),
+        quota=QuotaLimiter(config.qps_limit),
+        faults=FaultInjector(
+            config.inject_latency_ms, config.inject_latency_jitter_ms, config.inject_error_rate
+        ),
+        limits=DecodeLimits(
+            max_image_bytes=config.max_image_bytes,
+            max_pixels=config.max_pixels,
+            min_side=tagger.input_size * 2 if tagger.input_size else None,
+        ),
+    )
+    # aiohttp enforces client_max_size while reading; _read_body turns its 413 into code 20.
+    app = web.Application(client_max_size=config.max_body_bytes)
+    app[STATE] = state
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_post(DETECT_PATH, handle_detect)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/stats", handle_stats)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    config = state.config
+    state.decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="batchtag-decode")
+    state.fetcher = UrlFetcher(
+        timeout_s=config.url_timeout_s,
+        max_bytes=config.url_max_bytes,
+        allow_private=config.allow_private_urls,
+    )
+    await state.fetcher.start()
+    state.batcher = Batcher(state.tagger, config.batch_max, config.batch_wait_ms)
+    state.batcher.start()
+    try:
+        yield
+    finally:
+        await state.batcher.close()
+        await state.fetcher.close()
+        state.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+# --- handlers ------------------------------------------------------------------------------
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    ready = state.batcher is not None
+    body = {"status": "ok" if ready else "starting", "tagger": state.tagger.name}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def handle_stats(request: web.Request) -> web.Response:
+    """Counters for benchmarks: how well batching works and what was answered."""
+    state = request.app[STATE]
+    return web.json_response(
+        {
+            "tagger": state.tagger.name,
+            "batching": state.batcher.stats.as_dict() if state.batcher else {},
+            "responses": {str(code): count for code, count in sorted(state.answered.items())},
+            "injected_faults": dict(state.faults.counts),
+        }
+    )
+
+
+async def handle_detect(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    fault = state.faults.pick_fault()
+    await state.faults.delay()
+    if fault is not None:
+        return await _answer_with_fault(request, fault)
+    try:
+        tags = await _detect(request, state)
+    except ApiError as exc:
+        return _answer(state, exc.code, exc.message)
+    except Exception:
+        # Deliberately no request body or headers in the log: they carry images and signatures.
+        log.exception("internal error while handling %s", DETECT_PATH)
+        return _answer(state, codes.INTERNAL_UNPACK, api_message(codes.INTERNAL_UNPACK, "internal error"))
+    return _answer(state, codes.OK, codes.message(codes.OK), tags)
+
+
+def _answer(state: ServerState, code: int, message: str, tags: list[Tag] | None = None) -> web.Response:
+    state.answered[code] += 1
+    body = {"code": code, "message": message, "tags": tags or []}
+    return web.json_response(body, dumps=functools.partial(json.dumps, ensure_ascii=False))
+
+
+async def _answer_with_fault(request: web.Request, fault: Fault) -> web.StreamResponse:
+    state = request.app[STATE]
+    if fault is Fault.HTTP_503:
+        return web.Response(status=503, text="503 Service Unavailable (injected fault)")
+    if fault is Fault.CODE_203:
+        return _answer(state, codes.INTERNAL_TIMEOUT, api_message(codes.INTERNAL_TIMEOUT, "injected fault"))
+    await _discard_body(request)  # so the client sees a closed connection, not a failed send
+    if request.transport is not None:
+        request.transport.close()
+    # Nothing can be written any more; aiohttp quietly gives up on this response.
+    return web.Response(status=503)
+
+
+async def _discard_body(request: web.Request) -> None:
+    try:
+        await request.read()
+    except web.HTTPException:
+        pass
+
+
+# --- the request pipeline -------------------------------------------------------------------
+
+
+async def _detect(request: web.Request, state: ServerState) -> list[Tag]:
+    body = await _read_json_object(request, state)
+    fields = _parse_fields(body)
+    _check_signature(request.headers.get("Authorization"), fields, state.credentials)
+    if not state.quota.try_acquire(fields.appid):
+        raise ApiError(codes.RATE_LIMITED, f"over the quota of {state.quota.limit:g} requests per second")
+    image = await _load_image(fields, state)
+    assert state.batcher is not None
+    return await state.batcher.tag(image)
+
+
+async def _read_json_object(request: web.Request, state: ServerState) -> dict[str, Any]:
+    limit = state.config.max_body_bytes
+    too_large = ApiError(codes.IMAGE_TOO_LARGE, f"request body over {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+    if len(raw) > INLINE_JSON_LIMIT:
+        return await state.in_decode_thread(_parse_json_object, raw)
+    return _parse_json_object(raw)
+
+
+def _parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ApiError(codes.BAD_REQUEST, "body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(codes.BAD_REQUEST, "body must be a JSON object")
+    return body
+
+
+def _parse_fields(body: dict[str, Any]) -> DetectRequest:
+    appid = body.get("appid")
+    if appid is None or appid == "":
+        raise ApiError(codes.BAD_PARAMETER, "appid is required")
+    if not isinstance(appid, str):
+        raise ApiError(codes.BAD_PARAMETER, "appid must be a string")
+    for name in ("bucket", "image", "url"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise ApiError(codes.BAD_PARAMETER, f"{name} must be a string")
+    return DetectRequest(appid, body.get("bucket"), body.get("image"), body.get("url"))
+
+
+def _check_signature(authorization: str | None, fields: DetectRequest, store: CredentialStore) -> None:
+    if not authorization:
+        raise ApiError(codes.SIGNATURE_EMPTY)
+    if not store.knows_appid(fields.appid):
+        raise ApiError(codes.APPID_UNKNOWN)
+    try:
+        verify(authorization, fields.appid, fields.bucket, store.lookup_secret)
+    except SignatureError as exc:
+        detail = str(exc)
+        raise ApiError(exc.code, "" if detail == codes.message(exc.code) else detail) from None
+
+
+async def _load_image(fields: DetectRequest, state: ServerState) -> Image.Image:
+    """The url when one is given (it wins over image, as the API says), else the image."""
+    if fields.url:
+        assert state.fetcher is not None
+        data = await state.fetcher.fetch(fields.url)
+        try:
+            return await state.in_decode_thread(decode_image, data, state.limits)
+        except ApiError as exc:
+            if exc.code in (codes.IMAGE_FORMAT, codes.IMAGE_EMPTY):
+                raise ApiError(codes.IMAGE_DOWNLOAD_FAILED, "the url's content is not a JPG, PNG or BMP image") from None
+            raise
+    if fields.image is not None:
+        return await state.in_decode_thread(_decode_inline_image, fields.image, state.limits)
+    raise ApiError(codes.NO_SOURCE)
+
+
+def _decode_inline_image(text: str, limits: DecodeLimits) -> Image.Image:
+    return decode_image(decode_base64(text, limits.max_image_bytes), limits)

@@ -1,0 +1,126 @@
+"""Dynamic batching: concurrent requests share one ``tagger.tag_batch`` call.
+
+A model call costs nearly the same for one image as for several, so the first image to
+arrive waits up to ``wait_ms`` for company (or until ``max_batch`` are queued), then the
+whole batch runs on a dedicated single worker thread, so model calls never overlap and
+never compete with each other for the CPU. Images that arrive while a batch runs are
+queued and go together in the next one, so batches grow by themselves under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from batchtag.taggers import Tag, Tagger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    images: int = 0
+    max_batch_size: int = 0
+    failed_batches: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches
+
+    def record(self, size: int) -> None:
+        self.batches += 1
+        self.images += size
+        self.max_batch_size = max(self.max_batch_size, size)
+        self.sizes[size] = self.sizes.get(size, 0) + 1
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "batches": self.batches,
+            "images": self.images,
+            "mean_batch_size": round(self.images / self.batches, 3) if self.batches else 0.0,
+            "max_batch_size": self.max_batch_size,
+            "failed_batches": self.failed_batches,
+            "batch_sizes": {str(size): count for size, count in sorted(self.sizes.items())},
+        }
+
+
+_Pending = tuple[Image.Image, "asyncio.Future[list[Tag]]"]
+
+
+class Batcher:
+    def __init__(self, tagger: Tagger, max_batch: int | None = None, wait_ms: float = 5.0) -> None:
+        self.tagger = tagger
+        self.max_batch = max(1, max_batch or tagger.max_batch)
+        self.wait_s = max(0.0, wait_ms) / 1000
+        self.stats = BatchStats()
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchtag-tagger")
+        self._worker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run_forever(), name="batcher")
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        while not self._queue.empty():
+            _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(RuntimeError("server shutting down"))
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def tag(self, image: Image.Image) -> list[Tag]:
+        """The tags for one image, computed together with whatever else is queued."""
+        if self._worker is None or self._worker.done():
+            raise RuntimeError("batcher is not running")
+        future: asyncio.Future[list[Tag]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((image, future))
+        return await future
+
+    async def _run_forever(self) -> None:
+        while True:
+            batch = await self._collect_batch()
+            live = [(image, future) for image, future in batch if not future.done()]
+            if live:  # requests whose clients went away are skipped, not tagged
+                await self._run_batch(live)
+
+    async def _collect_batch(self) -> list[_Pending]:
+        batch = [await self._queue.get()]
+        deadline = asyncio.get_running_loop().time() + self.wait_s
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        images = [image for image, _ in batch]
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self.tagger.tag_batch, images)
+            if len(results) != len(images):
+                raise RuntimeError(f"tagger returned {len(results)} results for {len(images)} images")
+        except Exception as exc:
+            self.stats.failed_batches += 1
+            log.exception("tagger %s failed on a batch of %d images", self.tagger.name, len(images))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.stats.record(len(images))
+        for (_, future), tags in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(tags)

@@ -1,0 +1,42 @@
+"""Everything ``batchtag serve`` (and the client's embedded mode) can tune, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from batchtag.signing import Credentials
+
+MIB = 1024 * 1024
+
+# The API refuses images over 10 MiB (decoded) with code 20. Their base64 form is 4/3 as
+# large, so a body up to 16 MiB can still carry a legal image plus JSON; anything larger is
+# refused before it is read, also with code 20 (HTTP 200, like every API answer).
+DEFAULT_MAX_IMAGE_BYTES = 10 * MIB
+DEFAULT_MAX_BODY_BYTES = 16 * MIB
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0 = pick a free port
+    tagger: str = "model"  # "model" | "color"
+    lang: str = "zh"  # "zh" | "en"
+    credentials: list[Credentials] = field(default_factory=list)
+    qps_limit: float | None = None  # per appid; None = unlimited
+    inject_latency_ms: float = 0.0
+    inject_latency_jitter_ms: float = 0.0
+    inject_error_rate: float = 0.0
+    allow_private_urls: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_pixels: int = 50_000_000  # decompression-bomb guard
+    url_timeout_s: float = 10.0
+    url_max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    batch_max: int | None = None  # None: the tagger's max_batch
+    batch_wait_ms: float = 5.0
+
+    def __repr__(self) -> str:  # Credentials already hide keys; keep the list short in logs too
+        fields = ", ".join(
+            f"{name}={value!r}" for name, value in vars(self).items() if name != "credentials"
+        )
+        return f"ServeConfig({fields}, credentials=<{len(self.credentials)} entries>)"

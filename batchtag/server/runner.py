@@ -1,0 +1,81 @@
+"""Running the app: in-process for tests and the client's embedded mode, or in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from batchtag.server.app import create_app
+from batchtag.server.config import ServeConfig
+from batchtag.taggers import Tagger
+
+log = logging.getLogger("batchtag.server")
+
+
+@dataclass
+class RunningServer:
+    url: str  # e.g. "http://127.0.0.1:54321", no trailing slash
+    config: ServeConfig
+    app: web.Application
+    _runner: web.AppRunner
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+    async def __aenter__(self) -> RunningServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+async def start_server(config: ServeConfig, tagger: Tagger | None = None) -> RunningServer:
+    """Listen on ``config.host:config.port`` (0 = a free port); ready to tag on return.
+
+    The tagger is loaded before the socket opens, so a client that sees the port can use it.
+    """
+    app = create_app(config, tagger)
+    # No access log: at benchmark rates it costs more than the requests it records.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    host, port = runner.addresses[0][:2]
+    return RunningServer(url=_base_url(host, port), config=config, app=app, _runner=runner)
+
+
+def _base_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve_forever(config: ServeConfig) -> None:
+    """``batchtag serve``: run until SIGINT or SIGTERM, then shut down cleanly."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    asyncio.run(_serve_until_signalled(config))
+
+
+async def _serve_until_signalled(config: ServeConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    if not config.credentials:
+        log.warning("no credentials configured: every request will be refused (code 10)")
+    server = await start_server(config)
+    try:
+        log.info("serving on %s (tagger=%s, lang=%s)", server.url, config.tagger, config.lang)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await server.close()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)

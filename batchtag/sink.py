@@ -1,0 +1,216 @@
+"""The sink: the only code that touches OUT, which is both the results and the checkpoint.
+
+A record is appended once its item is final, so "has a record in OUT" is exactly "done":
+a rerun skips those keys and nothing is written twice. Each batch of records goes to the
+kernel in one write, so SIGKILL can lose only the items still in flight; a crash in the
+middle of a write leaves at most one torn last line, which the next run cuts off (the
+item it belonged to is simply done again). An advisory lock on OUT stops two runs from
+appending to the same file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from batchtag.keyset import KeySet, fingerprint
+from batchtag.records import Record, read_key_and_status
+
+log = logging.getLogger(__name__)
+
+FSYNC_INTERVAL_S = 2.0
+
+
+class SinkError(Exception):
+    """OUT cannot be opened, locked or written: the run stops (exit 2), what is written stays."""
+
+
+@dataclass
+class Checkpoint:
+    """What OUT already holds: finished keys, and which of them ended in error."""
+
+    done: KeySet = field(default_factory=KeySet)
+    errors: KeySet = field(default_factory=KeySet)
+    records: int = 0
+    error_records: int = 0
+    torn_bytes: int = 0  # cut off the end of OUT: a record half-written by a crash
+    bad_lines: int = 0
+
+
+def iter_lines(path: str) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        yield from handle
+
+
+def repair_torn_tail(handle: BinaryIO) -> int:
+    """Cut OUT back to its last complete line; the number of bytes removed."""
+    size = handle.seek(0, os.SEEK_END)
+    if size == 0:
+        return 0
+    chunk = 65_536
+    position = size
+    while position > 0:
+        start = max(0, position - chunk)
+        handle.seek(start)
+        block = handle.read(position - start)
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            keep = start + newline + 1
+            break
+        position = start
+    else:
+        keep = 0
+    if keep < size:
+        handle.truncate(keep)
+    return size - keep
+
+
+def read_checkpoint(path: str) -> Checkpoint:
+    """Scan OUT for finished keys: only the key and status of each line are decoded."""
+    checkpoint = Checkpoint()
+    if not os.path.exists(path):
+        return checkpoint
+    done: list[int] = []
+    errors: list[int] = []
+    for number, line in enumerate(iter_lines(path), start=1):
+        try:
+            key, status = read_key_and_status(line)
+        except ValueError:
+            checkpoint.bad_lines += 1
+            log.warning("%s:%d is not a record; ignored", path, number)
+            continue
+        fp = fingerprint(key)
+        done.append(fp)
+        if status == "error":
+            errors.append(fp)
+    checkpoint.done = KeySet(done)
+    checkpoint.errors = KeySet(errors)
+    checkpoint.records = len(done)
+    checkpoint.error_records = len(errors)
+    return checkpoint
+
+
+def drop_error_records(path: str) -> int:
+    """Rewrite OUT without its error records, atomically (temp file, fsync, rename), so
+    ``--retry-errors`` can do those items again and still never hold a key twice.
+    Returns how many records were dropped."""
+    if not os.path.exists(path):
+        return 0
+    directory = os.path.dirname(os.path.abspath(path))
+    dropped = 0
+    fd, temp = tempfile.mkstemp(prefix=".batchtag-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
+            for raw in source:
+                if not raw.endswith(b"\n"):
+                    continue  # a torn tail: not a record
+                try:
+                    _, status = read_key_and_status(raw.decode("utf-8", "surrogateescape"))
+                except ValueError:
+                    status = None
+                if status == "error":
+                    dropped += 1
+                else:
+                    out.write(raw)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+        fsync_directory(directory)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+    return dropped
+
+
+def fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ResultSink:
+    """Appends records to OUT; open with ``open_sink``."""
+
+    def __init__(self, path: str, handle: BinaryIO) -> None:
+        self.path = path
+        self._handle = handle
+        self._last_fsync = time.monotonic()
+        self.written = 0
+
+    async def write(self, records: list[Record]) -> None:
+        """One write syscall for the batch, so a crash tears at most the last line."""
+        if not records:
+            return
+        data = b"".join(record.to_line() for record in records)
+        try:
+            await asyncio.to_thread(self._write_through, data)
+        except OSError as exc:
+            raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        self.written += len(records)
+
+    def _write_through(self, data: bytes) -> None:
+        view = memoryview(data)
+        fd = self._handle.fileno()
+        while view:
+            view = view[os.write(fd, view) :]
+        if time.monotonic() - self._last_fsync >= FSYNC_INTERVAL_S:
+            os.fsync(fd)
+            self._last_fsync = time.monotonic()
+
+    async def close(self) -> None:
+        try:
+            await asyncio.to_thread(os.fsync, self._handle.fileno())
+        except OSError as exc:
+            log.warning("fsync of %s failed: %s", self.path, exc)
+        finally:
+            self._handle.close()
+
+
+def open_sink(path: str, retry_errors: bool = False) -> tuple[ResultSink, Checkpoint]:
+    """Lock OUT, repair a torn tail, optionally drop error records, read the checkpoint."""
+    try:
+        handle = open(path, "ab+", buffering=0)  # noqa: SIM115 - owned by ResultSink
+    except OSError as exc:
+        raise SinkError(f"cannot open {path}: {exc.strerror or exc}") from None
+    try:
+        lock(handle, path)
+        torn = repair_torn_tail(handle)
+        if torn:
+            log.warning("%s ended with a torn record (%d bytes, from a crash); cut it off", path, torn)
+        if retry_errors:
+            dropped = drop_error_records(path)
+            handle.close()  # the old inode was replaced: reopen and lock the new file
+            handle = open(path, "ab+", buffering=0)  # noqa: SIM115
+            lock(handle, path)
+            if dropped:
+                log.info("--retry-errors: %d error records removed from %s, to be done again", dropped, path)
+        checkpoint = read_checkpoint(path)
+        checkpoint.torn_bytes = torn
+    except BaseException:
+        handle.close()
+        raise
+    return ResultSink(path, handle), checkpoint
+
+
+def lock(handle: BinaryIO, path: str) -> None:
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SinkError(f"{path} is in use by another batchtag run") from None
+
+
+def load_records(path: str) -> list[dict]:
+    """Every record in OUT, for tests and small tools (not for million-line files)."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

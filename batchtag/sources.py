@@ -1,0 +1,242 @@
+"""Sources: turn SOURCE arguments into a stream of items, never a whole list in memory.
+
+Directories are walked depth first in sorted order (each directory's own entries are
+sorted, so the order is stable from run to run); manifests are read line by line. A bad
+line or an unreadable folder becomes an item carrying its error, so it gets a record
+like any other failure instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import stat
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlsplit
+
+from batchtag import codes
+from batchtag.records import SourceKind
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
+MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".jsonl"})
+URL_SCHEMES = ("http", "https")
+STDIN = "-"
+
+
+class SourceError(Exception):
+    """A SOURCE argument that cannot be used at all: a usage error (exit 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    key: str
+    kind: SourceKind
+    location: str  # a filesystem path or a URL
+    error_code: int | None = None  # set when the item is already known to be bad
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, key: str, kind: SourceKind, code: int, error: str) -> Item:
+        return cls(key, kind, key, code, error)
+
+
+Warn = Callable[[str], None]
+
+
+def _ignore(_: str) -> None:
+    pass
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def file_key(path: str) -> str:
+    """Keys are absolute, normalised paths: "photos/a.jpg" and "./photos/a.jpg" are one item."""
+    return os.path.abspath(path)
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_SCHEMELESS_URLS = ("http:", "https:", "ftp:", "file:", "data:", "javascript:", "mailto:")
+
+
+def looks_like_url(text: str) -> bool:
+    """URL-shaped entries are treated as URLs, so a bad scheme gets a clear URL error."""
+    return bool(_SCHEME.match(text)) or text.lower().startswith(_SCHEMELESS_URLS)
+
+
+def url_item(url: str) -> Item:
+    """A URL item, or a failed one when the URL cannot possibly be fetched."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in URL_SCHEMES or not parts.hostname:
+        return Item.failed(url, "url", codes.URL_FORMAT, "invalid URL: needs http:// or https:// and a host")
+    return Item(url, "url", url)
+
+
+def path_item(path: str, base: str | None = None) -> Item:
+    if base and not os.path.isabs(path):
+        path = os.path.join(base, path)
+    return Item(file_key(path), "file", path)
+
+
+def entry_item(text: str, base: str | None) -> Item:
+    """One manifest entry: a URL or a path (relative paths are relative to the manifest)."""
+    return url_item(text) if looks_like_url(text) else path_item(text, base)
+
+
+# --- directories ---------------------------------------------------------------------------
+
+
+def walk_directory(root: str, warn: Warn = _ignore) -> Iterator[Item]:
+    """Image files under ``root``, depth first, sorted by name at every level.
+
+    Symlinked directories are followed once: a directory already on the current path
+    (a symlink loop) is skipped with a warning. An unreadable directory yields an error
+    item so the run's result says something was missed.
+    """
+    yield from _walk(root, ancestors=set(), warn=warn)
+
+
+def _walk(directory: str, ancestors: set[tuple[int, int]], warn: Warn) -> Iterator[Item]:
+    try:
+        info = os.stat(directory)
+        identity = (info.st_dev, info.st_ino)
+        if identity in ancestors:
+            warn(f"skipped symlink loop: {directory}")
+            return
+        with os.scandir(directory) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
+    except OSError as exc:
+        yield Item.failed(file_key(directory), "file", codes.CLIENT_INPUT_ERROR,
+                          f"directory unreadable: {exc.strerror or exc}")
+        return
+    ancestors.add(identity)
+    try:
+        for entry in entries:
+            yield from _walk_entry(entry, ancestors, warn)
+    finally:
+        ancestors.discard(identity)
+
+
+def _walk_entry(entry: os.DirEntry[str], ancestors: set[tuple[int, int]], warn: Warn) -> Iterator[Item]:
+    try:
+        is_dir = entry.is_dir(follow_symlinks=True)
+    except OSError:
+        is_dir = False
+    if is_dir:
+        yield from _walk(entry.path, ancestors, warn)
+    elif is_image_name(entry.name):
+        # Broken symlinks and unreadable files still become items: their record says why.
+        yield Item(file_key(entry.path), "file", entry.path)
+
+
+# --- manifests -----------------------------------------------------------------------------
+
+
+def read_txt(lines: Iterable[str], base: str | None, name: str) -> Iterator[Item]:
+    for line in lines:
+        text = line.strip()
+        if text and not text.startswith("#"):
+            yield entry_item(text, base)
+
+
+def read_csv(lines: Iterable[str], base: str | None, name: str) -> Iterator[Item]:
+    reader = csv.DictReader(lines)
+    columns = [c.strip().lower() for c in (reader.fieldnames or [])]
+    if "url" not in columns and "path" not in columns:
+        raise SourceError(f"{name}: a CSV manifest needs a 'url' or 'path' column")
+    reader.fieldnames = columns
+    for row in reader:
+        value = (row.get("url") or row.get("path") or "").strip()
+        if value:
+            yield entry_item(value, base)
+        elif any((v or "").strip() for v in row.values() if isinstance(v, str)):
+            yield bad_line(name, reader.line_num, "no url or path in this row")
+
+
+def read_jsonl(lines: Iterable[str], base: str | None, name: str) -> Iterator[Item]:
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            data = json.loads(text)
+        except ValueError:
+            yield bad_line(name, number, "not valid JSON")
+            continue
+        value = data.get("url") or data.get("path") if isinstance(data, dict) else None
+        if isinstance(value, str) and value.strip():
+            yield entry_item(value.strip(), base)
+        else:
+            yield bad_line(name, number, "needs a string 'url' or 'path'")
+
+
+def bad_line(manifest: str, line: int, why: str) -> Item:
+    """A malformed manifest line gets its own key (manifest:line) and an error record."""
+    return Item.failed(f"{manifest}:{line}", "file", codes.CLIENT_BAD_MANIFEST_LINE, f"bad manifest line: {why}")
+
+
+READERS = {".txt": read_txt, ".csv": read_csv, ".jsonl": read_jsonl}
+
+
+def read_manifest(path: str) -> Iterator[Item]:
+    reader = READERS[os.path.splitext(path)[1].lower()]
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        yield from reader(handle, base, os.path.abspath(path))
+
+
+def read_stdin(stream: TextIO | None = None) -> Iterator[Item]:
+    stream = stream or io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+    yield from read_txt(stream, os.getcwd(), "<stdin>")
+
+
+# --- SOURCE arguments ----------------------------------------------------------------------
+
+
+def check_source(source: str) -> None:
+    """Refuse, before any work starts, a SOURCE that can never yield items."""
+    if source == STDIN:
+        return
+    try:
+        mode = os.stat(source).st_mode
+    except OSError as exc:
+        raise SourceError(f"{source}: {exc.strerror or 'cannot be read'}") from None
+    if stat.S_ISDIR(mode):
+        return
+    suffix = Path(source).suffix.lower()
+    if suffix in MANIFEST_EXTENSIONS:
+        if suffix == ".csv":
+            _check_csv_header(source)
+        return
+    if suffix not in IMAGE_EXTENSIONS:
+        raise SourceError(
+            f"{source}: not a directory, an image (.jpg .jpeg .png .bmp) or a manifest (.txt .csv .jsonl)"
+        )
+
+
+def _check_csv_header(path: str) -> None:
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        header = next(csv.reader(handle), [])
+    if not {"url", "path"} & {c.strip().lower() for c in header}:
+        raise SourceError(f"{path}: a CSV manifest needs a 'url' or 'path' column")
+
+
+def iter_items(sources: Iterable[str], warn: Warn = _ignore) -> Iterator[Item]:
+    """Every item of every SOURCE, in argument order."""
+    for source in sources:
+        if source == STDIN:
+            yield from read_stdin()
+        elif os.path.isdir(source):
+            yield from walk_directory(source, warn)
+        elif Path(source).suffix.lower() in MANIFEST_EXTENSIONS:
+            yield from read_manifest(source)
+        else:
+            yield path_item(source)
