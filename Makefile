@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/batchtag run examples/photos -o examples/photos-tags.jsonl --retry-errors
+	$(BIN)/batchtag run examples/photos -o examples/photos-tags.jsonl
 	$(BIN)/python -m batchtag.show examples/photos-tags.jsonl
 
 test: $(STAMP)

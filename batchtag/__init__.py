@@ -6,8 +6,8 @@ a ``Summary``; ``batchtag.cli`` is a thin layer over them.
 
 __version__ = "0.1.0"
 
-from batchtag.config import RunConfig  # noqa: E402
-from batchtag.pipeline import run, run_batch  # noqa: E402
-from batchtag.progress import Summary  # noqa: E402
+from batchtag.config import RunConfig
+from batchtag.pipeline import run, run_batch
+from batchtag.progress import Summary
 
 __all__ = ["RunConfig", "Summary", "__version__", "run", "run_batch"]

@@ -33,10 +33,17 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_run_parser(commands: Any) -> None:
-    p = commands.add_parser("run", help="tag images from directories, files and manifests",
-                            description="Tag every image in SOURCE... into OUT (JSONL), resumably.")
-    p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="a directory, an image, a .txt/.csv/.jsonl manifest, or - for stdin")
+    p = commands.add_parser(
+        "run",
+        help="tag images from directories, files and manifests",
+        description="Tag every image in SOURCE... into OUT (JSONL), resumably.",
+    )
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="a directory, an image, a .txt/.csv/.jsonl manifest, or - for stdin",
+    )
     p.add_argument("-o", "--out", required=True, help="results JSONL; also the resume checkpoint")
     p.add_argument("--config", help="TOML file with settings (flags and environment win)")
     p.add_argument("--endpoint", help="API base URL, or 'local' (default) for the embedded tagger")
@@ -48,26 +55,41 @@ def add_run_parser(commands: Any) -> None:
     p.add_argument("--qps", type=float, help="requests started per second, at most (default: no limit)")
     p.add_argument("--retries", type=int, help="extra attempts for transient failures (default 5)")
     p.add_argument("--timeout", type=float, help="seconds per request (default 30)")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
-                   help="no progress bar (also automatic when stderr is not a terminal)")
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_const",
+        const=False,
+        help="no progress bar (also automatic when stderr is not a terminal)",
+    )
     p.add_argument("--summary-json", help="also write the end-of-run summary as JSON here")
-    p.add_argument("--retry-errors", action="store_true", default=None,
-                   help="do again the items whose record in OUT is an error")
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        default=None,
+        help="do again the items whose record in OUT is an error",
+    )
     p.add_argument("--tagger", choices=("model", "color"), help="embedded tagger (local endpoint only)")
     p.add_argument("--lang", choices=("zh", "en"), help="tag language of the embedded tagger (default zh)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
 
 
 def add_serve_parser(commands: Any) -> None:
-    p = commands.add_parser("serve", help="serve the image-tag API locally with a real model",
-                            description="Serve POST /v1/detection/imagetag_detect and GET /healthz.")
+    p = commands.add_parser(
+        "serve",
+        help="serve the image-tag API locally with a real model",
+        description="Serve POST /v1/detection/imagetag_detect and GET /healthz.",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--tagger", choices=("model", "color"), default="model")
     p.add_argument("--lang", choices=("zh", "en"), default="zh")
-    p.add_argument("--credentials", metavar="FILE",
-                   help="JSON or TOML with a 'credentials' list of {appid, secret_id, secret_key}; "
-                        "default: one entry from BATCHTAG_APPID/BATCHTAG_SECRET_ID/BATCHTAG_SECRET_KEY")
+    p.add_argument(
+        "--credentials",
+        metavar="FILE",
+        help="JSON or TOML with a 'credentials' list of {appid, secret_id, secret_key}; "
+        "default: one entry from BATCHTAG_APPID/BATCHTAG_SECRET_ID/BATCHTAG_SECRET_KEY",
+    )
     p.add_argument("--qps-limit", type=float, help="each appid's quota; requests over it get code 15")
     p.add_argument("--inject-latency-ms", type=float, default=0.0)
     p.add_argument("--inject-latency-jitter-ms", type=float, default=0.0)
@@ -86,8 +108,24 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def run_flags(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("sources", "out", "endpoint", "appid", "secret_id", "secret_key", "bucket", "concurrency", "qps",
-             "retries", "timeout", "progress", "summary_json", "retry_errors", "tagger", "lang")
+    names = (
+        "sources",
+        "out",
+        "endpoint",
+        "appid",
+        "secret_id",
+        "secret_key",
+        "bucket",
+        "concurrency",
+        "qps",
+        "retries",
+        "timeout",
+        "progress",
+        "summary_json",
+        "retry_errors",
+        "tagger",
+        "lang",
+    )
     return {name: getattr(args, name) for name in names}
 
 
@@ -125,13 +163,21 @@ def command_serve(args: argparse.Namespace) -> int:
         else:
             env = [os.environ.get(f"BATCHTAG_{n}", "") for n in ("APPID", "SECRET_ID", "SECRET_KEY")]
             if not all(env):
-                raise ValueError("give --credentials FILE, or set BATCHTAG_APPID, BATCHTAG_SECRET_ID "
-                                 "and BATCHTAG_SECRET_KEY")
+                raise ValueError(
+                    "give --credentials FILE, or set BATCHTAG_APPID, BATCHTAG_SECRET_ID "
+                    "and BATCHTAG_SECRET_KEY"
+                )
             credentials = [Credentials(*env)]
         config = ServeConfig(
-            host=args.host, port=args.port, tagger=args.tagger, lang=args.lang, credentials=credentials,
-            qps_limit=args.qps_limit, inject_latency_ms=args.inject_latency_ms,
-            inject_latency_jitter_ms=args.inject_latency_jitter_ms, inject_error_rate=args.inject_error_rate,
+            host=args.host,
+            port=args.port,
+            tagger=args.tagger,
+            lang=args.lang,
+            credentials=credentials,
+            qps_limit=args.qps_limit,
+            inject_latency_ms=args.inject_latency_ms,
+            inject_latency_jitter_ms=args.inject_latency_jitter_ms,
+            inject_error_rate=args.inject_error_rate,
             allow_private_urls=args.allow_private_urls,
         )
         serve_forever(config)
@@ -143,8 +189,9 @@ def command_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="batchtag: %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="batchtag: %(levelname)s: %(message)s"
+    )
     if args.command == "run":
         return command_run(args)
     return command_serve(args)

@@ -8,13 +8,18 @@ with exponential backoff and jitter (tenacity), permanent ones end the item at o
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 from batchtag import api, codes, signing
 from batchtag.ratelimit import AdaptiveRateLimiter
@@ -151,8 +156,10 @@ class TagClient:
             async with self._session.post(self._url, data=body, headers=headers) as response:
                 payload = await response.read()
                 status = response.status
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApiFailure(codes.CLIENT_TIMEOUT, "request timed out") from None
         except aiohttp.ClientError as exc:
-            raise ApiFailure(codes.CLIENT_TRANSPORT_ERROR, f"connection failed: {exc or type(exc).__name__}") from None
+            raise ApiFailure(
+                codes.CLIENT_TRANSPORT_ERROR, f"connection failed: {exc or type(exc).__name__}"
+            ) from None
         return parse_answer(status, payload)

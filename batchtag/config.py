@@ -63,7 +63,9 @@ class RunConfig:
             missing = [name for name in ("appid", "secret_id", "secret_key") if not getattr(self, name)]
             if missing:
                 flags = ", ".join("--" + m.replace("_", "-") for m in missing)
-                raise ConfigError(f"--endpoint {self.endpoint} needs {flags} (or BATCHTAG_* environment variables)")
+                raise ConfigError(
+                    f"--endpoint {self.endpoint} needs {flags} (or BATCHTAG_* environment variables)"
+                )
             if not self.endpoint.startswith(("http://", "https://")):
                 raise ConfigError("--endpoint must be an http:// or https:// URL, or 'local'")
         return self
@@ -90,10 +92,16 @@ def read_toml(path: str) -> dict[str, Any]:
 
 def read_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     environ = dict(os.environ) if environ is None else environ
-    return {name: environ[ENV_PREFIX + name.upper()] for name in ENV_FIELDS if environ.get(ENV_PREFIX + name.upper())}
+    return {
+        name: environ[ENV_PREFIX + name.upper()]
+        for name in ENV_FIELDS
+        if environ.get(ENV_PREFIX + name.upper())
+    }
 
 
-def build_config(flags: dict[str, Any], config_path: str | None = None, environ: dict[str, str] | None = None) -> RunConfig:
+def build_config(
+    flags: dict[str, Any], config_path: str | None = None, environ: dict[str, str] | None = None
+) -> RunConfig:
     """Merge the layers; ``flags`` holds only options the user actually gave."""
     merged: dict[str, Any] = {}
     if config_path:

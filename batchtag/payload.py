@@ -76,7 +76,9 @@ def shrink_to_fit(data: bytes, limit: int) -> tuple[bytes, dict[str, Any]]:
             img.draft("RGB", (original[0] // 2, original[1] // 2))
             image = img.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
-        raise InputError(codes.IMAGE_DECODE_FAILED, f"image too large and cannot be decoded to shrink it: {exc}") from None
+        raise InputError(
+            codes.IMAGE_DECODE_FAILED, f"image too large and cannot be decoded to shrink it: {exc}"
+        ) from None
     width, height = original
     scale = min(1.0, (limit / max(len(data), 1)) ** 0.5)
     while True:
@@ -89,11 +91,18 @@ def shrink_to_fit(data: bytes, limit: int) -> tuple[bytes, dict[str, Any]]:
             break
         scale *= 0.7
     resized = out.getvalue()
-    note = {"from_bytes": len(data), "to_bytes": len(resized), "from_size": list(original), "to_size": list(size)}
+    note = {
+        "from_bytes": len(data),
+        "to_bytes": len(resized),
+        "from_size": list(original),
+        "to_size": list(size),
+    }
     return resized, note
 
 
-async def build_payload(item: Item, appid: str, bucket: str, max_image_bytes: int = api.MAX_IMAGE_BYTES) -> Payload:
+async def build_payload(
+    item: Item, appid: str, bucket: str, max_image_bytes: int = api.MAX_IMAGE_BYTES
+) -> Payload:
     if item.kind == "url":
         return Payload(body_bytes(appid, bucket, "url", json.dumps(item.location)[1:-1].encode()))
     data = await read_file(item.location)

@@ -45,8 +45,14 @@ def take(iterator: Iterator[Item], n: int) -> list[Item]:
 class Run:
     """One run's state; built and driven by ``run_batch``."""
 
-    def __init__(self, config: RunConfig, sink: ResultSink, checkpoint: Checkpoint, client: TagClient,
-                 progress: Progress) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        sink: ResultSink,
+        checkpoint: Checkpoint,
+        client: TagClient,
+        progress: Progress,
+    ) -> None:
         self.config = config
         self.sink = sink
         self.checkpoint = checkpoint
@@ -99,7 +105,9 @@ class Run:
             return error_record(item, item.error_code, item.error or codes.message(item.error_code))
         started = time.monotonic()
         try:
-            payload = await build_payload(item, self.client.appid, self.config.bucket, self.config.max_image_bytes)
+            payload = await build_payload(
+                item, self.client.appid, self.config.bucket, self.config.max_image_bytes
+            )
             answer = await self.client.detect(payload.body)
         except InputError as exc:
             return error_record(item, exc.code, str(exc))
@@ -107,8 +115,16 @@ class Run:
             log.exception("internal error on %s", item.key)
             return error_record(item, INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
         extra = {**payload.notes, "elapsed_ms": round((time.monotonic() - started) * 1000)}
-        return Record(item.key, item.kind, "ok" if answer.ok else "error", answer.code, answer.message,
-                      answer.tags, answer.attempts, extra)
+        return Record(
+            item.key,
+            item.kind,
+            "ok" if answer.ok else "error",
+            answer.code,
+            answer.message,
+            answer.tags,
+            answer.attempts,
+            extra,
+        )
 
     # -- writer -----------------------------------------------------------------------------
 
@@ -132,7 +148,9 @@ class Run:
     async def execute(self) -> Summary:
         started = time.monotonic()
         tasks = [asyncio.create_task(self.produce(), name="producer")]
-        tasks += [asyncio.create_task(self.work(), name=f"worker-{i}") for i in range(self.config.concurrency)]
+        tasks += [
+            asyncio.create_task(self.work(), name=f"worker-{i}") for i in range(self.config.concurrency)
+        ]
         writer = asyncio.create_task(self.write(), name="writer")
         writer.add_done_callback(lambda t: _cancel_on_failure(t, tasks))
         counter = self.start_counting()
@@ -187,7 +205,9 @@ async def api_endpoint(config: RunConfig) -> AsyncIterator[tuple[str, signing.Cr
 
     credentials = throwaway_credentials()
     server = await start_server(
-        ServeConfig(host="127.0.0.1", port=0, tagger=config.tagger, lang=config.lang, credentials=[credentials])
+        ServeConfig(
+            host="127.0.0.1", port=0, tagger=config.tagger, lang=config.lang, credentials=[credentials]
+        )
     )
     try:
         yield server.url, credentials
@@ -212,8 +232,14 @@ async def run_batch(config: RunConfig, progress: bool | None = None) -> Summary:
             connector = aiohttp.TCPConnector(limit=config.concurrency, limit_per_host=config.concurrency)
             timeout = aiohttp.ClientTimeout(total=config.timeout)
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-                client = TagClient(session, endpoint, credentials, config.bucket,
-                                   AdaptiveRateLimiter(config.qps), RetryPolicy(retries=config.retries))
+                client = TagClient(
+                    session,
+                    endpoint,
+                    credentials,
+                    config.bucket,
+                    AdaptiveRateLimiter(config.qps),
+                    RetryPolicy(retries=config.retries),
+                )
                 summary = await Run(config, sink, checkpoint, client, bar).execute()
     finally:
         bar.close()

@@ -79,7 +79,11 @@ class Summary:
         if self.skipped_done:
             lines.append(
                 f"  skipped    {self.skipped_done:>10,}  already in OUT"
-                + (f" ({self.previous_errors:,} of them errors: rerun with --retry-errors)" if self.previous_errors else "")
+                + (
+                    f" ({self.previous_errors:,} of them errors: rerun with --retry-errors)"
+                    if self.previous_errors
+                    else ""
+                )
             )
         if self.duplicates:
             lines.append(f"  duplicate  {self.duplicates:>10,}  repeated in the sources, done once")
@@ -96,8 +100,15 @@ class Progress:
         stream = stream or sys.stderr
         if enabled is None:
             enabled = stream.isatty()
-        self._bar = tqdm(total=None, unit="img", file=stream, disable=not enabled, dynamic_ncols=True,
-                         smoothing=0.05, mininterval=0.5)
+        self._bar = tqdm(
+            total=None,
+            unit="img",
+            file=stream,
+            disable=not enabled,
+            dynamic_ncols=True,
+            smoothing=0.05,
+            mininterval=0.5,
+        )
         self.enabled = enabled
 
     def set_total(self, total: int) -> None:

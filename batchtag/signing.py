@@ -96,7 +96,9 @@ def _as_int(fields: Mapping[str, str], key: str) -> int:
     try:
         return int(fields[key])
     except (KeyError, ValueError):
-        raise SignatureError(codes.SIGNATURE_MALFORMED, f"signature field {key!r} missing or not a number") from None
+        raise SignatureError(
+            codes.SIGNATURE_MALFORMED, f"signature field {key!r} missing or not a number"
+        ) from None
 
 
 def verify(

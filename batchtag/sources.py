@@ -114,8 +114,12 @@ def _walk(directory: str, ancestors: set[tuple[int, int]], warn: Warn) -> Iterat
         with os.scandir(directory) as listing:
             entries = sorted(listing, key=lambda e: e.name)
     except OSError as exc:
-        yield Item.failed(file_key(directory), "file", codes.CLIENT_INPUT_ERROR,
-                          f"directory unreadable: {exc.strerror or exc}")
+        yield Item.failed(
+            file_key(directory),
+            "file",
+            codes.CLIENT_INPUT_ERROR,
+            f"directory unreadable: {exc.strerror or exc}",
+        )
         return
     ancestors.add(identity)
     try:
@@ -180,7 +184,9 @@ def read_jsonl(lines: Iterable[str], base: str | None, name: str) -> Iterator[It
 
 def bad_line(manifest: str, line: int, why: str) -> Item:
     """A malformed manifest line gets its own key (manifest:line) and an error record."""
-    return Item.failed(f"{manifest}:{line}", "file", codes.CLIENT_BAD_MANIFEST_LINE, f"bad manifest line: {why}")
+    return Item.failed(
+        f"{manifest}:{line}", "file", codes.CLIENT_BAD_MANIFEST_LINE, f"bad manifest line: {why}"
+    )
 
 
 READERS = {".txt": read_txt, ".csv": read_csv, ".jsonl": read_jsonl}

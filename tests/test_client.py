@@ -1,7 +1,6 @@
 """The HTTP layer and its retry policy, against aioresponses mocks (end-to-end behaviour is
 tested against the real server in test_pipeline.py)."""
 
-import asyncio
 import time
 
 import aiohttp
@@ -49,9 +48,22 @@ async def test_every_api_code_follows_the_retry_table(session, code):
     assert calls == expected == result.attempts
 
 
-@pytest.mark.parametrize(("status", "transient"), [(500, True), (502, True), (503, True), (504, True),
-                                                   (429, True), (408, True), (400, False), (401, False),
-                                                   (403, False), (404, False), (413, False)])
+@pytest.mark.parametrize(
+    ("status", "transient"),
+    [
+        (500, True),
+        (502, True),
+        (503, True),
+        (504, True),
+        (429, True),
+        (408, True),
+        (400, False),
+        (401, False),
+        (403, False),
+        (404, False),
+        (413, False),
+    ],
+)
 async def test_plain_http_errors_without_json(session, status, transient):
     with aioresponses() as mocked:
         mocked.post(URL, status=status, body="<html>oops</html>", repeat=True)
@@ -71,8 +83,13 @@ async def test_transient_then_success_records_attempts(session):
     assert result.tags == [{"tag_name": "猫", "tag_confidence": 91}]
 
 
-@pytest.mark.parametrize(("exc", "code"), [(asyncio.TimeoutError(), codes.CLIENT_TIMEOUT),
-                                           (aiohttp.ClientConnectionError("refused"), codes.CLIENT_TRANSPORT_ERROR)])
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (TimeoutError(), codes.CLIENT_TIMEOUT),
+        (aiohttp.ClientConnectionError("refused"), codes.CLIENT_TRANSPORT_ERROR),
+    ],
+)
 async def test_transport_failures_are_retried(session, exc, code):
     with aioresponses() as mocked:
         mocked.post(URL, exception=exc, repeat=True)
@@ -98,7 +115,7 @@ async def test_backoff_actually_waits(session):
     with aioresponses() as mocked:
         mocked.post(URL, payload=answer(203), repeat=True, callback=record)
         await client_for(session, policy).detect(b"{}")
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     # exponential: about 0.1, 0.2, 0.4 s
     assert len(gaps) == 3
     assert gaps[0] >= 0.09 and gaps[1] >= 0.18 and gaps[2] >= 0.36

@@ -162,6 +162,14 @@ def test_sixteen_bit_grey_is_scaled_not_saturated(mode: str) -> None:
     np.testing.assert_array_equal(x16, x8)
 
 
+@pytest.mark.parametrize("size", [(40_000, 1), (1, 40_000), (3000, 7)])
+def test_preprocess_extreme_aspect_ratios_stay_small(size: tuple[int, int]) -> None:
+    # Resizing the shorter side to 256 first would need a 256 x 10M-pixel intermediate here.
+    x = ImageNetClassifier.preprocess(Image.new("RGB", size, (255, 0, 0)))
+    assert x.shape == (3, INPUT_SIZE, INPUT_SIZE)
+    np.testing.assert_allclose(x[:, 100, 100], [1.0, -127 / 128, -127 / 128])
+
+
 def test_greyscale_gives_equal_channels() -> None:
     x = ImageNetClassifier.preprocess(Image.open(PHOTOS / "cameraman_gray.jpg"))
     np.testing.assert_array_equal(x[0], x[1])

@@ -36,7 +36,12 @@ def test_verifier_accepts_the_worked_example_field_order():
     # The example puts t before e and has no r or f: a verifier must accept any order.
     auth = sign_plain(CREDS.secret_key, EXAMPLE_PLAIN)
     fields = verify(auth, "1000001", "qiniutest2", lookup, now=NOW + 10)
-    assert (fields.appid, fields.bucket, fields.expires, fields.now) == ("1000001", "qiniutest2", 1469176230, NOW)
+    assert (fields.appid, fields.bucket, fields.expires, fields.now) == (
+        "1000001",
+        "qiniutest2",
+        1469176230,
+        NOW,
+    )
 
 
 def test_sign_then_verify_round_trip():
@@ -66,19 +71,49 @@ def tamper_plain(auth: str) -> str:
         (lambda: "", CREDS.appid, "", NOW, codes.SIGNATURE_EMPTY),
         (lambda: "%%%not-base64%%%", CREDS.appid, "", NOW, codes.SIGNATURE_MALFORMED),
         (lambda: base64.b64encode(b"short").decode(), CREDS.appid, "", NOW, codes.SIGNATURE_MALFORMED),
-        (lambda: base64.b64encode(b"x" * 20 + b"garbage").decode(), CREDS.appid, "", NOW, codes.SIGNATURE_MALFORMED),
+        (
+            lambda: base64.b64encode(b"x" * 20 + b"garbage").decode(),
+            CREDS.appid,
+            "",
+            NOW,
+            codes.SIGNATURE_MALFORMED,
+        ),
         (lambda: tamper_digest(sign(CREDS, now=NOW)), CREDS.appid, "", NOW, codes.SIGNATURE_FAILED),
         (lambda: tamper_plain(sign(CREDS, now=NOW)), CREDS.appid, "", NOW, codes.SIGNATURE_FAILED),
         (lambda: sign(CREDS, ttl=60, now=NOW), CREDS.appid, "", NOW + 61, codes.SIGNATURE_EXPIRED),
         (lambda: sign(CREDS, ttl=-5, now=NOW), CREDS.appid, "", NOW, codes.SIGNATURE_EXPIRED),
         (lambda: sign(CREDS, now=NOW), "999", "", NOW, codes.SIGNATURE_MISMATCH),
         (lambda: sign(CREDS, "b1", now=NOW), CREDS.appid, "b2", NOW, codes.SIGNATURE_MISMATCH),
-        (lambda: sign(Credentials("1000001", "other-id", "k"), now=NOW), CREDS.appid, "", NOW, codes.SECRET_ID_UNKNOWN),
-        (lambda: sign(Credentials("1000001", CREDS.secret_id, "wrong-key"), now=NOW), CREDS.appid, "", NOW,
-         codes.SIGNATURE_FAILED),
+        (
+            lambda: sign(Credentials("1000001", "other-id", "k"), now=NOW),
+            CREDS.appid,
+            "",
+            NOW,
+            codes.SECRET_ID_UNKNOWN,
+        ),
+        (
+            lambda: sign(Credentials("1000001", CREDS.secret_id, "wrong-key"), now=NOW),
+            CREDS.appid,
+            "",
+            NOW,
+            codes.SIGNATURE_FAILED,
+        ),
     ],
-    ids=["none", "empty", "not-base64", "too-short", "no-fields", "tampered-digest", "tampered-plain",
-         "expired", "expiry-before-signing", "appid-mismatch", "bucket-mismatch", "unknown-secret-id", "wrong-key"],
+    ids=[
+        "none",
+        "empty",
+        "not-base64",
+        "too-short",
+        "no-fields",
+        "tampered-digest",
+        "tampered-plain",
+        "expired",
+        "expiry-before-signing",
+        "appid-mismatch",
+        "bucket-mismatch",
+        "unknown-secret-id",
+        "wrong-key",
+    ],
 )
 def test_verifier_refuses(make_auth, appid, bucket, now, code):
     with pytest.raises(SignatureError) as caught:
@@ -110,8 +145,13 @@ def test_signer_matches_the_providers_worked_example_byte_for_byte():
 
 
 def test_verifier_accepts_the_providers_worked_example():
-    fields = verify(MANUAL_SIGNATURE, "1000027", "test333", lambda k: MANUAL if k == MANUAL.secret_id else None,
-                    now=1466393490)
+    fields = verify(
+        MANUAL_SIGNATURE,
+        "1000027",
+        "test333",
+        lambda k: MANUAL if k == MANUAL.secret_id else None,
+        now=1466393490,
+    )
     assert (fields.bucket, fields.now, fields.expires) == ("test333", 1466393489, 1466393499)
 
 

@@ -12,7 +12,8 @@ export script and ``tests/test_imagenet_model.py`` check):
 2. resize with Pillow's bicubic filter so the *shorter* side is ``RESIZE_SIZE`` (256) and the
    longer side is ``RESIZE_SIZE * long // short`` (floor, like torchvision's ``Resize(256)``);
 3. centre-crop ``INPUT_SIZE`` x ``INPUT_SIZE`` (224), offsets ``round((side - 224) / 2)`` like
-   torchvision's ``CenterCrop``;
+   torchvision's ``CenterCrop`` (for aspect ratios beyond 8:1 only the crop is resampled, see
+   ``MAX_RESIZED_SIDE``);
 4. normalise ``(x - 127) / 128`` on the 0..255 values, channel-first float32.
 
 Why these choices: 224/256 = 0.875 is the same crop fraction as the TensorFlow EfficientNet eval
@@ -39,6 +40,10 @@ INPUT_SIZE = 224
 RESIZE_SIZE = 256
 """Shorter side after resizing, before the centre crop. Also the smallest shorter side a
 decoder may reduce an image to (JPEG draft mode) without changing what the model sees much."""
+
+MAX_RESIZED_SIDE = 8 * RESIZE_SIZE
+"""Longest side the intermediate resized image may have (aspect ratios up to 8:1); beyond it
+``preprocess`` resamples just the crop, so memory stays bounded for any input."""
 
 NUM_CLASSES = 1000
 
@@ -140,13 +145,15 @@ class ImageNetClassifier:
             new_w, new_h = RESIZE_SIZE * w // h, RESIZE_SIZE
         left = round((new_w - INPUT_SIZE) / 2)
         top = round((new_h - INPUT_SIZE) / 2)
-        if (new_w, new_h) == (w, h):
+        if max(new_w, new_h) <= MAX_RESIZED_SIDE:
+            if (new_w, new_h) != (w, h):
+                img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
             out = img.crop((left, top, left + INPUT_SIZE, top + INPUT_SIZE))
         else:
-            # Resample only the crop: Pillow's ``box`` maps the output grid onto the same source
-            # coordinates (and reads the same neighbouring pixels) as resizing the whole image and
-            # cropping afterwards, but never materialises the resized image, which for a
-            # 1-pixel-high banner would be 256 x (256 * width) pixels.
+            # Extreme aspect ratio (a 1-pixel-high banner would resize to 256 x 256*width): resample
+            # only the crop. Pillow's ``box`` maps the output grid onto the same source
+            # coordinates, but may then run the vertical pass first, so it can differ from the
+            # path above by a few grey levels; that is why it is not used for ordinary images.
             sx, sy = w / new_w, h / new_h
             box = (left * sx, top * sy, (left + INPUT_SIZE) * sx, (top + INPUT_SIZE) * sy)
             out = img.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC, box=box)

@@ -1,0 +1,92 @@
+"""The sink and checkpoint: torn tails repaired, keys read back, errors dropped atomically."""
+
+import os
+
+import pytest
+
+from batchtag.keyset import MERGE_EVERY, KeySet
+from batchtag.records import Record, read_key_and_status
+from batchtag.sink import SinkError, open_sink, read_checkpoint
+
+
+def record(key, status="ok", **extra):
+    return Record(
+        key,
+        "file",
+        status,
+        0 if status == "ok" else -1400,
+        "m",
+        [{"tag_name": "猫", "tag_confidence": 9}],
+        1,
+        extra,
+    )
+
+
+async def test_records_round_trip_and_checkpoint_reads_keys(tmp_path):
+    out = str(tmp_path / "out.jsonl")
+    sink, checkpoint = open_sink(out)
+    assert checkpoint.records == 0
+    await sink.write([record("/a.jpg"), record("/b.jpg", "error"), record('http://x/y?z=1&w="q"')])
+    await sink.close()
+    checkpoint = read_checkpoint(out)
+    assert checkpoint.records == 3 and checkpoint.error_records == 1
+    assert "/a.jpg" in checkpoint.done and "/b.jpg" in checkpoint.errors and "/a.jpg" not in checkpoint.errors
+    assert 'http://x/y?z=1&w="q"' in checkpoint.done and "/c.jpg" not in checkpoint.done
+
+
+def test_key_reader_handles_escapes_and_foreign_layouts():
+    key = '/photos/路径 "quoted" \\ back\udcff.jpg'  # includes a non-UTF-8 byte (surrogate escape)
+    line = record(key, "error").to_line().decode("utf-8")
+    assert read_key_and_status(line) == (key, "error")
+    assert read_key_and_status('{"status": "ok", "key": "k"}\n') == ("k", "ok")
+    with pytest.raises(ValueError):
+        read_key_and_status("[1, 2]\n")
+
+
+async def test_torn_last_line_is_cut_off_on_open(tmp_path):
+    out = tmp_path / "out.jsonl"
+    good = record("/a.jpg").to_line() + record("/b.jpg").to_line()
+    out.write_bytes(good + record("/c.jpg").to_line()[:25])
+    sink, checkpoint = open_sink(str(out))
+    await sink.close()
+    assert out.read_bytes() == good
+    assert checkpoint.records == 2 and checkpoint.torn_bytes == 25 and "/c.jpg" not in checkpoint.done
+
+
+async def test_retry_errors_rewrites_out_without_error_records(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b"".join(r.to_line() for r in [record("/a"), record("/b", "error"), record("/c")]))
+    inode = os.stat(out).st_ino
+    sink, checkpoint = open_sink(str(out), retry_errors=True)
+    await sink.write([record("/b")])
+    await sink.close()
+    keys = [read_key_and_status(line) for line in out.read_text().splitlines()]
+    assert keys == [("/a", "ok"), ("/c", "ok"), ("/b", "ok")]
+    assert "/b" not in checkpoint.done and checkpoint.records == 2
+    assert os.stat(out).st_ino != inode  # replaced by rename, never edited in place
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+async def test_a_second_run_on_the_same_out_is_refused(tmp_path):
+    out = str(tmp_path / "out.jsonl")
+    sink, _ = open_sink(out)
+    with pytest.raises(SinkError, match="in use"):
+        open_sink(out)
+    await sink.close()
+    sink, _ = open_sink(out)  # free again once closed
+    await sink.close()
+
+
+def test_unwritable_out_is_a_clear_error(tmp_path):
+    with pytest.raises(SinkError, match="cannot open"):
+        open_sink(str(tmp_path / "no" / "such" / "dir" / "out.jsonl"))
+
+
+def test_keyset_membership_across_merges():
+    keys = KeySet()
+    assert keys.add("a") and not keys.add("a")
+    for i in range(MERGE_EVERY + 10):
+        keys.add(f"k{i}")
+    assert "k0" in keys and f"k{MERGE_EVERY + 9}" in keys and "a" in keys and "zzz" not in keys
+    assert not keys.add("k5") and len(keys) == MERGE_EVERY + 11
+    assert keys.nbytes < 9 * len(keys) + 60 * 100  # about 8 bytes a key once merged

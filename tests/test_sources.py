@@ -1,0 +1,135 @@
+"""Sources: stable streaming walk, manifests, and bad entries that become error items."""
+
+import io
+import os
+
+import pytest
+
+from batchtag import codes
+from batchtag.sources import SourceError, check_source, iter_items, read_stdin, walk_directory
+
+
+def touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_walk_is_sorted_recursive_and_picks_images_by_extension(tmp_path):
+    for name in ["b/2.JPG", "b/1.png", "a.jpeg", "c/d/e.bmp", "notes.txt", "z.gif", "b/0.Jpg"]:
+        touch(tmp_path / name)
+    keys = [item.key for item in walk_directory(str(tmp_path))]
+    expected = ["a.jpeg", "b/0.Jpg", "b/1.png", "b/2.JPG", "c/d/e.bmp"]
+    assert keys == [str(tmp_path / name) for name in expected]
+
+
+def test_walk_is_lazy(tmp_path):
+    for i in range(50):
+        touch(tmp_path / f"d{i:02}" / "x.jpg")
+    walker = walk_directory(str(tmp_path))
+    first = next(walker)
+    assert first.key.endswith("d00/x.jpg")  # produced before the rest of the tree is read
+
+
+def test_symlink_loop_is_skipped_with_a_warning(tmp_path):
+    touch(tmp_path / "a" / "1.jpg")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    warnings = []
+    keys = [item.key for item in walk_directory(str(tmp_path), warnings.append)]
+    assert keys == [str(tmp_path / "a" / "1.jpg")]
+    assert any("symlink loop" in w for w in warnings)
+
+
+def test_unreadable_directory_becomes_an_error_item(tmp_path, monkeypatch):
+    touch(tmp_path / "ok" / "1.jpg")
+    (tmp_path / "secret").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("secret"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    items = list(walk_directory(str(tmp_path)))
+    assert [i.key for i in items] == [str(tmp_path / "ok" / "1.jpg"), str(tmp_path / "secret")]
+    assert items[1].error_code == codes.CLIENT_INPUT_ERROR and "Permission denied" in items[1].error
+
+
+def test_txt_manifest_skips_blanks_and_comments_and_resolves_relative_paths(tmp_path):
+    manifest = tmp_path / "m" / "list.txt"
+    touch(manifest, b"# header\n\nhttp://example.com/a.jpg\n  pics/b.jpg  \n/abs/c.png\n")
+    items = list(iter_items([str(manifest)]))
+    assert [(i.kind, i.key) for i in items] == [
+        ("url", "http://example.com/a.jpg"),
+        ("file", str(tmp_path / "m" / "pics" / "b.jpg")),
+        ("file", "/abs/c.png"),
+    ]
+
+
+def test_csv_manifest_url_or_path_columns_and_bad_rows(tmp_path):
+    manifest = touch(tmp_path / "m.csv", b"id,URL\n1,https://x.test/1.jpg\n2,\n3,https://x.test/3.jpg\n")
+    items = list(iter_items([str(manifest)]))
+    assert [i.key for i in items] == ["https://x.test/1.jpg", f"{manifest}:3", "https://x.test/3.jpg"]
+    assert items[1].error_code == codes.CLIENT_BAD_MANIFEST_LINE
+
+
+def test_csv_without_url_or_path_column_is_a_usage_error(tmp_path):
+    manifest = touch(tmp_path / "m.csv", b"id,name\n1,a\n")
+    with pytest.raises(SourceError, match="'url' or 'path' column"):
+        check_source(str(manifest))
+
+
+def test_jsonl_manifest_with_malformed_lines(tmp_path):
+    manifest = touch(
+        tmp_path / "m.jsonl",
+        b'{"url": "https://x.test/a.jpg"}\n\nnot json\n{"path": "b.jpg"}\n[1,2]\n{"url": 5}\n',
+    )
+    items = list(iter_items([str(manifest)]))
+    assert [i.key for i in items] == [
+        "https://x.test/a.jpg",
+        f"{manifest}:3",
+        str(tmp_path / "b.jpg"),
+        f"{manifest}:5",
+        f"{manifest}:6",
+    ]
+    assert [i.error_code for i in items] == [
+        None,
+        codes.CLIENT_BAD_MANIFEST_LINE,
+        None,
+        codes.CLIENT_BAD_MANIFEST_LINE,
+        codes.CLIENT_BAD_MANIFEST_LINE,
+    ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://x.test/a.jpg", "javascript:alert(1)", "http://", "https:///nohost.jpg", "file:///etc/passwd"],
+)
+def test_invalid_urls_become_error_items(tmp_path, url):
+    manifest = touch(tmp_path / "m.txt", url.encode() + b"\n")
+    (item,) = iter_items([str(manifest)])
+    assert item.kind == "url" and item.error_code == codes.URL_FORMAT and item.key == url
+
+
+def test_stdin_manifest():
+    items = list(read_stdin(io.StringIO("https://x.test/a.jpg\n# c\n\nhttps://x.test/b.jpg\n")))
+    assert [i.key for i in items] == ["https://x.test/a.jpg", "https://x.test/b.jpg"]
+
+
+def test_keys_are_normalised_absolute_paths(tmp_path, monkeypatch):
+    touch(tmp_path / "p" / "a.jpg")
+    monkeypatch.chdir(tmp_path)
+    assert (
+        [i.key for i in iter_items(["p"])]
+        == [i.key for i in iter_items(["./p/"])]
+        == [str(tmp_path / "p/a.jpg")]
+    )
+
+
+@pytest.mark.parametrize("name", ["missing-dir", "file.gif"])
+def test_unusable_source_arguments_are_usage_errors(tmp_path, name):
+    if name.endswith(".gif"):
+        touch(tmp_path / name)
+    with pytest.raises(SourceError):
+        check_source(str(tmp_path / name))
