@@ -27,6 +27,12 @@ class KeySet:
         self._sorted = np.unique(np.fromiter(fingerprints, dtype=np.uint64))
         self._recent: set[int] = set()
 
+    @classmethod
+    def from_array(cls, fingerprints: np.ndarray) -> KeySet:
+        keys = cls()
+        keys._sorted = np.unique(fingerprints.astype(np.uint64, copy=False))
+        return keys
+
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent)
 

@@ -222,6 +222,7 @@ async def run_batch(config: RunConfig, progress: bool | None = None) -> Summary:
     be written. Interrupting the task (cancel) flushes finished records, then returns a
     summary with ``interrupted`` set.
     """
+    started = time.monotonic()
     config.validate()
     for source in config.sources:
         check_source(source)
@@ -244,6 +245,7 @@ async def run_batch(config: RunConfig, progress: bool | None = None) -> Summary:
     finally:
         bar.close()
         await sink.close()
+    summary.wall_s = time.monotonic() - started  # start-up (model load, resume scan) included
     if config.summary_json:
         summary.write_json(config.summary_json)
     return summary

@@ -17,9 +17,12 @@ import logging
 import os
 import tempfile
 import time
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
+
+import numpy as np
 
 from batchtag.keyset import KeySet, fingerprint
 from batchtag.records import Record, read_key_and_status
@@ -78,8 +81,9 @@ def read_checkpoint(path: str) -> Checkpoint:
     checkpoint = Checkpoint()
     if not os.path.exists(path):
         return checkpoint
-    done: list[int] = []
-    errors: list[int] = []
+    # array('Q') holds 8 bytes a key; a list of ints would hold ~40.
+    done = array("Q")
+    errors = array("Q")
     for number, line in enumerate(iter_lines(path), start=1):
         try:
             key, status = read_key_and_status(line)
@@ -91,8 +95,8 @@ def read_checkpoint(path: str) -> Checkpoint:
         done.append(fp)
         if status == "error":
             errors.append(fp)
-    checkpoint.done = KeySet(done)
-    checkpoint.errors = KeySet(errors)
+    checkpoint.done = KeySet.from_array(np.frombuffer(done, dtype=np.uint64))
+    checkpoint.errors = KeySet.from_array(np.frombuffer(errors, dtype=np.uint64))
     checkpoint.records = len(done)
     checkpoint.error_records = len(errors)
     return checkpoint

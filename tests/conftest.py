@@ -80,7 +80,9 @@ def detect(http: aiohttp.ClientSession) -> Callable[..., Awaitable[tuple[int, An
     ``body`` is a dict (sent as JSON) or raw bytes.
     """
 
-    async def call(server: RunningServer, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async def call(
+        server: RunningServer, body: Any, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         data = body if isinstance(body, bytes) else None
         payload = None if isinstance(body, bytes) else body
         async with http.post(server.url + DETECT_PATH, json=payload, data=data, headers=headers) as response:

@@ -214,7 +214,9 @@ async def test_url_source_and_its_redirects_are_followed(api_server, url_target,
 
 async def test_url_timeout_is_answered_within_the_timeout(api_server, url_target, creds, detect) -> None:
     started = time.monotonic()
-    _, answer = await detect(api_server, {"appid": creds.appid, "url": url_target + "/slow"}, signed_headers(creds))
+    _, answer = await detect(
+        api_server, {"appid": creds.appid, "url": url_target + "/slow"}, signed_headers(creds)
+    )
     assert answer["code"] == codes.URL_DOWNLOAD_TIMEOUT
     assert URL_TIMEOUT_S <= time.monotonic() - started < URL_TIMEOUT_S + 1.5
 
@@ -266,6 +268,8 @@ SIGNATURES: list[tuple[str, int, Callable[[Credentials], str]]] = [
 
 @pytest.mark.parametrize(("code", "authorize"), [pytest.param(c, a, id=i) for i, c, a in SIGNATURES])
 async def test_signature_is_verified(api_server, creds, detect, code: int, authorize) -> None:
-    _, answer = await detect(api_server, {"appid": creds.appid, "image": JPEG}, {"Authorization": authorize(creds)})
+    _, answer = await detect(
+        api_server, {"appid": creds.appid, "image": JPEG}, {"Authorization": authorize(creds)}
+    )
     assert answer["code"] == code
     assert bool(answer["tags"]) == (code == codes.OK)

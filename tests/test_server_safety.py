@@ -99,12 +99,16 @@ async def test_redirect_to_a_private_address_is_refused(serve, creds, detect, im
     outer, outer_url = image_host
     inner, inner_url = inner_host
     server = await serve()
-    _, answer = await detect(server, url_body(creds, f"{outer_url}/to/{inner_url}/blue.png"), signed_headers(creds))
+    _, answer = await detect(
+        server, url_body(creds, f"{outer_url}/to/{inner_url}/blue.png"), signed_headers(creds)
+    )
     assert answer["code"] == codes.URL_FORMAT and "private address" in answer["message"]
     assert (outer.hits, inner.hits) == (1, 0)
     # The same chain works when private targets are allowed, so the refusal above was the guard's.
     server = await serve(allow_private_urls=True)
-    _, answer = await detect(server, url_body(creds, f"{outer_url}/to/{inner_url}/blue.png"), signed_headers(creds))
+    _, answer = await detect(
+        server, url_body(creds, f"{outer_url}/to/{inner_url}/blue.png"), signed_headers(creds)
+    )
     assert answer["code"] == codes.OK and inner.hits == 1
 
 
@@ -138,7 +142,9 @@ PRIVATE_LITERALS = [
 
 
 @pytest.mark.parametrize("url", PRIVATE_LITERALS)
-async def test_private_ip_literals_are_refused_before_connecting(color_server, creds, detect, connections, url) -> None:
+async def test_private_ip_literals_are_refused_before_connecting(
+    color_server, creds, detect, connections, url
+) -> None:
     started = time.monotonic()
     _, answer = await detect(color_server, url_body(creds, url), signed_headers(creds))
     assert answer["code"] == codes.URL_FORMAT and "private address" in answer["message"]

@@ -1,6 +1,23 @@
 """``batchtag serve``: a local implementation of the image-tag API.
 
 The public surface used by the CLI and by the client's embedded mode is re-exported here.
+
+Routes: ``POST /v1/detection/imagetag_detect`` (the API), ``GET /healthz`` (200 once the
+tagger is loaded and the batcher runs), ``GET /stats`` (batching and answer counters).
+
+Decisions where the provider's documents are silent:
+- every API answer is HTTP 200 with ``{code, message, tags}``, errors included;
+- a body over ``max_body_bytes`` (16 MiB: room for a 10 MiB image in base64) and an image
+  over ``max_image_bytes`` (10 MiB decoded) are both code 20, still HTTP 200;
+- a decompression bomb (more than ``max_pixels`` declared pixels) is code 20, refused
+  from the header before any pixel is allocated;
+- a ``url`` aimed at a loopback/private/link-local/multicast/reserved address, directly,
+  via DNS or via a redirect, is code -1505 "url points at a private address" (permanent);
+- a downloaded body that is not a JPG/PNG/BMP image, or is over ``url_max_bytes``, is -1403;
+- unexpected exceptions are code 201 with a generic message (logged, without the request);
+- ``qps_limit`` is a per-appid token bucket, capacity and rate = the limit (see quota.py);
+- injected faults (``inject_error_rate``) are, in equal shares, a plain-text HTTP 503,
+  code 203, and a connection closed without an answer; never on /healthz or /stats.
 """
 
 from batchtag.server.app import create_app

@@ -10,6 +10,7 @@ faults answer otherwise (HTTP 503, or no answer at all).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -91,7 +92,7 @@ def create_app(config: ServeConfig, tagger: Tagger | None = None) -> web.Applica
             min_side=tagger.input_size * 2 if tagger.input_size else None,
         ),
     )
-    # aiohttp enforces client_max_size while reading; _read_body turns its 413 into code 20.
+    # aiohttp enforces client_max_size while reading; _read_json_object turns its 413 into code 20.
     app = web.Application(client_max_size=config.max_body_bytes)
     app[STATE] = state
     app.cleanup_ctx.append(_lifecycle)
@@ -126,7 +127,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def handle_healthz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    ready = state.batcher is not None
+    ready = state.batcher is not None and state.batcher.running
     body = {"status": "ok" if ready else "starting", "tagger": state.tagger.name}
     return web.json_response(body, status=200 if ready else 503)
 
@@ -181,10 +182,8 @@ async def _answer_with_fault(request: web.Request, fault: Fault) -> web.StreamRe
 
 
 async def _discard_body(request: web.Request) -> None:
-    try:
+    with contextlib.suppress(web.HTTPException):
         await request.read()
-    except web.HTTPException:
-        pass
 
 
 # --- the request pipeline -------------------------------------------------------------------
@@ -258,7 +257,9 @@ async def _load_image(fields: DetectRequest, state: ServerState) -> Image.Image:
             return await state.in_decode_thread(decode_image, data, state.limits)
         except ApiError as exc:
             if exc.code in (codes.IMAGE_FORMAT, codes.IMAGE_EMPTY):
-                raise ApiError(codes.IMAGE_DOWNLOAD_FAILED, "the url's content is not a JPG, PNG or BMP image") from None
+                raise ApiError(
+                    codes.IMAGE_DOWNLOAD_FAILED, "the url's content is not a JPG, PNG or BMP image"
+                ) from None
             raise
     if fields.image is not None:
         return await state.in_decode_thread(_decode_inline_image, fields.image, state.limits)

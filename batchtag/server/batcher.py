@@ -75,9 +75,13 @@ class Batcher:
                 future.set_exception(RuntimeError("server shutting down"))
         self._executor.shutdown(wait=True, cancel_futures=True)
 
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
     async def tag(self, image: Image.Image) -> list[Tag]:
         """The tags for one image, computed together with whatever else is queued."""
-        if self._worker is None or self._worker.done():
+        if not self.running:
             raise RuntimeError("batcher is not running")
         future: asyncio.Future[list[Tag]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((image, future))

@@ -36,7 +36,5 @@ class ServeConfig:
     batch_wait_ms: float = 5.0
 
     def __repr__(self) -> str:  # Credentials already hide keys; keep the list short in logs too
-        fields = ", ".join(
-            f"{name}={value!r}" for name, value in vars(self).items() if name != "credentials"
-        )
+        fields = ", ".join(f"{name}={value!r}" for name, value in vars(self).items() if name != "credentials")
         return f"ServeConfig({fields}, credentials=<{len(self.credentials)} entries>)"

@@ -45,7 +45,9 @@ def _parse_document(path: Path, text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         # JSONDecodeError's message quotes no input, only the position.
-        raise ValueError(f"credentials file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        raise ValueError(
+            f"credentials file {path} is not valid JSON: {exc.msg} at line {exc.lineno}"
+        ) from None
 
 
 def _position_only(exc: tomllib.TOMLDecodeError) -> str:

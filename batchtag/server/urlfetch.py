@@ -130,7 +130,9 @@ class UrlFetcher:
             async with asyncio.timeout(self.timeout_s):
                 return await self._follow_redirects(url)
         except TimeoutError:
-            raise ApiError(codes.URL_DOWNLOAD_TIMEOUT, f"no complete answer within {self.timeout_s:g}s") from None
+            raise ApiError(
+                codes.URL_DOWNLOAD_TIMEOUT, f"no complete answer within {self.timeout_s:g}s"
+            ) from None
 
     async def _follow_redirects(self, url: URL) -> bytes:
         for _hop in range(MAX_REDIRECTS + 1):
@@ -162,7 +164,9 @@ class UrlFetcher:
         except aiohttp.InvalidURL:
             raise ApiError(codes.URL_FORMAT, "not a valid url") from None
         except aiohttp.ClientError as exc:
-            raise ApiError(codes.URL_DOWNLOAD_FAILED, f"download interrupted ({type(exc).__name__})") from None
+            raise ApiError(
+                codes.URL_DOWNLOAD_FAILED, f"download interrupted ({type(exc).__name__})"
+            ) from None
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
         too_big = ApiError(codes.IMAGE_DOWNLOAD_FAILED, f"the url's body is over {self.max_bytes} bytes")

@@ -20,7 +20,20 @@ BRIGHT_LUMA = 0.62
 DARK_LUMA = 0.25
 GRAYSCALE_SATURATION = 0.06
 
-COLOR_NAMES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "brown", "black", "white", "gray")
+COLOR_NAMES = (
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "cyan",
+    "blue",
+    "purple",
+    "pink",
+    "brown",
+    "black",
+    "white",
+    "gray",
+)
 NAMES: dict[str, dict[str, str]] = {
     "zh": {
         "red": "红",

@@ -1,0 +1,58 @@
+"""Settings: flags > environment > --config TOML > defaults, and the shipped example configs."""
+
+from pathlib import Path
+
+import pytest
+
+from batchtag.config import ConfigError, build_config
+
+BASE = {"sources": ["photos"], "out": "out.jsonl"}
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+
+
+def test_layers_in_order(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        'endpoint = "http://file.test"\nappid = "from-file"\nsecret-id = "file"\nconcurrency = 3\n'
+    )
+    env = {"BATCHTAG_APPID": "from-env", "BATCHTAG_SECRET_KEY": "env-key"}
+    config = build_config({**BASE, "appid": None, "secret_id": "flag"}, str(toml), env)
+    assert (config.endpoint, config.appid, config.secret_id, config.secret_key, config.concurrency) == (
+        "http://file.test",
+        "from-env",
+        "flag",
+        "env-key",
+        3,
+    )
+
+
+def test_defaults_are_the_embedded_tagger():
+    config = build_config(BASE, None, {})
+    assert config.is_local and config.tagger == "model" and config.qps is None
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    env = {"BATCHTAG_APPID": "1", "BATCHTAG_SECRET_ID": "id", "BATCHTAG_SECRET_KEY": "key"}
+    config = build_config(BASE, str(path), env)
+    assert config.concurrency >= 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("concurency = 3", "unknown setting"),
+        ("qps = [", "not valid TOML"),
+        ("retries = 'many'", "bad setting value"),
+    ],
+)
+def test_bad_config_files_are_clear_errors(tmp_path, text, message):
+    toml = tmp_path / "c.toml"
+    toml.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        build_config(BASE, str(toml), {})
+
+
+def test_secret_key_is_not_in_the_config_repr():
+    config = build_config({**BASE, "secret_key": "s3cr3t-value"}, None, {})
+    assert "s3cr3t-value" not in repr(config)

@@ -1,0 +1,202 @@
+"""Quota, fault injection and dynamic batching under concurrent load."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from batchtag import codes
+from batchtag.server.faults import Fault, FaultInjector
+from batchtag.server.quota import QuotaLimiter
+from batchtag.taggers import Tag
+from tests.conftest import DETECT_PATH, encode_image, signed_headers
+
+JPEG = base64.b64encode(encode_image("JPEG")).decode()
+
+
+def ok_body(creds) -> dict[str, str]:
+    return {"appid": creds.appid, "image": JPEG}
+
+
+# --- quota ------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(("rate_factor", "min_refused", "max_refused"), [(1.0, 0.0, 0.0), (0.5, 0.0, 0.0),
+                                                                        (2.0, 0.45, 0.55), (4.0, 0.70, 0.80)])  # fmt: skip
+def test_token_bucket_steady_state(rate_factor: float, min_refused: float, max_refused: float) -> None:
+    clock, limit = FakeClock(), 10.0
+    quota = QuotaLimiter(limit, clock=clock)
+    interval, sent = 1 / (limit * rate_factor), 2000
+    refused = 0
+    for i in range(sent):
+        clock.now = i * interval
+        refused += not quota.try_acquire("app")
+    assert min_refused * sent <= refused <= max_refused * sent
+
+
+def test_quota_is_per_appid_and_allows_a_burst_of_the_limit() -> None:
+    quota = QuotaLimiter(3, clock=FakeClock())
+    assert [quota.try_acquire("a") for _ in range(4)] == [True, True, True, False]
+    assert quota.try_acquire("b")
+
+
+def test_quota_below_one_per_second_still_admits() -> None:
+    clock = FakeClock()
+    quota = QuotaLimiter(0.5, clock=clock)
+    assert quota.try_acquire("a") and not quota.try_acquire("a")
+    clock.now = 2.0
+    assert quota.try_acquire("a")
+
+
+async def send_paced(detect, server, creds, count: int, per_second: float) -> Counter[int]:
+    async def one(delay: float) -> int:
+        await asyncio.sleep(delay)
+        _, answer = await detect(server, ok_body(creds), signed_headers(creds))
+        return answer["code"]
+
+    results = await asyncio.gather(*(one(i / per_second) for i in range(count)))
+    return Counter(results)
+
+
+async def test_quota_over_http(serve, creds, detect) -> None:
+    limit = 20
+    at_limit = await send_paced(detect, await serve(qps_limit=limit), creds, 30, limit * 0.95)
+    assert at_limit == {codes.OK: 30}
+    # Twice the limit for 1.5 s: the full bucket absorbs the first second's excess, then ~half.
+    doubled = await send_paced(detect, await serve(qps_limit=limit), creds, 60, limit * 2)
+    assert set(doubled) == {codes.OK, codes.RATE_LIMITED}
+    assert 5 <= doubled[codes.RATE_LIMITED] <= 20
+
+
+# --- fault injection --------------------------------------------------------------------------
+
+
+async def classify(http: aiohttp.ClientSession, url: str, creds) -> str:
+    try:
+        async with http.post(
+            url + DETECT_PATH, json=ok_body(creds), headers=signed_headers(creds)
+        ) as response:
+            if response.status == 503:
+                return Fault.HTTP_503.value
+            answer = await response.json()
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+        return Fault.DROP.value
+    return Fault.CODE_203.value if answer["code"] == codes.INTERNAL_TIMEOUT else str(answer["code"])
+
+
+async def test_injected_faults_rate_and_kinds(serve, creds) -> None:
+    server = await serve(inject_error_rate=0.3)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8)) as http:
+        outcomes = Counter(await asyncio.gather(*(classify(http, server.url, creds) for _ in range(200))))
+    faults = sum(outcomes[fault.value] for fault in Fault)
+    assert 0.18 * 200 <= faults <= 0.42 * 200, outcomes
+    assert all(outcomes[fault.value] > 0 for fault in Fault), outcomes
+    assert outcomes["0"] == 200 - faults, outcomes
+    async with aiohttp.ClientSession() as http, http.get(server.url + "/stats") as response:
+        assert (await response.json())["injected_faults"] == {f.value: outcomes[f.value] for f in Fault}
+
+
+async def test_faults_never_touch_healthz_or_stats(serve, http) -> None:
+    server = await serve(inject_error_rate=1.0, inject_latency_ms=500)
+    started = time.monotonic()
+    for path in ["/healthz"] * 10 + ["/stats"]:
+        async with http.get(server.url + path) as response:
+            assert response.status == 200
+    assert time.monotonic() - started < 0.5
+
+
+@pytest.mark.parametrize(("latency_ms", "jitter_ms"), [(150, 0), (100, 100)])
+async def test_latency_injection(serve, creds, detect, latency_ms: float, jitter_ms: float) -> None:
+    server = await serve(inject_latency_ms=latency_ms, inject_latency_jitter_ms=jitter_ms)
+    started = time.monotonic()
+    _, answer = await detect(server, ok_body(creds), signed_headers(creds))
+    elapsed_ms = (time.monotonic() - started) * 1000
+    assert answer["code"] == codes.OK
+    assert latency_ms <= elapsed_ms < latency_ms + jitter_ms + 300
+
+
+def test_fault_injector_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError):
+        FaultInjector(error_rate=1.5)
+    with pytest.raises(ValueError):
+        FaultInjector(latency_ms=-1)
+    injector = FaultInjector(error_rate=0.5, rng=random.Random(1))
+    picks = Counter(injector.pick_fault() for _ in range(3000))
+    assert 1300 < picks[None] < 1700 and all(picks[fault] > 400 for fault in Fault)
+
+
+# --- dynamic batching -------------------------------------------------------------------------
+
+
+class RecordingTagger:
+    """Slow enough that concurrent requests pile up behind a running batch."""
+
+    name = "recording"
+    input_size = None
+    max_batch = 8
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+        self.threads: set[str] = set()
+        self.overlapping = False
+        self._busy = threading.Lock()
+
+    def tag_batch(self, images: list[Image.Image]) -> list[list[Tag]]:
+        if not self._busy.acquire(blocking=False):
+            self.overlapping = True
+            self._busy.acquire()
+        try:
+            self.batch_sizes.append(len(images))
+            self.threads.add(threading.current_thread().name)
+            time.sleep(0.03)
+            return [[{"tag_name": f"w{image.width}", "tag_confidence": 50}] for image in images]
+        finally:
+            self._busy.release()
+
+
+async def test_concurrent_requests_are_batched(serve, creds, detect, http) -> None:
+    tagger = RecordingTagger()
+    server = await serve(tagger=tagger)
+    widths = [20 + i for i in range(24)]
+
+    async def tag_width(width: int) -> Any:
+        body = {
+            "appid": creds.appid,
+            "image": base64.b64encode(encode_image("PNG", size=(width, 10))).decode(),
+        }
+        return (await detect(server, body, signed_headers(creds)))[1]
+
+    answers = await asyncio.gather(*(tag_width(width) for width in widths))
+    # Every request got its own image's tags back, whichever batch it rode in.
+    assert [a["tags"] for a in answers] == [[{"tag_name": f"w{w}", "tag_confidence": 50}] for w in widths]
+    assert sum(tagger.batch_sizes) == len(widths)
+    assert max(tagger.batch_sizes) > 1 and max(tagger.batch_sizes) <= tagger.max_batch
+    assert len(tagger.threads) == 1 and not tagger.overlapping
+    async with http.get(server.url + "/stats") as response:
+        stats = (await response.json())["batching"]
+    assert stats["images"] == len(widths) and stats["batches"] == len(tagger.batch_sizes)
+    assert stats["mean_batch_size"] > 1
+
+
+async def test_batch_max_from_config_wins(serve, creds, detect) -> None:
+    tagger = RecordingTagger()
+    server = await serve(tagger=tagger, batch_max=2, batch_wait_ms=20)
+    await asyncio.gather(*(detect(server, ok_body(creds), signed_headers(creds)) for _ in range(8)))
+    assert max(tagger.batch_sizes) == 2
