@@ -95,7 +95,7 @@ def add_serve_parser(commands: Any) -> None:
     p.add_argument("--inject-latency-jitter-ms", type=float, default=0.0)
     p.add_argument("--inject-error-rate", type=float, default=0.0)
     p.add_argument("--allow-private-urls", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
 
 
 def make_parser() -> argparse.ArgumentParser:
