@@ -1,6 +1,7 @@
 """The HTTP layer and its retry policy, against aioresponses mocks (end-to-end behaviour is
 tested against the real server in test_pipeline.py)."""
 
+import itertools
 import time
 
 import aiohttp

@@ -12,13 +12,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import DETECT_PATH, encode_image, signed_headers
 from PIL import Image
 
 from batchtag import codes
 from batchtag.server.faults import Fault, FaultInjector
 from batchtag.server.quota import QuotaLimiter
 from batchtag.taggers import Tag
-from tests.conftest import DETECT_PATH, encode_image, signed_headers
 
 JPEG = base64.b64encode(encode_image("JPEG")).decode()
 

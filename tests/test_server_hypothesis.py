@@ -7,12 +7,12 @@ import json
 from typing import Any
 
 import aiohttp
+from conftest import DETECT_PATH, encode_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchtag import codes
 from batchtag.signing import Credentials, sign
-from tests.conftest import DETECT_PATH, encode_image
 
 CREDS = Credentials(appid="1000001", secret_id="AKIDtestSecretId0001", secret_key="test-secret-key-0001")
 VALID_IMAGE = base64.b64encode(encode_image("PNG", size=(8, 8))).decode()

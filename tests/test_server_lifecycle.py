@@ -12,10 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import encode_image, signed_headers
 
 from batchtag import codes
 from batchtag.server import load_credentials_file, throwaway_credentials
-from tests.conftest import encode_image, signed_headers
 
 SECRET = "very-secret-key-value"
 
@@ -83,7 +83,8 @@ async def test_throwaway_credentials_are_fresh_and_usable(serve, detect) -> None
 
 
 SERVE_SCRIPT = """
-import sys
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="batchtag: %(levelname)s: %(message)s")  # as the CLI does
 from batchtag.server import ServeConfig, serve_forever
 from batchtag.signing import Credentials
 serve_forever(ServeConfig(port=0, tagger="color", lang=sys.argv[1],

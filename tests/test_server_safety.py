@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from conftest import DETECT_PATH, encode_image, signed_headers
 from PIL import Image
 
 from batchtag import codes
 from batchtag.server import RunningServer, urlfetch
 from batchtag.signing import Credentials
-from tests.conftest import DETECT_PATH, encode_image, signed_headers
 
 
 async def start_site(app: web.Application, host: str = "127.0.0.1") -> tuple[web.AppRunner, str]:

@@ -60,6 +60,10 @@ def serve_forever(config: ServeConfig) -> None:
     """``batchtag serve``: run until SIGINT or SIGTERM, then shut down cleanly."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if log.getEffectiveLevel() > logging.INFO:
+        # The "serving on" line is the only way to learn a port-0 address: keep it visible
+        # even when the CLI keeps everything else at WARNING.
+        log.setLevel(logging.INFO)
     asyncio.run(_serve_until_signalled(config))
 
 
