@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,11 +166,22 @@ class ChildResult:
     stderr: str = ""
 
 
-def wait_child(proc: subprocess.Popen[bytes], timeout_s: float, interrupt_after_s: float | None = None) -> tuple[int, resource.struct_rusage]:
-    """Reap ``proc`` with wait4 (its own rusage), SIGINT at ``interrupt_after_s``, SIGKILL at ``timeout_s``."""
+def wait_child(
+    proc: subprocess.Popen[bytes],
+    timeout_s: float,
+    interrupt_after_s: float | None = None,
+    on_tick: Callable[[], None] | None = None,
+    tick_s: float = 0.5,
+) -> tuple[int, resource.struct_rusage]:
+    """Reap ``proc`` with wait4 (its own rusage), SIGINT at ``interrupt_after_s``, SIGKILL at
+    ``timeout_s``; ``on_tick`` is called every ``tick_s`` meanwhile (sampling)."""
     started = time.monotonic()
+    next_tick = started
     interrupted = killed = False
     while True:
+        if on_tick is not None and time.monotonic() >= next_tick:
+            on_tick()
+            next_tick += tick_s
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
@@ -286,11 +297,12 @@ def client_env() -> dict[str, str]:
 
 
 def start_client(
-    ctx: Ctx, sources: Sequence[str | Path], out: Path, endpoint: str, *options: str
+    ctx: Ctx, sources: Sequence[str | Path], out: Path, endpoint: str, *options: str, fresh: bool = True
 ) -> tuple[subprocess.Popen[bytes], Path, Path]:
-    """``batchtag run`` as a subprocess; credentials through the environment, never argv."""
+    """``batchtag run`` as a subprocess; credentials through the environment, never argv.
+    ``fresh`` deletes OUT first (a resume test keeps it)."""
     summary = out.with_suffix(".summary.json")
-    for path in (out, summary):
+    for path in (out, summary) if fresh else (summary,):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     args = [sys.executable, "-m", "batchtag", "run", *map(str, sources), "-o", str(out),
@@ -308,8 +320,10 @@ def finish_client(
     started: float,
     timeout_s: float,
     interrupt_after_s: float | None = None,
+    on_tick: Callable[[], None] | None = None,
+    tick_s: float = 0.5,
 ) -> ChildResult:
-    code, usage = wait_child(proc, timeout_s, interrupt_after_s)
+    code, usage = wait_child(proc, timeout_s, interrupt_after_s, on_tick, tick_s)
     data = json.loads(summary.read_text()) if summary.exists() else None
     return ChildResult(
         returncode=code,
@@ -324,10 +338,16 @@ def finish_client(
 
 
 def run_client(
-    ctx: Ctx, sources: Sequence[str | Path], out: Path, endpoint: str, *options: str, timeout_s: float = 300.0
+    ctx: Ctx,
+    sources: Sequence[str | Path],
+    out: Path,
+    endpoint: str,
+    *options: str,
+    timeout_s: float = 300.0,
+    fresh: bool = True,
 ) -> ChildResult:
     started = time.monotonic()
-    proc, summary, stderr = start_client(ctx, sources, out, endpoint, *options)
+    proc, summary, stderr = start_client(ctx, sources, out, endpoint, *options, fresh=fresh)
     result = finish_client(proc, summary, stderr, started, timeout_s)
     if result.summary is None:
         raise RuntimeError(f"batchtag run exited {result.returncode} without a summary: {result.stderr}")

@@ -16,9 +16,14 @@ from batchtag.signing import Credentials, sign
 DETECT_PATH = "/v1/detection/imagetag_detect"
 
 
+TEST_CREDENTIALS = Credentials(
+    appid="1000001", secret_id="AKIDtestSecretId0001", secret_key="test-secret-key-0001"
+)
+
+
 @pytest.fixture
 def creds() -> Credentials:
-    return Credentials(appid="1000001", secret_id="AKIDtestSecretId0001", secret_key="test-secret-key-0001")
+    return TEST_CREDENTIALS
 
 
 def encode_image(fmt: str = "JPEG", size: tuple[int, int] = (64, 48), color: Any = (200, 30, 30)) -> bytes:

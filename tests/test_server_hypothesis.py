@@ -7,14 +7,14 @@ import json
 from typing import Any
 
 import aiohttp
-from conftest import DETECT_PATH, encode_image
+from conftest import DETECT_PATH, TEST_CREDENTIALS, encode_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchtag import codes
-from batchtag.signing import Credentials, sign
+from batchtag.signing import sign
 
-CREDS = Credentials(appid="1000001", secret_id="AKIDtestSecretId0001", secret_key="test-secret-key-0001")
+CREDS = TEST_CREDENTIALS  # what the color_server fixture accepts
 VALID_IMAGE = base64.b64encode(encode_image("PNG", size=(8, 8))).decode()
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)

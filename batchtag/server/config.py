@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from batchtag import api
 from batchtag.signing import Credentials
 
 MIB = 1024 * 1024
@@ -11,7 +12,7 @@ MIB = 1024 * 1024
 # The API refuses images over 10 MiB (decoded) with code 20. Their base64 form is 4/3 as
 # large, so a body up to 16 MiB can still carry a legal image plus JSON; anything larger is
 # refused before it is read, also with code 20 (HTTP 200, like every API answer).
-DEFAULT_MAX_IMAGE_BYTES = 10 * MIB
+DEFAULT_MAX_IMAGE_BYTES = api.MAX_IMAGE_BYTES
 DEFAULT_MAX_BODY_BYTES = 16 * MIB
 
 

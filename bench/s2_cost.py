@@ -1,0 +1,141 @@
+"""Section 2: client CPU cost per request, and a profile of where it goes.
+
+CPU is user+sys of the ``batchtag run`` child from ``os.wait4`` (that process only),
+minus the same for a one-item run (interpreter start, imports, session set-up), divided
+by the extra requests. The server's own CPU per request is read from /proc for
+comparison. Then the client runs once in-process under pyinstrument; the profile text
+is saved and its samples are summed by library to say what dominates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    BENCH_CREDS,
+    Ctx,
+    Row,
+    Section,
+    fmt,
+    image_set,
+    median,
+    run_client,
+    serve,
+    write_manifest,
+)
+from bench.plots import bar_plot
+
+CONCURRENCY = 64
+
+
+def run(ctx: Ctx) -> Section:
+    section = Section("cost", f"2. Client CPU cost per request (C={CONCURRENCY}, server latency 0)")
+    repeats = ctx.pick(1, 3)
+    sets = {
+        "10 KB": (image_set(ctx, "small", ctx.pick(200, 20_000), (256, 192)), ctx.pick(200, 3000)),
+        "1 MB": (image_set(ctx, "large1mb", ctx.pick(20, 300), (1400, 1000), noise=0.5, quality=92, distinct=8),
+                 ctx.pick(20, 300)),
+    }  # fmt: skip
+    per_request: dict[str, float] = {}
+    with serve(ctx, latency_ms=0) as server:
+        for label, (images, n) in sets.items():
+            size_kb = images[0].stat().st_size / 1024
+            one = write_manifest(ctx.work / "s2-one.txt", images[:1])
+            many = write_manifest(ctx.work / "s2-many.txt", images[:n])
+            costs, server_costs, rates = [], [], []
+            for _ in range(repeats):
+                base = run_client(ctx, [one], ctx.work / "s2-out.jsonl", server.url, "--concurrency", str(CONCURRENCY))
+                server_before = server.cpu_s()
+                full = run_client(ctx, [many], ctx.work / "s2-out.jsonl", server.url, "--concurrency", str(CONCURRENCY))
+                server_after = server.cpu_s()
+                assert full.summary is not None
+                requests = full.summary["attempts"]
+                costs.append((full.cpu_s - base.cpu_s) / max(1, requests - 1) * 1e6)
+                server_costs.append((server_after - server_before) / max(1, requests) * 1e6)
+                rates.append(full.summary["requests_per_s"])
+                if full.summary["ok"] != n:
+                    section.notes.append(f"{label}: {full.summary['ok']} of {n} ok ({full.summary['by_code']})")
+            per_request[label] = median(costs)
+            section.add(Row(
+                f"client CPU per request, {label} JPEG ({size_kb:,.0f} KiB, {n} requests)", repeats,
+                per_request[label], "µs", note=(
+                    f"server CPU {fmt(median(server_costs))} µs/req; {fmt(median(rates))} req/s; "
+                    f"client start-up (1-item run) {base.cpu_s * 1000:,.0f} ms CPU, subtracted"
+                ), samples=costs,
+            ))  # fmt: skip
+        profile_text, by_library = profile_client(ctx, server.url, sets["10 KB"][0][: ctx.pick(200, 2000)])
+    profile_path = ctx.out / "profile-client.txt"
+    profile_path.write_text(profile_text)
+    total = sum(by_library.values()) or 1.0
+    ranked = sorted(by_library.items(), key=lambda kv: -kv[1])
+    top = ", ".join(f"{name} {seconds / total:.0%}" for name, seconds in ranked[:6])
+    section.notes.append(
+        f"Profile (pyinstrument, in-process run_batch, 10 KB images, C={CONCURRENCY}) saved to "
+        f"{profile_path.name}; main-thread samples by library: {top}."
+    )
+    section.plots.append(
+        bar_plot(
+            ctx.out / "profile-by-library.png",
+            "Client main thread: share of samples by library (10 KB images)",
+            "share of samples",
+            {name: seconds / total for name, seconds in ranked[:8]},
+        )
+    )
+    return section
+
+
+def profile_client(ctx: Ctx, url: str, images: list[Path]) -> tuple[str, dict[str, float]]:
+    from pyinstrument import Profiler
+
+    from batchtag.config import RunConfig
+    from batchtag.pipeline import run_batch
+
+    manifest = write_manifest(ctx.work / "s2-profile.txt", images)
+    out = ctx.work / "s2-profile.jsonl"
+    out.unlink(missing_ok=True)
+    config = RunConfig(
+        sources=[str(manifest)], out=str(out), endpoint=url, appid=BENCH_CREDS.appid,
+        secret_id=BENCH_CREDS.secret_id, secret_key=BENCH_CREDS.secret_key, concurrency=CONCURRENCY,
+        progress=False,
+    )  # fmt: skip
+    # async_mode disabled: samples show what the event-loop thread really runs, idle included.
+    profiler = Profiler(interval=0.0005, async_mode="disabled")
+    profiler.start()
+    summary = asyncio.run(run_batch(config, progress=False))
+    profiler.stop()
+    header = f"# batchtag run in-process: {summary.done} items, {summary.items_per_s:.0f} items/s\n"
+    text = profiler.output_text(unicode=False, color=False, show_all=False)
+    lines = text.splitlines()
+    by_library: collections.Counter[str] = collections.Counter()
+    root = profiler.last_session.root_frame() if profiler.last_session else None
+    if root is not None:
+        _sum_self_time(root, by_library)
+    return header + "\n".join(lines[:160]) + "\n", dict(by_library)
+
+
+def _sum_self_time(frame: Any, into: collections.Counter[str]) -> None:
+    stack = [frame]
+    while stack:
+        node = stack.pop()
+        into[_library(node.file_path or "", node.function or "")] += node.total_self_time
+        stack.extend(node.children)
+
+
+def _library(path: str, function: str) -> str:
+    if "selectors.py" in path or function in ("select", "poll", "epoll"):
+        return "idle (epoll wait)"
+    for name in ("aiohttp", "yarl", "multidict", "tenacity", "aiofiles", "batchtag", "pyinstrument", "PIL"):
+        if f"/{name}/" in path:
+            return name
+    if "/asyncio/" in path:
+        return "asyncio"
+    if "/json/" in path:
+        return "json"
+    if "/concurrent/" in path or "threading.py" in path:
+        return "threads (to_thread / executor)"
+    if "site-packages" in path:
+        return path.split("site-packages/", 1)[1].split("/", 1)[0]
+    return "stdlib / other" if path else "[native or unknown]"
