@@ -42,7 +42,9 @@ EXAMPLES = REPO / "examples" / "photos"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = resource.getpagesize() // 1024
 
-BENCH_CREDS = Credentials(appid="1250000000", secret_id="AKIDbench" + "0" * 23, secret_key="bench-" + "k" * 26)
+BENCH_CREDS = Credentials(
+    appid="1250000000", secret_id="AKIDbench" + "0" * 23, secret_key="bench-" + "k" * 26
+)
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -247,9 +249,21 @@ def serve(
     creds_file.write_text(json.dumps({"credentials": [vars(BENCH_CREDS)]}))
     creds_file.chmod(0o600)
     args = [
-        sys.executable, "-m", "batchtag", "serve", "--host", "127.0.0.1", "--port", str(port),
-        "--tagger", tagger, "--credentials", str(creds_file), "--inject-latency-ms", str(latency_ms),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "batchtag",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--tagger",
+        tagger,
+        "--credentials",
+        str(creds_file),
+        "--inject-latency-ms",
+        str(latency_ms),
+    ]
     if qps_limit is not None:
         args += ["--qps-limit", str(qps_limit)]
     if allow_private_urls:
@@ -272,7 +286,9 @@ def wait_healthy(server: Server, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
-            raise RuntimeError(f"batchtag serve exited with {server.proc.returncode}: {server.log.read_text()[-2000:]}")
+            raise RuntimeError(
+                f"batchtag serve exited with {server.proc.returncode}: {server.log.read_text()[-2000:]}"
+            )
         try:
             with urllib.request.urlopen(server.url + api.HEALTH_PATH, timeout=2) as response:
                 if response.status == 200:
@@ -305,8 +321,21 @@ def start_client(
     for path in (out, summary) if fresh else (summary,):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-    args = [sys.executable, "-m", "batchtag", "run", *map(str, sources), "-o", str(out),
-            "--endpoint", endpoint, "--no-progress", "--summary-json", str(summary), *options]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "batchtag",
+        "run",
+        *map(str, sources),
+        "-o",
+        str(out),
+        "--endpoint",
+        endpoint,
+        "--no-progress",
+        "--summary-json",
+        str(summary),
+        *options,
+    ]
     stderr = out.with_suffix(".stderr")
     with open(stderr, "wb") as handle:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=handle, env=client_env(), cwd=REPO)
@@ -360,7 +389,6 @@ def run_client(
 def jpeg_bytes(size: tuple[int, int], seed: int, noise: float = 0.15, quality: int = 85) -> bytes:
     """A deterministic JPEG: a colour gradient with some noise (noise makes bytes grow)."""
     rng = random.Random(seed)
-    width, height = size
     base = Image.linear_gradient("L").resize(size)
     colour = tuple(rng.randrange(40, 255) for _ in range(3))
     image = Image.merge("RGB", [base.point(lambda v, c=c: v * c // 255) for c in colour])
@@ -372,7 +400,15 @@ def jpeg_bytes(size: tuple[int, int], seed: int, noise: float = 0.15, quality: i
     return buffer.getvalue()
 
 
-def image_set(ctx: Ctx, name: str, count: int, size: tuple[int, int], noise: float = 0.15, quality: int = 85, distinct: int = 32) -> list[Path]:
+def image_set(
+    ctx: Ctx,
+    name: str,
+    count: int,
+    size: tuple[int, int],
+    noise: float = 0.15,
+    quality: int = 85,
+    distinct: int = 32,
+) -> list[Path]:
     """``count`` image paths under work/NAME: ``distinct`` different JPEGs, hard-linked.
 
     Cached: a marker file records what was made, so a second run reuses the files.
@@ -456,8 +492,17 @@ def run_wrk(ctx: Ctx, url: str, image: bytes, connections: int, seconds: float) 
     body, auth = signed_body(image)
     script = ctx.work / "wrk-post.lua"
     script.write_text(WRK_SCRIPT.format(body=body.decode(), auth=auth))
-    args = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-            "-s", str(script), url + api.DETECT_PATH]  # fmt: skip
+    args = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url + api.DETECT_PATH,
+    ]
     done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30, check=True)
     match = re.search(r"BENCH good=(\d+) bad=(\d+) duration_us=(\d+) p50_us=(\d+) p99_us=(\d+)", done.stdout)
     if not match:
@@ -497,14 +542,18 @@ async def _aiohttp_load(url: str, body: bytes, auth: str, connections: int, seco
     return WrkResult(good, bad, time.monotonic() - started, pick(0.5), pick(0.99))
 
 
-def load_generator(ctx: Ctx, url: str, image: bytes, connections: int, seconds: float) -> tuple[WrkResult, str]:
+def load_generator(
+    ctx: Ctx, url: str, image: bytes, connections: int, seconds: float
+) -> tuple[WrkResult, str]:
     """wrk when installed, else an aiohttp loop (labelled: it shares Python's overheads)."""
     if have_wrk():
         return run_wrk(ctx, url, image, connections, seconds), "wrk"
     import asyncio
 
     body, auth = signed_body(image)
-    return asyncio.run(_aiohttp_load(url, body, auth, connections, seconds)), "aiohttp fallback (wrk not installed)"
+    return asyncio.run(
+        _aiohttp_load(url, body, auth, connections, seconds)
+    ), "aiohttp fallback (wrk not installed)"
 
 
 def fmt(value: float, digits: int = 3) -> str:

@@ -10,7 +10,18 @@ server (batch wait, per-request work, shared CPU) loses.
 
 from __future__ import annotations
 
-from bench.common import Ctx, Row, Section, fmt, image_set, load_generator, median, run_client, serve, write_manifest
+from bench.common import (
+    Ctx,
+    Row,
+    Section,
+    fmt,
+    image_set,
+    load_generator,
+    median,
+    run_client,
+    serve,
+    write_manifest,
+)
 from bench.plots import line_plot
 
 LATENCY_MS = 50.0
@@ -29,8 +40,15 @@ def run(ctx: Ctx) -> Section:
 
     with serve(ctx, latency_ms=0) as server:
         capacity, generator = load_generator(ctx, server.url, sample, 64, wrk_seconds)
-    section.add(Row(f"server capacity, latency 0 ({generator}, 64 connections)", 1, capacity.rate, "req/s",
-                    note=f"p50 {fmt(capacity.p50_ms)} ms; {capacity.bad} non-OK answers"))  # fmt: skip
+    section.add(
+        Row(
+            f"server capacity, latency 0 ({generator}, 64 connections)",
+            1,
+            capacity.rate,
+            "req/s",
+            note=f"p50 {fmt(capacity.p50_ms)} ms; {capacity.bad} non-OK answers",
+        )
+    )
 
     achieved: dict[int, float] = {}
     wrk_at: dict[int, float] = {}
@@ -47,19 +65,31 @@ def run(ctx: Ctx) -> Section:
             for repeat in range(repeats):
                 start = (repeat * n) % max(1, len(images) - n + 1)
                 manifest = write_manifest(ctx.work / "s1-manifest.txt", images[start : start + n])
-                result = run_client(ctx, [manifest], ctx.work / "s1-out.jsonl", server.url, "--concurrency", str(c))
+                result = run_client(
+                    ctx, [manifest], ctx.work / "s1-out.jsonl", server.url, "--concurrency", str(c)
+                )
                 assert result.summary is not None
                 if result.summary["ok"] != n:
-                    section.notes.append(f"C={c}: only {result.summary['ok']} of {n} ok: {result.summary['by_code']}")
+                    section.notes.append(
+                        f"C={c}: only {result.summary['ok']} of {n} ok: {result.summary['by_code']}"
+                    )
                 rates.append(result.summary["requests_per_s"])
             achieved[c] = median(rates)
             ratio = achieved[c] / ideal
-            section.add(Row(
-                f"C={c}: batchtag req/s ({n} requests a run)", repeats, achieved[c], "req/s", ratio,
-                f">= {GOAL} of ideal {fmt(ideal)}", ratio >= GOAL,
-                f"wrk same C and L: {fmt(reference.rate)} req/s (p50 {fmt(reference.p50_ms)} ms); "
-                f"batchtag/wrk = {achieved[c] / reference.rate:.3f}", rates,
-            ))  # fmt: skip
+            section.add(
+                Row(
+                    f"C={c}: batchtag req/s ({n} requests a run)",
+                    repeats,
+                    achieved[c],
+                    "req/s",
+                    ratio,
+                    f">= {GOAL} of ideal {fmt(ideal)}",
+                    ratio >= GOAL,
+                    f"wrk same C and L: {fmt(reference.rate)} req/s (p50 {fmt(reference.p50_ms)} ms); "
+                    f"batchtag/wrk = {achieved[c] / reference.rate:.3f}",
+                    rates,
+                )
+            )
 
     misses = [c for c in concurrencies if achieved[c] / ideal_at[c] < GOAL]
     client_limited = [c for c in concurrencies if achieved[c] / wrk_at[c] < GOAL]
@@ -77,10 +107,14 @@ def run(ctx: Ctx) -> Section:
         )
     if client_limited:
         section.notes.append(
-            "batchtag reaches < 0.95 of wrk at C=" + ", ".join(map(str, client_limited)) + ": client overhead."
+            "batchtag reaches < 0.95 of wrk at C="
+            + ", ".join(map(str, client_limited))
+            + ": client overhead."
         )
     else:
-        section.notes.append("batchtag is within 5% of wrk (or faster) at every C: the client is not the limit.")
+        section.notes.append(
+            "batchtag is within 5% of wrk (or faster) at every C: the client is not the limit."
+        )
     section.plots.append(
         line_plot(
             ctx.out / "efficiency.png",

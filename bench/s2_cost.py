@@ -36,9 +36,11 @@ def run(ctx: Ctx) -> Section:
     repeats = ctx.pick(1, 3)
     sets = {
         "10 KB": (image_set(ctx, "small", ctx.pick(200, 20_000), (256, 192)), ctx.pick(200, 3000)),
-        "1 MB": (image_set(ctx, "large1mb", ctx.pick(20, 300), (1400, 1000), noise=0.5, quality=92, distinct=8),
-                 ctx.pick(20, 300)),
-    }  # fmt: skip
+        "1 MB": (
+            image_set(ctx, "large1mb", ctx.pick(20, 300), (1400, 1000), noise=0.5, quality=92, distinct=8),
+            ctx.pick(20, 300),
+        ),
+    }
     per_request: dict[str, float] = {}
     with serve(ctx, latency_ms=0) as server:
         for label, (images, n) in sets.items():
@@ -47,9 +49,13 @@ def run(ctx: Ctx) -> Section:
             many = write_manifest(ctx.work / "s2-many.txt", images[:n])
             costs, server_costs, rates = [], [], []
             for _ in range(repeats):
-                base = run_client(ctx, [one], ctx.work / "s2-out.jsonl", server.url, "--concurrency", str(CONCURRENCY))
+                base = run_client(
+                    ctx, [one], ctx.work / "s2-out.jsonl", server.url, "--concurrency", str(CONCURRENCY)
+                )
                 server_before = server.cpu_s()
-                full = run_client(ctx, [many], ctx.work / "s2-out.jsonl", server.url, "--concurrency", str(CONCURRENCY))
+                full = run_client(
+                    ctx, [many], ctx.work / "s2-out.jsonl", server.url, "--concurrency", str(CONCURRENCY)
+                )
                 server_after = server.cpu_s()
                 assert full.summary is not None
                 requests = full.summary["attempts"]
@@ -57,15 +63,23 @@ def run(ctx: Ctx) -> Section:
                 server_costs.append((server_after - server_before) / max(1, requests) * 1e6)
                 rates.append(full.summary["requests_per_s"])
                 if full.summary["ok"] != n:
-                    section.notes.append(f"{label}: {full.summary['ok']} of {n} ok ({full.summary['by_code']})")
+                    section.notes.append(
+                        f"{label}: {full.summary['ok']} of {n} ok ({full.summary['by_code']})"
+                    )
             per_request[label] = median(costs)
-            section.add(Row(
-                f"client CPU per request, {label} JPEG ({size_kb:,.0f} KiB, {n} requests)", repeats,
-                per_request[label], "µs", note=(
-                    f"server CPU {fmt(median(server_costs))} µs/req; {fmt(median(rates))} req/s; "
-                    f"client start-up (1-item run) {base.cpu_s * 1000:,.0f} ms CPU, subtracted"
-                ), samples=costs,
-            ))  # fmt: skip
+            section.add(
+                Row(
+                    f"client CPU per request, {label} JPEG ({size_kb:,.0f} KiB, {n} requests)",
+                    repeats,
+                    per_request[label],
+                    "µs",
+                    note=(
+                        f"server CPU {fmt(median(server_costs))} µs/req; {fmt(median(rates))} req/s; "
+                        f"client start-up (1-item run) {base.cpu_s * 1000:,.0f} ms CPU, subtracted"
+                    ),
+                    samples=costs,
+                )
+            )
         profile_text, by_library = profile_client(ctx, server.url, sets["10 KB"][0][: ctx.pick(200, 2000)])
     profile_path = ctx.out / "profile-client.txt"
     profile_path.write_text(profile_text)
@@ -97,10 +111,15 @@ def profile_client(ctx: Ctx, url: str, images: list[Path]) -> tuple[str, dict[st
     out = ctx.work / "s2-profile.jsonl"
     out.unlink(missing_ok=True)
     config = RunConfig(
-        sources=[str(manifest)], out=str(out), endpoint=url, appid=BENCH_CREDS.appid,
-        secret_id=BENCH_CREDS.secret_id, secret_key=BENCH_CREDS.secret_key, concurrency=CONCURRENCY,
+        sources=[str(manifest)],
+        out=str(out),
+        endpoint=url,
+        appid=BENCH_CREDS.appid,
+        secret_id=BENCH_CREDS.secret_id,
+        secret_key=BENCH_CREDS.secret_key,
+        concurrency=CONCURRENCY,
         progress=False,
-    )  # fmt: skip
+    )
     # async_mode disabled: samples show what the event-loop thread really runs, idle included.
     profiler = Profiler(interval=0.0005, async_mode="disabled")
     profiler.start()

@@ -9,6 +9,7 @@ give the server-side count of code-15 answers.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -30,18 +31,56 @@ def run(ctx: Ctx) -> Section:
         phases[label] = phase(ctx, manifest, qps, n)
 
     a, b = phases["A"], phases["B"]
-    section.add(Row(f"A: --qps {Q:g} vs --qps-limit {Q:g}: achieved ok/s ({n} items)", 1, a["rate"], "ok/s",
-                    a["rate"] / Q, ">= 0.97 of Q", a["rate"] / Q >= 0.97,
-                    f"client wall {a['wall']:.1f} s; server-side steady rate {a['server_rate']:.1f}/s"))  # fmt: skip
-    section.add(Row("A: code-15 answers (server count)", 1, a["rejected"], "answers", None, "0", a["rejected"] == 0,
-                    f"client: {a['attempts']} attempts for {a['done']} items; by_code {a['by_code']}"))  # fmt: skip
-    section.add(Row(f"B: --qps {2 * Q:g} vs --qps-limit {Q:g}: achieved ok/s ({n} items)", 1, b["rate"], "ok/s",
-                    b["rate"] / Q, ">= 0.9 of Q", b["rate"] / Q >= 0.9,
-                    f"client wall {b['wall']:.1f} s; server-side steady rate {b['server_rate']:.1f}/s"))  # fmt: skip
+    section.add(
+        Row(
+            f"A: --qps {Q:g} vs --qps-limit {Q:g}: achieved ok/s ({n} items)",
+            1,
+            a["rate"],
+            "ok/s",
+            a["rate"] / Q,
+            ">= 0.97 of Q",
+            a["rate"] / Q >= 0.97,
+            f"client wall {a['wall']:.1f} s; server-side steady rate {a['server_rate']:.1f}/s",
+        )
+    )
+    section.add(
+        Row(
+            "A: code-15 answers (server count)",
+            1,
+            a["rejected"],
+            "answers",
+            None,
+            "0",
+            a["rejected"] == 0,
+            f"client: {a['attempts']} attempts for {a['done']} items; by_code {a['by_code']}",
+        )
+    )
+    section.add(
+        Row(
+            f"B: --qps {2 * Q:g} vs --qps-limit {Q:g}: achieved ok/s ({n} items)",
+            1,
+            b["rate"],
+            "ok/s",
+            b["rate"] / Q,
+            ">= 0.9 of Q",
+            b["rate"] / Q >= 0.9,
+            f"client wall {b['wall']:.1f} s; server-side steady rate {b['server_rate']:.1f}/s",
+        )
+    )
     share = b["rejected"] / max(1, b["answers"])
-    section.add(Row("B: share of requests rejected with code 15", 1, share * 100, "%", share, "< 0.03", share < 0.03,
-                    f"{b['rejected']} of {b['answers']} answers; client {b['attempts']} attempts for "
-                    f"{b['done']} items; items failed: {b['failed']}"))  # fmt: skip
+    section.add(
+        Row(
+            "B: share of requests rejected with code 15",
+            1,
+            share * 100,
+            "%",
+            share,
+            "< 0.03",
+            share < 0.03,
+            f"{b['rejected']} of {b['answers']} answers; client {b['attempts']} attempts for "
+            f"{b['done']} items; items failed: {b['failed']}",
+        )
+    )
     if a["rate"] / Q < 0.97:
         section.notes.append(
             f"Phase A reaches {a['rate'] / Q:.3f} of Q ({(0.97 - a['rate'] / Q) * 100:.1f} points under the goal). "
@@ -87,16 +126,17 @@ def phase(ctx: Ctx, manifest: Any, qps: float, n: int) -> dict[str, Any]:
         proc, summary_path, stderr = start_client(
             ctx, [manifest], ctx.work / "s3-out.jsonl", server.url, "--qps", str(qps), "--concurrency", "16"
         )
-        result = finish_client(proc, summary_path, stderr, started, timeout_s=n / Q * 4 + 60,
-                               on_tick=tick, tick_s=TICK_S)  # fmt: skip
+        result = finish_client(
+            proc, summary_path, stderr, started, timeout_s=n / Q * 4 + 60, on_tick=tick, tick_s=TICK_S
+        )
         tick()
     summary = result.summary or {}
     final = samples[-1]
     series = []
-    for (t0, ok0, rej0), (t1, ok1, rej1) in zip(samples, samples[1:], strict=False):
+    for (t0, ok0, rej0), (t1, ok1, rej1) in itertools.pairwise(samples):
         if t1 > t0:
             series.append((t1, (ok1 - ok0) / (t1 - t0), (rej1 - rej0) / (t1 - t0)))
-    changed = [s for s in samples if 0 < s[1]]
+    changed = [s for s in samples if s[1] > 0]
     first = changed[0] if changed else samples[0]
     last = next((s for s in samples if s[1] == final[1]), final)
     server_rate = (last[1] - first[1]) / (last[0] - first[0]) if last[0] > first[0] else 0.0

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from batchtag.records import Record
 from bench.common import (
     REPO,
     Ctx,
@@ -38,7 +39,6 @@ from bench.common import (
     write_manifest,
 )
 from bench.plots import line_plot
-from batchtag.records import Record
 
 RSS_GOAL_MB = 150.0
 RESUME_GOAL_S = 5.0
@@ -48,8 +48,12 @@ TICK_S = 0.05
 @contextlib.contextmanager
 def image_host(ctx: Ctx, image: Path) -> Iterator[str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.static_server", str(port), str(image)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.static_server", str(port), str(image)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -70,7 +74,9 @@ def run(ctx: Ctx) -> Section:
     big, small = ctx.pick(100_000, 1_000_000), ctx.pick(10_000, 100_000)
     tree_files = ctx.pick(5_000, 200_000)
     bounded_s = ctx.pick(2.0, 15.0)
-    section = Section("scale", f"4. Scale: {big:,}-line manifest, {tree_files:,}-file tree, resume over {big:,} records")
+    section = Section(
+        "scale", f"4. Scale: {big:,}-line manifest, {tree_files:,}-file tree, resume over {big:,} records"
+    )
     tree = image_set(ctx, "tree", tree_files, (256, 192), distinct=1)
     tree_root = tree[0].parent.parent
     series: dict[str, list[float]] = {}
@@ -83,42 +89,69 @@ def run(ctx: Ctx) -> Section:
         bounded[f"{tree_files:,}-file tree"] = bounded_run(ctx, server, tree_root, bounded_s)
     for label, result in bounded.items():
         mb = result["maxrss_kb"] / 1024
-        section.add(Row(
-            f"bounded run, {label}: peak RSS", 1, mb, "MB", mb / RSS_GOAL_MB, f"< {RSS_GOAL_MB:g} MB",
-            mb < RSS_GOAL_MB,
-            f"first answer {result['ttfr']:.2f} s after spawn; {result['done']:,} items in {bounded_s:g} s "
-            f"({fmt(result['rate'])} items/s); exit {result['code']} after SIGINT",
-        ))  # fmt: skip
+        section.add(
+            Row(
+                f"bounded run, {label}: peak RSS",
+                1,
+                mb,
+                "MB",
+                mb / RSS_GOAL_MB,
+                f"< {RSS_GOAL_MB:g} MB",
+                mb < RSS_GOAL_MB,
+                f"first answer {result['ttfr']:.2f} s after spawn; {result['done']:,} items in {bounded_s:g} s "
+                f"({fmt(result['rate'])} items/s); exit {result['code']} after SIGINT",
+            )
+        )
         times[label] = [t for t, _ in result["rss"]]
         series[label] = [kb / 1024 for _, kb in result["rss"]]
     small_rss = bounded[f"{small:,} URLs"]["maxrss_kb"]
     big_rss = bounded[f"{big:,} URLs"]["maxrss_kb"]
     flat = big_rss / small_rss
-    section.add(Row(f"peak RSS {big:,} URLs / {small:,} URLs", 1, flat, "x", flat, "<= 1.10 (flat)", flat <= 1.10))
+    section.add(
+        Row(f"peak RSS {big:,} URLs / {small:,} URLs", 1, flat, "x", flat, "<= 1.10 (flat)", flat <= 1.10)
+    )
     ttfr_ratio = bounded[f"{big:,} URLs"]["ttfr"] / max(1e-3, bounded[f"{small:,} URLs"]["ttfr"])
-    section.add(Row(f"time to first answer {big:,} / {small:,} URLs", 1, ttfr_ratio, "x", ttfr_ratio,
-                    "~1 (independent of input size)", ttfr_ratio < 1.5))  # fmt: skip
+    section.add(
+        Row(
+            f"time to first answer {big:,} / {small:,} URLs",
+            1,
+            ttfr_ratio,
+            "x",
+            ttfr_ratio,
+            "~1 (independent of input size)",
+            ttfr_ratio < 1.5,
+        )
+    )
 
     resume_runs = resume(ctx, [ctx.pick(1_000, small), big])
     for n, result in resume_runs.items():
         if n == 1:
             continue
         extra = (result["maxrss_kb"] - resume_runs[1]["maxrss_kb"]) / 1024
-        section.add(Row(
-            f"resume, {n:,} items all done: wall time (spawn to exit)", 1, result["wall"], "s",
-            result["wall"] / RESUME_GOAL_S, f"< {RESUME_GOAL_S:g} s", result["wall"] < RESUME_GOAL_S,
-            f"extra peak RSS vs a 1-item resume: {extra:.1f} MB ({extra * 1024 * 1024 / n:.0f} B/item); "
-            f"exit {result['code']}, skipped {result['skipped']:,}, records written {result['written']}, "
-            f"OUT grew {result['grew']} bytes",
-        ))  # fmt: skip
+        section.add(
+            Row(
+                f"resume, {n:,} items all done: wall time (spawn to exit)",
+                1,
+                result["wall"],
+                "s",
+                result["wall"] / RESUME_GOAL_S,
+                f"< {RESUME_GOAL_S:g} s",
+                result["wall"] < RESUME_GOAL_S,
+                f"extra peak RSS vs a 1-item resume: {extra:.1f} MB ({extra * 1024 * 1024 / n:.0f} B/item); "
+                f"exit {result['code']}, skipped {result['skipped']:,}, records written {result['written']}, "
+                f"OUT grew {result['grew']} bytes",
+            )
+        )
     section.notes.append(
         f"Bounded runs stop after {bounded_s:g} s (SIGINT), so the {big:,}-item inputs are not processed "
         "to the end: the rows report the rate reached, and the peak RSS over that window (RSS sampled every "
         "50 ms is in the plot). URL items are fetched by the server from a local image host (same 10 KB "
         "JPEG), so client, server and host share the 2 cores."
     )
-    section.notes.append(f"Resume baseline (1 item): peak RSS {resume_runs[1]['maxrss_kb'] / 1024:.1f} MB, "
-                         f"{resume_runs[1]['wall']:.2f} s (interpreter and imports).")  # fmt: skip
+    section.notes.append(
+        f"Resume baseline (1 item): peak RSS {resume_runs[1]['maxrss_kb'] / 1024:.1f} MB, "
+        f"{resume_runs[1]['wall']:.2f} s (interpreter and imports)."
+    )
     longest = max(times.values(), key=len)
     section.plots.append(
         line_plot(
@@ -139,7 +172,9 @@ def bounded_run(ctx: Ctx, server: Any, source: Path, seconds: float) -> dict[str
     rss: list[tuple[float, int]] = []
     first: list[float] = []
     started = time.monotonic()
-    proc, summary_path, stderr = start_client(ctx, [source], ctx.work / "s4-out.jsonl", server.url, "--concurrency", "64")
+    proc, summary_path, stderr = start_client(
+        ctx, [source], ctx.work / "s4-out.jsonl", server.url, "--concurrency", "64"
+    )
 
     def tick() -> None:
         now = time.monotonic() - started
@@ -149,10 +184,21 @@ def bounded_run(ctx: Ctx, server: Any, source: Path, seconds: float) -> dict[str
         if not first and sum(server.answered().values()) > before:
             first.append(now)
 
-    result = finish_client(proc, summary_path, stderr, started, timeout_s=seconds + 30,
-                           interrupt_after_s=seconds, on_tick=tick, tick_s=TICK_S)  # fmt: skip
+    result = finish_client(
+        proc,
+        summary_path,
+        stderr,
+        started,
+        timeout_s=seconds + 30,
+        interrupt_after_s=seconds,
+        on_tick=tick,
+        tick_s=TICK_S,
+    )
     out = ctx.work / "s4-out.jsonl"
-    done = sum(1 for _ in open(out, "rb")) if out.exists() else 0
+    done = 0
+    if out.exists():
+        with open(out, "rb") as handle:
+            done = sum(1 for _ in handle)
     wall = (result.summary or {}).get("wall_s") or seconds
     return {
         "maxrss_kb": result.maxrss_kb,
@@ -174,9 +220,9 @@ def records_file(ctx: Ctx, n: int) -> tuple[Path, Path]:
     tags = [{"tag_name": "红", "tag_confidence": 81}, {"tag_name": "明亮", "tag_confidence": 64}]
     template = Record("@KEY@", "url", "ok", 0, "success", tags, 1, {"elapsed_ms": 12}).to_line().decode()
     head, tail = template.split("@KEY@")
-    assert Record(key.format(0), "url", "ok", 0, "success", tags, 1, {"elapsed_ms": 12}).to_line().decode() == (
-        head + key.format(0) + tail
-    )
+    assert Record(
+        key.format(0), "url", "ok", 0, "success", tags, 1, {"elapsed_ms": 12}
+    ).to_line().decode() == (head + key.format(0) + tail)
     write_manifest(manifest, (key.format(i) for i in range(n)))
     with open(out, "w", encoding="utf-8") as handle:
         for start in range(0, n, 10_000):
@@ -190,8 +236,9 @@ def resume(ctx: Ctx, sizes: list[int]) -> dict[int, dict[str, Any]]:
     for n in [1, *sizes]:
         manifest, out = records_file(ctx, n)
         size_before = out.stat().st_size
-        run = run_client(ctx, [manifest], out, "http://127.0.0.1:9", "--concurrency", "64", fresh=False,
-                         timeout_s=120)  # fmt: skip
+        run = run_client(
+            ctx, [manifest], out, "http://127.0.0.1:9", "--concurrency", "64", fresh=False, timeout_s=120
+        )
         summary = run.summary or {}
         results[n] = {
             "wall": run.wall_s,

@@ -10,11 +10,9 @@ import aiohttp
 import pytest
 from PIL import Image
 
+from batchtag.api import DETECT_PATH
 from batchtag.server import RunningServer, ServeConfig, start_server
 from batchtag.signing import Credentials, sign
-
-DETECT_PATH = "/v1/detection/imagetag_detect"
-
 
 TEST_CREDENTIALS = Credentials(
     appid="1000001", secret_id="AKIDtestSecretId0001", secret_key="test-secret-key-0001"

@@ -25,6 +25,7 @@ from aiohttp import web
 from PIL import Image
 
 from batchtag import codes
+from batchtag.api import DETECT_PATH, HEALTH_PATH
 from batchtag.server.batcher import Batcher
 from batchtag.server.config import ServeConfig
 from batchtag.server.credentials import CredentialStore
@@ -38,7 +39,6 @@ from batchtag.taggers import Tag, Tagger, load_tagger
 
 log = logging.getLogger(__name__)
 
-DETECT_PATH = "/v1/detection/imagetag_detect"
 # Parsing a multi-megabyte JSON body takes tens of milliseconds: do it off the event loop.
 INLINE_JSON_LIMIT = 256 * 1024
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -97,7 +97,7 @@ def create_app(config: ServeConfig, tagger: Tagger | None = None) -> web.Applica
     app[STATE] = state
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post(DETECT_PATH, handle_detect)
-    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get(HEALTH_PATH, handle_healthz)
     app.router.add_get("/stats", handle_stats)
     return app
 

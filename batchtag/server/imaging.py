@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from batchtag import codes
+from batchtag import api, codes
 from batchtag.server.errors import ApiError
 
-ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP")
+ACCEPTED_FORMATS = tuple(api.IMAGE_MAGIC.values())
 # Modes Image.reduce handles; palette, bilevel and 16-bit images are converted first.
 REDUCIBLE_MODES = frozenset({"RGB", "RGBA", "L", "LA", "CMYK"})
 _WHITESPACE = re.compile(r"\s+")

@@ -1,0 +1,161 @@
+"""Section 5: the local model over HTTP vs the raw batched model, with decode broken out.
+
+Raw: ``ImageNetClassifier.predict`` on a preprocessed batch of 16 (the server's max
+batch), in this process with no server running. HTTP: ``batchtag serve --tagger model``
+and ``batchtag run`` on 3000 px and 640 px JPEGs (made from examples/photos). The batch
+sizes the server actually formed come from GET /stats; the server's decode step
+(``batchtag.server.imaging.decode_image`` with the model's draft-mode limits) and the
+model's preprocessing are timed directly on the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.common import EXAMPLES, Ctx, Row, Section, fmt, median, run_client, serve, write_manifest
+from bench.plots import bar_plot
+
+BATCH = 16
+CONCURRENCY = 32
+
+
+def make_photos(ctx: Ctx, side: int, count: int) -> list[Path]:
+    """``count`` paths of JPEGs whose long side is ``side``, resized from the example photos."""
+    folder = ctx.work / f"photos-{side}"
+    marker = folder / ".made"
+    if marker.exists() and marker.read_text() == str(count):
+        return sorted(p for p in folder.iterdir() if p.name.startswith("img-"))
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    sources = sorted(EXAMPLES.glob("*.jpg")) + sorted((EXAMPLES / "large").glob("*.jpg"))
+    originals = []
+    for index, source in enumerate(sources):
+        with Image.open(source) as image:
+            image = image.convert("RGB")
+            scale = side / max(image.size)
+            size = (round(image.width * scale), round(image.height * scale))
+            resized = image.resize(size, Image.Resampling.BICUBIC)
+        path = folder / f"original-{index}.jpg"
+        resized.save(path, "JPEG", quality=90)
+        originals.append(path)
+    paths = []
+    for i in range(count):
+        path = folder / f"img-{i:05d}.jpg"
+        os.link(originals[i % len(originals)], path)
+        paths.append(path)
+    marker.write_text(str(count))
+    return paths
+
+
+def run(ctx: Ctx) -> Section:
+    from batchtag.server.imaging import DecodeLimits, decode_image
+    from batchtag.taggers.imagenet import RESIZE_SIZE, ImageNetClassifier
+
+    section = Section(
+        "model", f"5. Local model (--tagger model) over HTTP vs raw batched model (batch {BATCH})"
+    )
+    repeats = ctx.pick(1, 3)
+    sets = {
+        "3000 px": make_photos(ctx, 3000, ctx.pick(16, 64)),
+        "640 px": make_photos(ctx, 640, ctx.pick(32, 192)),
+    }
+    limits = DecodeLimits(max_image_bytes=10 * 1024 * 1024, max_pixels=50_000_000, min_side=RESIZE_SIZE * 2)
+
+    classifier = ImageNetClassifier()
+    decoded = [decode_image(p.read_bytes(), limits) for p in sets["640 px"][:BATCH]]
+    batch = np.stack([classifier.preprocess(img) for img in decoded])
+    classifier.predict(batch)  # warm-up
+    raw_rates = []
+    for _ in range(ctx.pick(2, 5)):
+        started = time.perf_counter()
+        classifier.predict(batch)
+        raw_rates.append(BATCH / (time.perf_counter() - started))
+    raw = median(raw_rates)
+    threads = classifier.threads
+    del classifier
+    section.add(
+        Row(
+            f"raw model: ImageNetClassifier.predict, batch of {BATCH}",
+            len(raw_rates),
+            raw,
+            "img/s",
+            note=f"{threads} intra-op threads, {len(raw_rates)} timed calls after a warm-up",
+            samples=raw_rates,
+        )
+    )
+
+    bars = {"raw model (batch 16)": raw}
+    with serve(ctx, tagger="model", startup_timeout_s=120) as server:
+        for label, paths in sets.items():
+            size_kb = paths[0].stat().st_size / 1024
+            decode_ms, prep_ms = time_decode(paths, limits, ctx.pick(3, 8))
+            rates = []
+            before = server.stats()["batching"]
+            manifest = write_manifest(ctx.work / "s5-manifest.txt", paths)
+            for _ in range(repeats):
+                result = run_client(
+                    ctx,
+                    [manifest],
+                    ctx.work / "s5-out.jsonl",
+                    server.url,
+                    "--concurrency",
+                    str(CONCURRENCY),
+                    timeout_s=600,
+                )
+                assert result.summary is not None
+                if result.summary["ok"] != len(paths):
+                    section.notes.append(
+                        f"{label}: {result.summary['ok']} of {len(paths)} ok ({result.summary['by_code']})"
+                    )
+                rates.append(result.summary["ok"] / result.summary["wall_s"])
+            after = server.stats()["batching"]
+            batches = after["batches"] - before["batches"]
+            images = after["images"] - before["images"]
+            mean_batch = images / batches if batches else 0.0
+            rate = median(rates)
+            bars[f"HTTP {label}"] = rate
+            section.add(
+                Row(
+                    f"HTTP, {label} JPEGs (~{size_kb:,.0f} KiB, {len(paths)} a run, C={CONCURRENCY})",
+                    repeats,
+                    rate,
+                    "img/s",
+                    rate / raw,
+                    "ratio to raw model",
+                    None,
+                    f"mean batch {mean_batch:.1f} (max {after['max_batch_size']}); server decode {fmt(decode_ms)} ms/img "
+                    f"+ preprocess {fmt(prep_ms)} ms/img (1 thread); model {1000 / raw:.1f} ms/img batched",
+                    rates,
+                )
+            )
+    section.notes.append(
+        "Ratio = HTTP images/s over raw model images/s. On 2 cores the server's decode threads, its event "
+        "loop, the model's 2 intra-op threads and the client all compete, so decode + preprocess time per "
+        "image (single-threaded, measured on the same files) is what the HTTP path pays on top of the model."
+    )
+    section.plots.append(bar_plot(ctx.out / "model-throughput.png", "Model throughput", "images / s", bars))
+    return section
+
+
+def time_decode(paths: list[Path], limits: object, count: int) -> tuple[float, float]:
+    """Median ms per image of the server's decode and of the model's preprocessing."""
+    from batchtag.server.imaging import decode_image
+    from batchtag.taggers.imagenet import ImageNetClassifier
+
+    decode, prep = [], []
+    for path in paths[:count]:
+        data = path.read_bytes()
+        started = time.perf_counter()
+        image = decode_image(data, limits)  # type: ignore[arg-type]
+        middle = time.perf_counter()
+        ImageNetClassifier.preprocess(image)
+        done = time.perf_counter()
+        decode.append((middle - started) * 1000)
+        prep.append((done - middle) * 1000)
+    return median(decode), median(prep)
