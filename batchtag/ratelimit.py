@@ -16,11 +16,6 @@ from collections import deque
 from dataclasses import dataclass
 
 
-# Starts are spaced a hair over 1/rate, so timing jitter below this many seconds can never
-# put rate + 1 starts into one 1-second window.
-WINDOW_MARGIN_S = 0.004
-
-
 @dataclass
 class AimdPolicy:
     decrease: float = 0.8  # rate *= decrease on a rate-limit answer
@@ -49,20 +44,27 @@ class AdaptiveRateLimiter:
         async with self._lock:
             now = time.monotonic()
             if self.rate is not None:
-                interval = (1.0 + WINDOW_MARGIN_S) / self.rate
-                wait = self._next_start - now
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    woke = time.monotonic()
-                    # asyncio oversleeps by ~1 ms; counting from the wake-up time would lose
-                    # that every request (5% at 50/s). Keep to the schedule unless far behind.
-                    late = woke - self._next_start
-                    now = self._next_start if late < interval / 2 else woke
-                self._next_start = max(now, self._next_start) + interval
+                interval = 1.0 / self.rate
+                start_at = max(self._next_start, self._window_opens())
+                if start_at > now:
+                    await asyncio.sleep(start_at - now)
+                    now = time.monotonic()
+                # asyncio oversleeps by ~1 ms; scheduling from the wake-up time would lose that
+                # on every request (5% at 50/s). Keep to the schedule unless far behind it.
+                on_schedule = now - start_at < interval / 2
+                self._next_start = (max(start_at, self._next_start) if on_schedule else now) + interval
             self._note_start(now)
 
+    def _window_opens(self) -> float:
+        """The earliest start that keeps every 1-second window at or under the rate: the
+        schedule alone cannot, once a late wake-up has squeezed two starts together."""
+        allowed = max(1, int(self.rate or 1))
+        if len(self._recent_starts) < allowed:
+            return 0.0
+        return self._recent_starts[-allowed] + 1.0
+
     def _note_start(self, now: float) -> None:
-        """Keep one second of start times: the observed rate when no limit was set."""
+        """Keep one second of start times: the window check, and the observed rate."""
         self._recent_starts.append(now)
         while self._recent_starts[0] < now - 1.0:
             self._recent_starts.popleft()
