@@ -42,6 +42,7 @@ EXAMPLES = REPO / "examples" / "photos"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = resource.getpagesize() // 1024
 
+MAX_LINKS = 50_000
 BENCH_CREDS = Credentials(
     appid="1250000000", secret_id="AKIDbench" + "0" * 23, secret_key="bench-" + "k" * 26
 )
@@ -163,7 +164,7 @@ class ChildResult:
     cpu_s: float  # user + sys of the child (and its own reaped children)
     user_s: float
     sys_s: float
-    maxrss_kb: int
+    maxrss_kb: int  # VmHWM recorded by bench.peak at exit (ru_maxrss only as a fallback)
     summary: dict[str, Any] | None = None
     stderr: str = ""
 
@@ -318,13 +319,15 @@ def start_client(
     """``batchtag run`` as a subprocess; credentials through the environment, never argv.
     ``fresh`` deletes OUT first (a resume test keeps it)."""
     summary = out.with_suffix(".summary.json")
-    for path in (out, summary) if fresh else (summary,):
+    peak = out.with_suffix(".peak")
+    for path in (out, summary, peak) if fresh else (summary, peak):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+    # bench.peak runs batchtag.cli.main unchanged and records its own VmHWM at exit.
     args = [
         sys.executable,
         "-m",
-        "batchtag",
+        "bench.peak",
         "run",
         *map(str, sources),
         "-o",
@@ -338,7 +341,8 @@ def start_client(
     ]
     stderr = out.with_suffix(".stderr")
     with open(stderr, "wb") as handle:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=handle, env=client_env(), cwd=REPO)
+        env = client_env() | {"BENCH_PEAK_FILE": str(peak)}
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=handle, env=env, cwd=REPO)
     return proc, summary, stderr
 
 
@@ -354,13 +358,15 @@ def finish_client(
 ) -> ChildResult:
     code, usage = wait_child(proc, timeout_s, interrupt_after_s, on_tick, tick_s)
     data = json.loads(summary.read_text()) if summary.exists() else None
+    peak = summary.with_suffix("").with_suffix(".peak")
+    maxrss_kb = int(peak.read_text()) if peak.exists() and peak.read_text().strip() else usage.ru_maxrss
     return ChildResult(
         returncode=code,
         wall_s=time.monotonic() - started,
         cpu_s=usage.ru_utime + usage.ru_stime,
         user_s=usage.ru_utime,
         sys_s=usage.ru_stime,
-        maxrss_kb=usage.ru_maxrss,
+        maxrss_kb=maxrss_kb,
         summary=data,
         stderr=stderr.read_text(errors="replace")[-2000:] if stderr.exists() else "",
     )
@@ -426,10 +432,17 @@ def image_set(
         original = folder / f"original-{seed}.jpg"
         original.write_bytes(jpeg_bytes(size, seed, noise, quality))
         originals.append(original)
+    links = [0] * len(originals)
     for index, path in enumerate(paths):
         if index % 1000 == 0:
             path.parent.mkdir(exist_ok=True)
-        os.link(originals[index % len(originals)], path)
+        slot = index % len(originals)
+        if links[slot] >= MAX_LINKS:  # ext4 allows 65,000 links to one inode: start a fresh copy
+            copy = folder / f"original-{slot}-{index}.jpg"
+            shutil.copyfile(originals[slot], copy)
+            originals[slot], links[slot] = copy, 0
+        os.link(originals[slot], path)
+        links[slot] += 1
     marker.write_text(spec)
     return paths
 

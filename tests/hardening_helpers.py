@@ -7,6 +7,7 @@ running (by its own pid), and writes its output to files, never to a pipe nobody
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -182,13 +183,15 @@ def tiny_jpegs(root: Path, n: int, variety: int = 24) -> list[str]:
     return sorted(paths)
 
 
-def hard_links(target: Path, directory: Path, n: int, prefix: str = "l") -> list[str]:
-    """``n`` hard links to ``target`` in ``directory``: distinct keys, one inode."""
+def hard_links(targets: Path | list[Path], directory: Path, n: int, prefix: str = "l") -> list[str]:
+    """``n`` hard links to ``targets`` (in turn) in ``directory``: distinct keys, few inodes.
+    (ext4 allows 65,000 links to one inode: give several targets for more.)"""
+    targets = targets if isinstance(targets, list) else [targets]
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
         path = os.path.join(directory, f"{prefix}{i:06}.jpg")
-        os.link(target, path)
+        os.link(targets[i % len(targets)], path)
         paths.append(path)
     return sorted(paths)
 
@@ -254,3 +257,41 @@ def requests_seen(stats: dict[str, Any]) -> int:
     """Detect requests a server received: answered ones plus injected 503s and drops."""
     faults = stats["injected_faults"]
     return sum(stats["responses"].values()) + faults["http_503"] + faults["drop"]
+
+
+# --- a disk that fills up -------------------------------------------------------------------
+
+
+class FullDisk:
+    """Stands in for the ``os`` module inside ``batchtag.sink`` (everything else is the real
+    ``os``): writes go through until ``records`` complete lines plus ``extra`` bytes of the
+    next one are on disk, as a filling disk gives a short write, then every write fails
+    with ENOSPC."""
+
+    def __init__(self, records: int, extra: int = 0) -> None:
+        self.records = records
+        self.extra = extra
+        self.lines = 0
+        self.full = False
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: Any) -> int:
+        data = bytes(data)
+        if self.full:
+            self.refused += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        room = len(data)
+        end = -1
+        for _ in range(self.records - self.lines):
+            end = data.find(b"\n", end + 1)
+            if end < 0:
+                break
+        else:
+            room = min(len(data), end + 1 + self.extra)
+            self.full = True
+        written = os.write(fd, data[:room])
+        self.lines += data[:written].count(b"\n")
+        return written
