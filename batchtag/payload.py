@@ -58,6 +58,8 @@ async def read_file(path: str) -> bytes:
         raise InputError(codes.CLIENT_INPUT_ERROR, "permission denied") from None
     except OSError as exc:
         raise InputError(codes.CLIENT_INPUT_ERROR, f"cannot read file: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL byte in the path
+        raise InputError(codes.CLIENT_INPUT_ERROR, "invalid path") from None
 
 
 def check_image_bytes(data: bytes) -> None:
@@ -75,9 +77,9 @@ def shrink_to_fit(data: bytes, limit: int) -> tuple[bytes, dict[str, Any]]:
             original = img.size
             img.draft("RGB", (original[0] // 2, original[1] // 2))
             image = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError):
         raise InputError(
-            codes.IMAGE_DECODE_FAILED, f"image too large and cannot be decoded to shrink it: {exc}"
+            codes.IMAGE_DECODE_FAILED, "image over the size limit and cannot be decoded to shrink it"
         ) from None
     width, height = original
     scale = min(1.0, (limit / max(len(data), 1)) ** 0.5)

@@ -183,6 +183,9 @@ class ResultSink:
 
 def open_sink(path: str, retry_errors: bool = False) -> tuple[ResultSink, Checkpoint]:
     """Lock OUT, repair a torn tail, optionally drop error records, read the checkpoint."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        kind = "Is a directory" if os.path.isdir(path) else "not a regular file"
+        raise SinkError(f"cannot use {path}: {kind} (OUT is appended to and read back as the checkpoint)")
     try:
         handle = open(path, "ab+", buffering=0)  # noqa: SIM115 - owned by ResultSink
     except OSError as exc:

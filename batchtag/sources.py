@@ -74,8 +74,12 @@ def looks_like_url(text: str) -> bool:
 
 def url_item(url: str) -> Item:
     """A URL item, or a failed one when the URL cannot possibly be fetched."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in URL_SCHEMES or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return Item.failed(url, "url", codes.URL_FORMAT, "invalid URL: cannot be parsed")
+    if parts.scheme.lower() not in URL_SCHEMES or not hostname:
         return Item.failed(url, "url", codes.URL_FORMAT, "invalid URL: needs http:// or https:// and a host")
     return Item(url, "url", url)
 
@@ -157,7 +161,14 @@ def read_csv(lines: Iterable[str], base: str | None, name: str) -> Iterator[Item
     if "url" not in columns and "path" not in columns:
         raise SourceError(f"{name}: a CSV manifest needs a 'url' or 'path' column")
     reader.fieldnames = columns
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield bad_line(name, reader.line_num, f"unreadable CSV row ({exc})")
+            continue
         value = (row.get("url") or row.get("path") or "").strip()
         if value:
             yield entry_item(value, base)
@@ -172,7 +183,7 @@ def read_jsonl(lines: Iterable[str], base: str | None, name: str) -> Iterator[It
             continue
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             yield bad_line(name, number, "not valid JSON")
             continue
         value = data.get("url") or data.get("path") if isinstance(data, dict) else None

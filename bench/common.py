@@ -75,6 +75,7 @@ class Section:
     plots: list[str] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
+    load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before and after the section
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 
 from bench.common import Section, fmt
 
@@ -38,8 +39,19 @@ def render(
         goals = [r for r in section.rows if r.met is not None]
         met = sum(1 for r in goals if r.met)
         status = f"error: {section.error}" if section.error else f"{met}/{len(goals)} goals met"
-        summary.append(f"| {_cell(section.title)} | {section.seconds:.0f} s | {_cell(status)} |")
-    lines += ["| Section | Time | Goals |", "|---|---|---|", *summary, ""]
+        load = f"{section.load[0]:.1f} → {section.load[1]:.1f}"
+        summary.append(f"| {_cell(section.title)} | {section.seconds:.0f} s | {load} | {_cell(status)} |")
+    cpus = os.cpu_count() or 1
+    lines += [
+        "| Section | Time | Load avg (1 min) before → after | Goals |",
+        "|---|---|---|---|",
+        *summary,
+        "",
+        f"The load average counts this benchmark's own processes (client, server, wrk: up to ~{cpus} on "
+        f"this {cpus}-core machine). Clearly higher values mean other work shared the CPU during that "
+        "section, and its absolute numbers (and ratios between figures taken minutes apart) are suspect.",
+        "",
+    ]
     for section in sections:
         lines += [f"## {section.title}", ""]
         if section.error:

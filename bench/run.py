@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -53,12 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
+        load_before = os.getloadavg()[0]
         try:
             section = importlib.import_module(SECTIONS[name]).run(ctx)
         except Exception as exc:  # one broken section must not lose the others' numbers
             traceback.print_exc()
             section = Section(name, name, error=f"{type(exc).__name__}: {exc}")
         section.seconds = time.monotonic() - t0
+        section.load = (load_before, os.getloadavg()[0])
         sections.append(section)
         print(f"bench: {name} done in {section.seconds:.1f} s", file=sys.stderr, flush=True)
     total = time.monotonic() - started

@@ -194,9 +194,10 @@ def _sum_self_time(
 def _library(path: str, function: str) -> str | None:
     """The library of a frame's file, or None for built-in/native frames (inherit the caller's)."""
     waiting = "poll" in function or "select" in function
-    if waiting and (not path or path.startswith("<") or "selectors.py" in path):
+    native = not path or path.startswith(("<", "[", "~"))  # "~": cProfile's built-ins
+    if waiting and (native or "selectors.py" in path):
         return "idle (waiting in epoll)"
-    if not path or path.startswith("<") or path.startswith("["):
+    if native:
         return None
     for name in ("aiohttp", "yarl", "multidict", "tenacity", "aiofiles", "batchtag", "pyinstrument", "PIL"):
         if f"/{name}/" in path:

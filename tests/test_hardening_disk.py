@@ -99,11 +99,6 @@ def limit_memory_to_1_gib():
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG sink.open_sink/read_checkpoint: OUT=/dev/full is read as a checkpoint; reading "
-    "/dev/full never ends (zeros, no newline): MemoryError traceback, exit 1 (unbounded RAM without a limit)",
-)
 def test_out_on_dev_full_is_exit_2_with_one_line(tmp_path):
     tiny_jpegs(tmp_path / "in", 3)
     result = run_cli(

@@ -212,11 +212,6 @@ def test_hostile_tree_each_item_gets_one_clear_record_and_the_run_completes(tmp_
     print(f"\nhostile tree: {len(expected):,} items; {n_links:,} links in {link_s:.1f} s; run {run_s:.1f} s")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG payload.shrink_to_fit: the record message embeds Pillow's exception text, "
-    "'cannot identify image file <_io.BytesIO object at 0x7f...>': a Python repr with a memory address",
-)
 async def test_unshrinkable_oversized_file_has_a_plain_message(tmp_path):
     from batchtag.payload import InputError, build_payload
     from batchtag.sources import path_item
@@ -240,38 +235,10 @@ BAD_LINE_CASES = {
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param(
-            "ipv6-url",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG sources.url_item: urlsplit raises ValueError on 'http://[::1' and the "
-                "whole run dies with a traceback, no record written",
-            ),
-        ),
-        pytest.param(
-            "deep-json",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG sources.read_jsonl: json.loads RecursionError is not caught: the run "
-                "dies with a traceback",
-            ),
-        ),
-        pytest.param(
-            "huge-csv-field",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG sources.read_csv: csv.Error 'field larger than field limit' is not "
-                "caught: the run dies with a traceback",
-            ),
-        ),
-        pytest.param(
-            "nul-in-path",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG payload.read_file: a NUL byte in a path raises ValueError, recorded as "
-                "internal error -9099 with a traceback on stderr",
-            ),
-        ),
+        "ipv6-url",
+        "deep-json",
+        "huge-csv-field",
+        "nul-in-path",
     ],
 )
 def test_a_malformed_manifest_line_costs_one_error_record_not_the_run(tmp_path, case):
