@@ -59,7 +59,7 @@ def run(ctx: Ctx) -> Section:
             wrk_at[c] = reference.rate
             ideal = min(c / latency_s, capacity.rate)
             ideal_at[c] = ideal
-            n = max(40, min(len(images), int(ideal * seconds)))
+            n = max(ctx.pick(20, 40), min(len(images), int(ideal * seconds)))
             n = min(n, ctx.pick(200, 20_000))
             rates = []
             for repeat in range(repeats):

@@ -84,9 +84,9 @@ def run(ctx: Ctx) -> Section:
     if a["rate"] / Q < 0.97:
         section.notes.append(
             f"Phase A reaches {a['rate'] / Q:.3f} of Q ({(0.97 - a['rate'] / Q) * 100:.1f} points under the goal). "
-            "ratelimit.AdaptiveRateLimiter.acquire schedules the next start 1/rate after the moment the "
-            "sleep actually returned (now = max(monotonic(), next_start)), so every oversleep of "
-            "asyncio.sleep is added to the interval and never made up; start-up (first requests) also counts."
+            "Look at ratelimit.AdaptiveRateLimiter.acquire: before commit e9bab34 it scheduled the next start "
+            "from the wake-up time, so every asyncio oversleep was lost (0.947 of Q measured then); event-loop "
+            "lag under CPU load (see the load average) and the first requests also count here."
         )
     if share >= 0.03:
         section.notes.append(
