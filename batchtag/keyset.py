@@ -39,9 +39,24 @@ class KeySet:
     def __contains__(self, key: str) -> bool:
         return self._has(fingerprint(key))
 
+    def contains_many(self, fingerprints: np.ndarray) -> np.ndarray:
+        """Membership of a whole chunk in one vectorised lookup: resume over a million
+        finished keys must not pay a numpy call per key."""
+        found = np.zeros(len(fingerprints), dtype=bool)
+        if len(self._sorted):
+            index = np.minimum(np.searchsorted(self._sorted, fingerprints), len(self._sorted) - 1)
+            found = self._sorted[index] == fingerprints
+        if self._recent:
+            found |= np.fromiter(
+                (int(fp) in self._recent for fp in fingerprints), dtype=bool, count=len(fingerprints)
+            )
+        return found
+
     def add(self, key: str) -> bool:
         """Add ``key``; False when it was already present (a duplicate)."""
-        fp = fingerprint(key)
+        return self.add_fingerprint(fingerprint(key))
+
+    def add_fingerprint(self, fp: int) -> bool:
         if self._has(fp):
             return False
         self._recent.add(fp)

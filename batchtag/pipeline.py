@@ -19,11 +19,12 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
+import numpy as np
 
 from batchtag import codes, signing
 from batchtag.client import RetryPolicy, TagClient
 from batchtag.config import RunConfig
-from batchtag.keyset import KeySet
+from batchtag.keyset import KeySet, fingerprint
 from batchtag.payload import InputError, build_payload
 from batchtag.progress import Progress, Summary
 from batchtag.ratelimit import AdaptiveRateLimiter
@@ -33,7 +34,7 @@ from batchtag.sources import Item, check_source, iter_items
 
 log = logging.getLogger("batchtag")
 
-CHUNK = 256  # items pulled from the (blocking) source walker per thread hop
+CHUNK = 2048  # items pulled from the (blocking) source walker per thread hop
 STOP = None
 INTERNAL_ERROR = -9099
 
@@ -74,25 +75,41 @@ class Run:
         loop = asyncio.get_running_loop()
         iterator = iter_items(self.config.sources, warn=lambda m: loop.call_soon_threadsafe(self.warn, m))
         try:
-            while chunk := await loop.run_in_executor(self._walker, take, iterator, CHUNK):
+            while True:
+                chunk = await loop.run_in_executor(self._walker, self.next_new_items, iterator)
+                if chunk is None:
+                    break
                 for item in chunk:
-                    if self.is_new(item):
-                        await self.queue.put(item)
+                    await self.queue.put(item)
         finally:
             for _ in range(self.config.concurrency):
                 await self.queue.put(STOP)
 
-    def is_new(self, item: Item) -> bool:
-        """Skip what OUT already holds and what the sources repeat."""
-        if item.key in self.checkpoint.done:
-            self.summary.skipped_done += 1
-            if item.key in self.checkpoint.errors:
-                self.summary.previous_errors += 1
-            return False
-        if not self.seen.add(item.key):
-            self.summary.duplicates += 1
-            return False
-        return True
+    def next_new_items(self, iterator: Iterator[Item]) -> list[Item] | None:
+        """The next chunk's items that OUT does not hold and the sources did not repeat;
+        None at the end. Runs in the walker thread, so skipping a million finished items
+        never occupies the event loop."""
+        chunk = take(iterator, CHUNK)
+        if not chunk:
+            return None
+        fingerprints = np.fromiter(
+            (fingerprint(item.key) for item in chunk), dtype=np.uint64, count=len(chunk)
+        )
+        done = self.checkpoint.done.contains_many(fingerprints)
+        if done.any():
+            self.summary.skipped_done += int(done.sum())
+            self.summary.previous_errors += int(
+                self.checkpoint.errors.contains_many(fingerprints[done]).sum()
+            )
+        fresh = []
+        for item, fp, is_done in zip(chunk, fingerprints.tolist(), done.tolist(), strict=True):
+            if is_done:
+                continue
+            if self.seen.add_fingerprint(fp):
+                fresh.append(item)
+            else:
+                self.summary.duplicates += 1
+        return fresh
 
     # -- workers ----------------------------------------------------------------------------
 

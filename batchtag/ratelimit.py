@@ -22,6 +22,8 @@ class AimdPolicy:
     increase_share: float = 0.02  # the rate grows by this share of its ceiling per second of good answers
     min_rate: float = 0.5
     cooldown_s: float = 1.0  # one decrease per this long: a burst of 15s is one signal
+    probe_from: float = 0.95  # above this share of the last refused rate ...
+    probe_share: float = 0.1  # ... climb at this fraction of the normal speed
 
 
 class AdaptiveRateLimiter:
@@ -77,7 +79,7 @@ class AdaptiveRateLimiter:
         if now - self._last_decrease < self.policy.cooldown_s:
             return
         current = self.rate if self.rate is not None else max(self.observed_rate(), 1.0)
-        self._ceiling = current if self._ceiling is None else min(self._ceiling, current)
+        self._ceiling = current  # the latest rate the server refused
         self.rate = max(self.policy.min_rate, current * self.policy.decrease)
         self._last_decrease = now
         self._last_increase = now
@@ -90,7 +92,10 @@ class AdaptiveRateLimiter:
         elapsed = now - self._last_increase
         self._last_increase = now
         target = self.max_rate if self.max_rate is not None else self._ceiling * 2
-        step = self.policy.increase_share * self._ceiling * elapsed
+        share = self.policy.increase_share
+        if self.rate >= self.policy.probe_from * self._ceiling:
+            share *= self.policy.probe_share  # near the rate that was refused: creep, don't sawtooth
+        step = share * self._ceiling * elapsed
         self.rate = min(target, self.rate + step)
         if self.max_rate is None and self.rate >= target:
             self.rate = None  # fully recovered: unlimited again

@@ -50,7 +50,9 @@ async def test_no_burst_after_idle():
 
 
 async def test_rate_limit_answers_slow_the_whole_run_then_it_recovers():
-    limiter = AdaptiveRateLimiter(50, AimdPolicy(decrease=0.5, increase_share=0.5, cooldown_s=0.0))
+    limiter = AdaptiveRateLimiter(
+        50, AimdPolicy(decrease=0.5, increase_share=0.5, cooldown_s=0.0, probe_share=1.0)
+    )
     limiter.on_rate_limited()
     assert limiter.rate == 25
     limiter.on_rate_limited()
@@ -75,3 +77,21 @@ async def test_unlimited_until_the_server_objects():
     assert len(await starts_under(limiter, workers=4, seconds=0.2)) > 1000
     limiter.on_rate_limited()
     assert limiter.rate is not None and limiter.rate > 0
+
+
+async def test_near_the_refused_rate_it_creeps_instead_of_sawtoothing(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("batchtag.ratelimit.time.monotonic", lambda: clock[0])
+    limiter = AdaptiveRateLimiter(
+        100, AimdPolicy(decrease=0.8, increase_share=0.02, probe_from=0.95, probe_share=0.1)
+    )
+    limiter.rate = 50.0
+    limiter.on_rate_limited()  # the server refused 50/s
+    assert limiter.rate == 40.0
+    for _ in range(8):  # fast climb back towards the refused rate: 2% of 50 a second
+        clock[0] += 1.0
+        limiter.on_success()
+    assert limiter.rate == 48.0  # past 0.95 of it
+    clock[0] += 10.0
+    limiter.on_success()
+    assert abs(limiter.rate - 49.0) < 1e-9  # then a tenth as fast: 10 s buys 1/s, not 10/s
