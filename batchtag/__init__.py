@@ -1,13 +1,34 @@
 """batchtag: tag large image collections through the image-tag API.
 
 The Python API: ``run_batch`` (async) and ``run`` (sync) take a ``RunConfig`` and return
-a ``Summary``; ``batchtag.cli`` is a thin layer over them.
+a ``Summary``; ``batchtag.cli`` is a thin layer over them. They are imported on first use,
+so ``batchtag --help`` and signal handling start before numpy and aiohttp load.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from batchtag.config import RunConfig
-from batchtag.pipeline import run, run_batch
-from batchtag.progress import Summary
-
 __all__ = ["RunConfig", "Summary", "__version__", "run", "run_batch"]
+
+_LAZY = {
+    "RunConfig": "batchtag.config",
+    "Summary": "batchtag.progress",
+    "run": "batchtag.pipeline",
+    "run_batch": "batchtag.pipeline",
+}
+
+if TYPE_CHECKING:
+    from batchtag.config import RunConfig
+    from batchtag.pipeline import run, run_batch
+    from batchtag.progress import Summary
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'batchtag' has no attribute {name!r}")

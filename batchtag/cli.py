@@ -13,14 +13,13 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from batchtag import __version__
-from batchtag.config import ConfigError, RunConfig, build_config
-from batchtag.pipeline import run_batch
-from batchtag.progress import Summary
-from batchtag.sink import SinkError
-from batchtag.sources import SourceError
+
+if TYPE_CHECKING:
+    from batchtag.config import RunConfig
+    from batchtag.progress import Summary
 
 EXIT_OK, EXIT_FAILED_ITEMS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -129,8 +128,20 @@ def run_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
+def interrupt(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def interrupt_until_the_loop_runs() -> None:
+    """SIGTERM during start-up (imports, resume scan) exits 130 like Ctrl-C, not -15;
+    nothing has been written yet, so there is nothing to flush."""
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 async def run_until_signalled(config: RunConfig) -> Summary:
     """Ctrl-C and SIGTERM cancel the run, which flushes finished records and stops."""
+    from batchtag.pipeline import run_batch
+
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -140,15 +151,20 @@ async def run_until_signalled(config: RunConfig) -> Summary:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    # Imported here, after the early SIGTERM handler: numpy and aiohttp take a while to load.
     try:
+        from batchtag.config import ConfigError, build_config
+        from batchtag.sink import SinkError
+        from batchtag.sources import SourceError
+
         config = build_config(run_flags(args), args.config)
         summary = asyncio.run(run_until_signalled(config))
-    except (ConfigError, SourceError, SinkError) as exc:
-        print(f"batchtag: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("batchtag: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (ConfigError, SourceError, SinkError) as exc:
+        print(f"batchtag: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(summary.render(), file=sys.stderr)
     return summary.exit_code
 
@@ -188,6 +204,7 @@ def command_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupt_until_the_loop_runs()
     args = make_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="batchtag: %(levelname)s: %(message)s"

@@ -245,3 +245,13 @@ def test_embedded_local_server_with_zero_setup(tmp_path):
     records = load_records(tmp_path / "out.jsonl")
     assert len(records) == 4 and all(r["tags"] for r in records)
     assert all(t["tag_name"].isascii() for r in records for t in r["tags"])
+
+
+def test_sigterm_during_start_up_is_exit_130_too(tmp_path):
+    make_photos(tmp_path / "in", 3)
+    proc = start("run", tmp_path / "in", "-o", tmp_path / "out.jsonl", "--tagger", "color")
+    time.sleep(0.15)  # still importing or starting the embedded server
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode in (130, 0), stderr  # 0 only if the whole run beat the signal
+    assert "Traceback" not in stderr
