@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from batchtag.api import DETECT_PATH
+from batchtag.config import RunConfig
 from batchtag.server import RunningServer, ServeConfig, start_server
 from batchtag.signing import Credentials, sign
 
@@ -94,3 +95,32 @@ def detect(http: aiohttp.ClientSession) -> Callable[..., Awaitable[tuple[int, An
             return response.status, await response.text()
 
     return call
+
+
+def run_config(
+    server: RunningServer, creds: Credentials, sources: list[Any], out: Any, **overrides: Any
+) -> RunConfig:
+    """A RunConfig against ``server``: the settings end-to-end tests share, overridable."""
+    options: dict[str, Any] = {
+        "sources": [str(s) for s in sources],
+        "out": str(out),
+        "endpoint": server.url,
+        "appid": creds.appid,
+        "secret_id": creds.secret_id,
+        "secret_key": creds.secret_key,
+        "concurrency": 8,
+        "retries": 3,
+        "timeout": 10.0,
+        "progress": False,
+    }
+    return RunConfig(**(options | overrides))
+
+
+@pytest.fixture
+def spawner(tmp_path: Any) -> Any:
+    """Subprocesses (servers, runs) that are all ended when the test ends."""
+    from tests.hardening_helpers import Spawner
+
+    spawned = Spawner(tmp_path)
+    yield spawned
+    spawned.close()

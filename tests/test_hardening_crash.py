@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import pytest
 
 from tests.hardening_helpers import (
-    Spawner,
     line_count,
     read_out,
     run_cli,
@@ -29,13 +28,6 @@ from tests.hardening_helpers import (
 )
 
 SEED = int(os.environ.get("BATCHTAG_SOAK_SEED", "20240505"))
-
-
-@pytest.fixture
-def spawner(tmp_path):
-    spawner = Spawner(tmp_path)
-    yield spawner
-    spawner.close()
 
 
 @dataclass

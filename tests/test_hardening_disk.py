@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_config
 
-from batchtag import RunConfig, run_batch, sink
+from batchtag import run_batch, sink
 from batchtag.server.app import STATE
 from batchtag.sink import SinkError
 from tests.hardening_helpers import FullDisk, read_out, run_cli, tiny_jpegs
@@ -30,17 +31,7 @@ sys.exit(cli.main(sys.argv[3:]))
 
 
 def config_for(server, creds, sources, out, **overrides):
-    options = dict(
-        sources=[str(s) for s in sources],
-        out=str(out),
-        endpoint=server.url,
-        appid=creds.appid,
-        secret_id=creds.secret_id,
-        secret_key=creds.secret_key,
-        concurrency=8,
-        progress=False,
-    )
-    return RunConfig(**(options | overrides))
+    return run_config(server, creds, sources, out, **({"retries": 5, "timeout": 30.0} | overrides))
 
 
 @pytest.mark.parametrize("extra", [0, 40], ids=["at-a-record-boundary", "mid-record"])

@@ -9,13 +9,13 @@ import signal
 import time
 
 import pytest
+from conftest import run_config
 from PIL import Image
 
-from batchtag import RunConfig, codes, run_batch
+from batchtag import codes, run_batch
 from batchtag.server.app import STATE
 from batchtag.signing import Credentials
 from tests.hardening_helpers import (
-    Spawner,
     free_port,
     jpeg_bytes,
     line_count,
@@ -26,27 +26,8 @@ from tests.hardening_helpers import (
 )
 
 
-@pytest.fixture
-def spawner(tmp_path):
-    spawner = Spawner(tmp_path)
-    yield spawner
-    spawner.close()
-
-
 def config_for(server, creds, sources, out, **overrides):
-    options = dict(
-        sources=[str(s) for s in sources],
-        out=str(out),
-        endpoint=server.url,
-        appid=creds.appid,
-        secret_id=creds.secret_id,
-        secret_key=creds.secret_key,
-        concurrency=16,
-        retries=10,
-        timeout=10.0,
-        progress=False,
-    )
-    return RunConfig(**(options | overrides))
+    return run_config(server, creds, sources, out, **({"concurrency": 16, "retries": 10} | overrides))
 
 
 def requests_received(server) -> int:

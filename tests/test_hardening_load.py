@@ -20,7 +20,6 @@ import pytest
 
 from tests.hardening_helpers import (
     Proc,
-    Spawner,
     jpeg_bytes,
     read_out,
     run_flags,
@@ -30,13 +29,6 @@ from tests.hardening_helpers import (
 
 SOAK_SECONDS = float(os.environ.get("BATCHTAG_SOAK_SECONDS", "600"))
 LINKS_PER_CLIENT = 3000
-
-
-@pytest.fixture
-def spawner(tmp_path):
-    spawner = Spawner(tmp_path)
-    yield spawner
-    spawner.close()
 
 
 @dataclass

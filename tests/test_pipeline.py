@@ -7,9 +7,10 @@ import os
 import random
 
 import pytest
+from conftest import run_config
 from PIL import Image
 
-from batchtag import RunConfig, codes, run_batch
+from batchtag import codes, run_batch
 from batchtag.sink import load_records
 
 
@@ -31,22 +32,6 @@ def make_tree(root, n):
     return [write_jpeg(root / f"d{i % 7}" / f"img{i:04}.jpg", color=(i % 255, 80, 160)) for i in range(n)]
 
 
-def config_for(server, creds, sources, out, **overrides):
-    options = dict(
-        sources=[str(s) for s in sources],
-        out=str(out),
-        endpoint=server.url,
-        appid=creds.appid,
-        secret_id=creds.secret_id,
-        secret_key=creds.secret_key,
-        concurrency=8,
-        retries=3,
-        timeout=10.0,
-        progress=False,
-    )
-    return RunConfig(**(options | overrides))
-
-
 def keys_of(out):
     return [r["key"] for r in load_records(out)]
 
@@ -55,7 +40,7 @@ async def test_run_tags_every_image_once(serve, creds, tmp_path):
     server = await serve()
     paths = make_tree(tmp_path / "photos", 40)
     out = tmp_path / "out.jsonl"
-    summary = await run_batch(config_for(server, creds, [tmp_path / "photos"], out))
+    summary = await run_batch(run_config(server, creds, [tmp_path / "photos"], out))
     records = load_records(out)
     assert sorted(r["key"] for r in records) == sorted(str(p) for p in paths)
     assert all(r["status"] == "ok" and r["code"] == 0 and r["tags"] and r["attempts"] == 1 for r in records)
@@ -67,8 +52,8 @@ async def test_rerun_does_nothing_twice(serve, creds, tmp_path):
     server = await serve()
     make_tree(tmp_path / "photos", 10)
     out = tmp_path / "out.jsonl"
-    await run_batch(config_for(server, creds, [tmp_path / "photos"], out))
-    second = await run_batch(config_for(server, creds, [tmp_path / "photos"], out))
+    await run_batch(run_config(server, creds, [tmp_path / "photos"], out))
+    second = await run_batch(run_config(server, creds, [tmp_path / "photos"], out))
     assert second.done == 0 and second.skipped_done == 10 and len(keys_of(out)) == 10
 
 
@@ -93,7 +78,7 @@ async def test_bad_items_get_one_clear_error_record_each_and_the_run_goes_on(ser
         + "\n"
     )
     out = tmp_path / "out.jsonl"
-    summary = await run_batch(config_for(server, creds, [tmp_path / "in", manifest], out))
+    summary = await run_batch(run_config(server, creds, [tmp_path / "in", manifest], out))
     by_key = {r["key"]: r for r in load_records(out)}
     assert len(by_key) == len(load_records(out)) == 8
     expect = {
@@ -120,7 +105,7 @@ async def test_unreadable_file(serve, creds, tmp_path):
     path = write_jpeg(tmp_path / "in" / "locked.jpg")
     path.chmod(0)
     out = tmp_path / "out.jsonl"
-    await run_batch(config_for(server, creds, [path], out))
+    await run_batch(run_config(server, creds, [path], out))
     (record,) = load_records(out)
     assert record["code"] == codes.CLIENT_INPUT_ERROR and record["message"] == "permission denied"
 
@@ -139,7 +124,7 @@ async def test_unreadable_file_as_root_too(serve, creds, tmp_path, monkeypatch):
 
     monkeypatch.setattr(aiofiles, "open", refusing_open)
     out = tmp_path / "out.jsonl"
-    await run_batch(config_for(server, creds, [path], out))
+    await run_batch(run_config(server, creds, [path], out))
     (record,) = load_records(out)
     assert record["code"] == codes.CLIENT_INPUT_ERROR and record["message"] == "permission denied"
 
@@ -148,7 +133,7 @@ async def test_interrupted_run_resumes_with_every_key_exactly_once(serve, creds,
     server = await serve(inject_latency_ms=20)
     paths = make_tree(tmp_path / "photos", 60)
     out = tmp_path / "out.jsonl"
-    config = config_for(server, creds, [tmp_path / "photos"], out, concurrency=4)
+    config = run_config(server, creds, [tmp_path / "photos"], out, concurrency=4)
     task = asyncio.create_task(run_batch(config))
     while not out.exists() or len(out.read_bytes().splitlines()) < 10:
         await asyncio.sleep(0.01)
@@ -157,7 +142,7 @@ async def test_interrupted_run_resumes_with_every_key_exactly_once(serve, creds,
     assert first.interrupted and first.exit_code == 130
     written = len(keys_of(out))
     assert 10 <= written < 60
-    second = await run_batch(config_for(server, creds, [tmp_path / "photos"], out))
+    second = await run_batch(run_config(server, creds, [tmp_path / "photos"], out))
     assert second.skipped_done == written
     assert sorted(keys_of(out)) == sorted(str(p) for p in paths)
 
@@ -166,10 +151,10 @@ async def test_torn_final_line_is_repaired_then_completed(serve, creds, tmp_path
     server = await serve()
     paths = make_tree(tmp_path / "photos", 12)
     out = tmp_path / "out.jsonl"
-    await run_batch(config_for(server, creds, [tmp_path / "photos"], out))
+    await run_batch(run_config(server, creds, [tmp_path / "photos"], out))
     lines = out.read_bytes().splitlines(keepends=True)
     out.write_bytes(b"".join(lines[:5]) + lines[5][: len(lines[5]) // 2])  # a crash mid-write
-    summary = await run_batch(config_for(server, creds, [tmp_path / "photos"], out))
+    summary = await run_batch(run_config(server, creds, [tmp_path / "photos"], out))
     assert summary.done == 7
     assert sorted(keys_of(out)) == sorted(str(p) for p in paths)
 
@@ -179,7 +164,7 @@ async def test_oversized_image_is_downscaled_not_refused(serve, creds, tmp_path)
     big = noisy_jpeg(tmp_path / "big.jpg", (400, 300))
     assert big.stat().st_size > 60_000
     out = tmp_path / "out.jsonl"
-    await run_batch(config_for(server, creds, [big], out, max_image_bytes=60_000))
+    await run_batch(run_config(server, creds, [big], out, max_image_bytes=60_000))
     (record,) = load_records(out)
     assert record["status"] == "ok"
     resized = record["resized"]
@@ -191,12 +176,12 @@ async def test_retry_errors_redoes_failures_without_duplicates(serve, creds, tmp
     flaky = await serve(inject_error_rate=1.0)
     paths = make_tree(tmp_path / "photos", 8)
     out = tmp_path / "out.jsonl"
-    first = await run_batch(config_for(flaky, creds, [tmp_path / "photos"], out, retries=0))
+    first = await run_batch(run_config(flaky, creds, [tmp_path / "photos"], out, retries=0))
     assert first.errors == 8 and first.exit_code == 1
     healthy = await serve()
-    plain_rerun = await run_batch(config_for(healthy, creds, [tmp_path / "photos"], out))
+    plain_rerun = await run_batch(run_config(healthy, creds, [tmp_path / "photos"], out))
     assert plain_rerun.done == 0 and plain_rerun.previous_errors == 8 and plain_rerun.exit_code == 1
-    retried = await run_batch(config_for(healthy, creds, [tmp_path / "photos"], out, retry_errors=True))
+    retried = await run_batch(run_config(healthy, creds, [tmp_path / "photos"], out, retry_errors=True))
     records = load_records(out)
     assert retried.ok == 8 and retried.exit_code == 0
     assert sorted(r["key"] for r in records) == sorted(str(p) for p in paths)
@@ -207,7 +192,7 @@ async def test_transient_faults_are_retried_until_ok(serve, creds, tmp_path):
     server = await serve(inject_error_rate=0.3)
     make_tree(tmp_path / "photos", 30)
     out = tmp_path / "out.jsonl"
-    summary = await run_batch(config_for(server, creds, [tmp_path / "photos"], out, retries=8))
+    summary = await run_batch(run_config(server, creds, [tmp_path / "photos"], out, retries=8))
     records = load_records(out)
     assert len(records) == 30 and all(r["status"] == "ok" for r in records)
     assert summary.attempts > 30  # some needed more than one go
@@ -219,7 +204,7 @@ async def test_permanent_errors_are_not_retried(serve, creds, tmp_path):
     wrong = type(creds)(creds.appid, creds.secret_id, "wrong-secret")
     make_tree(tmp_path / "photos", 3)
     out = tmp_path / "out.jsonl"
-    await run_batch(config_for(server, wrong, [tmp_path / "photos"], out))
+    await run_batch(run_config(server, wrong, [tmp_path / "photos"], out))
     records = load_records(out)
     assert [r["code"] for r in records] == [codes.SIGNATURE_FAILED] * 3
     assert all(r["attempts"] == 1 for r in records)
@@ -229,7 +214,7 @@ async def test_server_quota_slows_the_client_and_everything_still_ends_ok(serve,
     server = await serve(qps_limit=30)
     make_tree(tmp_path / "photos", 90)
     out = tmp_path / "out.jsonl"
-    summary = await run_batch(config_for(server, creds, [tmp_path / "photos"], out, qps=90, retries=10))
+    summary = await run_batch(run_config(server, creds, [tmp_path / "photos"], out, qps=90, retries=10))
     assert summary.ok == 90
     assert summary.attempts > 90  # some were answered with code 15 and retried
 
@@ -240,7 +225,7 @@ async def test_summary_json_for_schedulers(serve, creds, tmp_path):
     (tmp_path / "photos" / "bad.jpg").write_text("nope")
     target = tmp_path / "summary.json"
     await run_batch(
-        config_for(server, creds, [tmp_path / "photos"], tmp_path / "out.jsonl", summary_json=str(target))
+        run_config(server, creds, [tmp_path / "photos"], tmp_path / "out.jsonl", summary_json=str(target))
     )
     data = json.loads(target.read_text())
     assert data["ok"] == 5 and data["errors"] == 1 and data["by_code"] == {"-1400": 1, "0": 5}
