@@ -74,16 +74,13 @@ class Run:
     async def produce(self) -> None:
         loop = asyncio.get_running_loop()
         iterator = iter_items(self.config.sources, warn=lambda m: loop.call_soon_threadsafe(self.warn, m))
-        try:
-            while True:
-                chunk = await loop.run_in_executor(self._walker, self.next_new_items, iterator)
-                if chunk is None:
-                    break
-                for item in chunk:
-                    await self.queue.put(item)
-        finally:
-            for _ in range(self.config.concurrency):
-                await self.queue.put(STOP)
+        while (chunk := await loop.run_in_executor(self._walker, self.next_new_items, iterator)) is not None:
+            for item in chunk:
+                await self.queue.put(item)
+        # Only a finished producer stops the workers; a failed or cancelled one takes the
+        # whole run down through execute(), so nothing waits on a full queue.
+        for _ in range(self.config.concurrency):
+            await self.queue.put(STOP)
 
     def next_new_items(self, iterator: Iterator[Item]) -> list[Item] | None:
         """The next chunk's items that OUT does not hold and the sources did not repeat;
