@@ -27,6 +27,8 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null 2>&1 \
+		|| echo "wrk not installed: bench falls back to an aiohttp load generator (labelled in the table)"
 	$(BIN)/python -m bench.run
 
 lint: $(STAMP)
