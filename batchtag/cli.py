@@ -94,7 +94,9 @@ def add_serve_parser(commands: Any) -> None:
     p.add_argument("--inject-latency-jitter-ms", type=float, default=0.0)
     p.add_argument("--inject-error-rate", type=float, default=0.0)
     p.add_argument("--allow-private-urls", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="log more, and one line per request (no secrets)"
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -195,6 +197,7 @@ def command_serve(args: argparse.Namespace) -> int:
             inject_latency_jitter_ms=args.inject_latency_jitter_ms,
             inject_error_rate=args.inject_error_rate,
             allow_private_urls=args.allow_private_urls,
+            access_log=args.verbose,
         )
         serve_forever(config)
     except (ValueError, OSError) as exc:

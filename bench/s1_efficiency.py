@@ -102,12 +102,10 @@ def run(ctx: Ctx) -> Section:
             f"Goal missed at C={', '.join(map(str, misses))}. wrk, with no Python client at all, gets "
             + ", ".join(f"C={c}: {wrk_at[c] / ideal_at[c]:.2f}" for c in misses)
             + " of the same ideal, so most of the shortfall is on the server side, not in the client: "
-            "(a) the batcher (server/batcher.py) makes every request wait batch_wait_ms = 5 ms for company "
-            "even when it is alone (C=1: 50 ms becomes ~57 ms); (b) the color tagger gains nothing from "
-            "batching (tag_batch loops over images, ~0.9 ms each, on the one tagger thread) yet every request "
-            "of a batch is answered only when the whole batch is done, so synchronised waves of C requests "
-            "add ~C x 0.9 ms (wrk p50 at C=32 is ~80 ms, mean batch ~13); (c) above ~700 req/s client and "
-            "server share the 2 cores (server ~1.1 ms CPU per request, see section 2)."
+            "every request of a batch is answered when its whole batch is done (the color tagger spends "
+            "~0.9 ms an image on the one tagger thread, batches of up to 16), the server's own work per "
+            "request (~1 ms CPU, section 2) adds to the injected latency, and above ~700 req/s client and "
+            "server share the 2 cores."
         )
     if client_limited:
         section.notes.append(

@@ -140,11 +140,10 @@ def run(ctx: Ctx) -> Section:
         "image (single-threaded, measured on the same files) is what the HTTP path pays on top of the model."
     )
     section.notes.append(
-        "Where the 3000 px path loses: decode_image draft-decodes to a short side >= 512 (2 x RESIZE_SIZE), "
-        "so ModelTagger still bicubic-resizes a ~750 px image to 256 in ImageNetClassifier.preprocess, and "
-        "that preprocessing runs inside tag_batch on the batcher's single tagger thread, serially, before "
-        "the model call; the decode pool cannot overlap it. Moving preprocess (resize, crop, normalise) into "
-        "the decode thread per request would leave only predict on the tagger thread."
+        "Where the 3000 px path loses: decoding. decode_image draft-decodes to a short side >= 512 "
+        "(2 x RESIZE_SIZE) and ModelTagger.prepare then resizes, crops and normalises in the same decode "
+        "thread, so only the batched model call runs on the tagger thread; the decode threads, the model's "
+        "intra-op threads and the client share 2 cores."
     )
     section.plots.append(bar_plot(ctx.out / "model-throughput.png", "Model throughput", "images / s", bars))
     return section

@@ -274,6 +274,7 @@ class FullDisk:
         self.lines = 0
         self.full = False
         self.refused = 0
+        self.extra_left = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
@@ -281,6 +282,12 @@ class FullDisk:
     def write(self, fd: int, data: Any) -> int:
         data = bytes(data)
         if self.full:
+            # The first write after the last whole record may still get ``extra`` bytes in,
+            # wherever the batch boundaries fell: a torn tail does not depend on them.
+            if self.extra_left > 0:
+                torn = os.write(fd, data[: min(len(data), self.extra_left)])
+                self.extra_left = 0
+                return torn
             self.refused += 1
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         room = len(data)
@@ -291,6 +298,7 @@ class FullDisk:
                 break
         else:
             room = min(len(data), end + 1 + self.extra)
+            self.extra_left = end + 1 + self.extra - room  # extra bytes this batch had no room for
             self.full = True
         written = os.write(fd, data[:room])
         self.lines += data[:written].count(b"\n")

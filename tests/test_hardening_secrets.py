@@ -129,11 +129,6 @@ def test_serve_verbose_never_logs_the_secret_key_or_a_signature(verbose_server_l
             assert authorization not in log.text  # a signature is a bearer token for 10 minutes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG cli.add_serve_parser/server.runner: `serve -v` promises 'log every request' but "
-    "start_server uses access_log=None and nothing else logs requests: -v logs no request at all",
-)
 def test_serve_verbose_does_log_every_request(verbose_server_log):
     log = verbose_server_log
     logged = [line for line in log.text.splitlines() if "imagetag_detect" in line or "POST" in line]

@@ -8,6 +8,7 @@ import random
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,11 +17,13 @@ from conftest import DETECT_PATH, encode_image, signed_headers
 from PIL import Image
 
 from batchtag import codes
+from batchtag.server.batcher import Batcher
 from batchtag.server.faults import Fault, FaultInjector
 from batchtag.server.quota import QuotaLimiter
-from batchtag.taggers import Tag
+from batchtag.taggers import Tag, load_tagger, preparer
 
 JPEG = base64.b64encode(encode_image("JPEG")).decode()
+PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "photos"
 
 
 def ok_body(creds) -> dict[str, str]:
@@ -146,7 +149,8 @@ def test_fault_injector_rejects_bad_settings() -> None:
 
 
 class RecordingTagger:
-    """Slow enough that concurrent requests pile up behind a running batch."""
+    """Slow enough that concurrent requests pile up behind a running batch. No ``prepare``:
+    the server hands it the decoded images."""
 
     name = "recording"
     input_size = None
@@ -155,33 +159,57 @@ class RecordingTagger:
     def __init__(self) -> None:
         self.batch_sizes: list[int] = []
         self.threads: set[str] = set()
+        self.items: list[Any] = []
         self.overlapping = False
         self._busy = threading.Lock()
 
-    def tag_batch(self, images: list[Image.Image]) -> list[list[Tag]]:
+    def tag_batch(self, items: list[Any]) -> list[list[Tag]]:
         if not self._busy.acquire(blocking=False):
             self.overlapping = True
             self._busy.acquire()
         try:
-            self.batch_sizes.append(len(images))
+            self.batch_sizes.append(len(items))
             self.threads.add(threading.current_thread().name)
+            self.items.extend(items)
             time.sleep(0.03)
-            return [[{"tag_name": f"w{image.width}", "tag_confidence": 50}] for image in images]
+            return [[{"tag_name": f"w{self.width(item)}", "tag_confidence": 50}] for item in items]
         finally:
             self._busy.release()
 
+    def width(self, item: Any) -> int:
+        return item.width
 
-async def test_concurrent_requests_are_batched(serve, creds, detect, http) -> None:
-    tagger = RecordingTagger()
+
+class PreparingTagger(RecordingTagger):
+    """The same, with a ``prepare`` step: the server runs it in its decode threads and hands
+    ``tag_batch`` what it returned instead of the images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepare_threads: set[str] = set()
+
+    def prepare(self, image: Image.Image) -> tuple[str, int]:
+        self.prepare_threads.add(threading.current_thread().name)
+        if image.width == 13:
+            raise ValueError("cannot prepare this one")
+        return ("prepared", image.width)
+
+    def width(self, item: Any) -> int:
+        return item[1]
+
+
+def png_body(creds, width: int) -> dict[str, str]:
+    return {"appid": creds.appid, "image": base64.b64encode(encode_image("PNG", size=(width, 10))).decode()}
+
+
+@pytest.mark.parametrize("tagger_class", [RecordingTagger, PreparingTagger])
+async def test_concurrent_requests_are_batched(serve, creds, detect, http, tagger_class) -> None:
+    tagger = tagger_class()
     server = await serve(tagger=tagger)
     widths = [20 + i for i in range(24)]
 
     async def tag_width(width: int) -> Any:
-        body = {
-            "appid": creds.appid,
-            "image": base64.b64encode(encode_image("PNG", size=(width, 10))).decode(),
-        }
-        return (await detect(server, body, signed_headers(creds)))[1]
+        return (await detect(server, png_body(creds, width), signed_headers(creds)))[1]
 
     answers = await asyncio.gather(*(tag_width(width) for width in widths))
     # Every request got its own image's tags back, whichever batch it rode in.
@@ -189,10 +217,104 @@ async def test_concurrent_requests_are_batched(serve, creds, detect, http) -> No
     assert sum(tagger.batch_sizes) == len(widths)
     assert max(tagger.batch_sizes) > 1 and max(tagger.batch_sizes) <= tagger.max_batch
     assert len(tagger.threads) == 1 and not tagger.overlapping
+    if isinstance(tagger, PreparingTagger):
+        # Prepared in the decode pool, never on the tagger thread; tag_batch got the results.
+        assert tagger.prepare_threads and all(t.startswith("batchtag-decode") for t in tagger.prepare_threads)
+        assert not tagger.prepare_threads & tagger.threads
+        assert sorted(tagger.items) == [("prepared", w) for w in widths]
+    else:
+        assert all(isinstance(item, Image.Image) for item in tagger.items)
     async with http.get(server.url + "/stats") as response:
         stats = (await response.json())["batching"]
     assert stats["images"] == len(widths) and stats["batches"] == len(tagger.batch_sizes)
     assert stats["mean_batch_size"] > 1
+
+
+async def test_a_failed_prepare_fails_only_its_own_request(serve, creds, detect) -> None:
+    tagger = PreparingTagger()
+    server = await serve(tagger=tagger)
+    widths = [11, 12, 13, 14]
+    answers = await asyncio.gather(
+        *(detect(server, png_body(creds, w), signed_headers(creds)) for w in widths)
+    )
+    assert [answer["code"] for _, answer in answers] == [codes.OK, codes.OK, codes.INTERNAL_UNPACK, codes.OK]
+    assert sorted(tagger.items) == [("prepared", w) for w in (11, 12, 14)]
+
+
+class GatedTagger:
+    """Holds its first batch until ``gate`` opens; records every batch."""
+
+    name = "gated"
+    input_size = None
+    max_batch = 4
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.batches: list[list[Any]] = []
+        self.start_times: list[float] = []
+
+    def tag_batch(self, items: list[Any]) -> list[list[Tag]]:
+        self.start_times.append(time.monotonic())
+        self.batches.append(list(items))
+        self.started.set()
+        self.gate.wait(10)
+        return [[{"tag_name": str(item), "tag_confidence": 1}] for item in items]
+
+
+async def test_lone_request_goes_straight_through_and_arrivals_form_the_next_batch() -> None:
+    tagger = GatedTagger()
+    batcher = Batcher(tagger)  # no batch wait by default
+    batcher.start()
+    try:
+        sent = time.monotonic()
+        first = asyncio.create_task(batcher.tag(0))
+        assert await asyncio.to_thread(tagger.started.wait, 10)
+        assert tagger.batches == [[0]] and tagger.start_times[0] - sent < 0.5
+        rest = [asyncio.create_task(batcher.tag(i)) for i in range(1, 7)]
+        await asyncio.sleep(0.05)  # the tagger is busy: they queue instead of starting
+        assert len(tagger.batches) == 1
+        tagger.gate.set()
+        answers = await asyncio.gather(first, *rest)
+        assert [tags[0]["tag_name"] for tags in answers] == [str(i) for i in range(7)]
+        assert tagger.batches == [[0], [1, 2, 3, 4], [5, 6]]  # up to max_batch at a time
+        assert batcher.stats.as_dict()["batch_sizes"] == {"1": 1, "2": 1, "4": 1}
+    finally:
+        tagger.gate.set()
+        await batcher.close()
+
+
+async def test_batch_wait_holds_a_lone_request_for_company() -> None:
+    tagger = GatedTagger()
+    tagger.gate.set()
+    batcher = Batcher(tagger, wait_ms=300)
+    batcher.start()
+    try:
+        sent = time.monotonic()
+        first = asyncio.create_task(batcher.tag("a"))
+        await asyncio.sleep(0.1)
+        await asyncio.gather(first, batcher.tag("b"))
+        assert tagger.batches == [["a", "b"]]
+        assert tagger.start_times[0] - sent >= 0.25
+    finally:
+        await batcher.close()
+
+
+def test_model_tagger_prepared_inputs_tag_like_images() -> None:
+    tagger = load_tagger("model", "en")
+    images = [Image.open(path).convert("RGB") for path in sorted(PHOTOS.glob("*.jpg"))[:3]]
+    images.append(Image.new("RGB", (300, 200), (20, 60, 200)))
+    prepare = preparer(tagger)
+    assert prepare is not None
+    prepared = [prepare(image) for image in images]
+    assert all(item.shape == (3, 224, 224) for item in prepared)
+    tags = tagger.tag_batch(prepared)
+    assert tags == tagger.tag_batch(images) and all(tags[:3])
+
+
+def test_taggers_without_prepare_get_images() -> None:
+    assert preparer(RecordingTagger()) is None
+    assert preparer(load_tagger("color")) is None  # measured: cheaper without (see color.py)
 
 
 async def test_batch_max_from_config_wins(serve, creds, detect) -> None:

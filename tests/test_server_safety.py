@@ -16,6 +16,7 @@ from PIL import Image
 
 from batchtag import codes
 from batchtag.server import RunningServer, urlfetch
+from batchtag.server.app import STATE
 from batchtag.signing import Credentials
 
 
@@ -243,3 +244,47 @@ async def test_internal_errors_are_generic_and_logged_without_secrets(serve, cre
     for secret in (creds.secret_key, headers["Authorization"], image[:40]):
         assert secret not in caplog.text
     assert creds.secret_key not in repr(server.config)
+
+
+async def test_access_log_is_one_line_a_request_without_secrets(serve, creds, http, caplog) -> None:
+    caplog.set_level("INFO", logger="batchtag.server.access")
+    quiet = await serve()
+    async with http.get(quiet.url + "/healthz") as response:
+        assert response.status == 200
+    assert not [r for r in caplog.records if r.name == "batchtag.server.access"]  # off by default
+
+    server = await serve(access_log=True)
+    image = base64.b64encode(encode_image("PNG")).decode()
+    headers = signed_headers(creds) | {"X-Secret": creds.secret_key}
+    body = {"appid": creds.appid, "image": image, "note": creds.secret_key}
+    async with http.post(f"{server.url}{DETECT_PATH}?k={creds.secret_key}", json=body, headers=headers) as r:
+        assert (await r.json())["code"] == codes.OK
+    async with http.post(server.url + DETECT_PATH, json={"appid": ""}, headers=headers) as r:
+        assert (await r.json())["code"] == codes.BAD_PARAMETER
+    async with http.get(f"{server.url}/nothing/{creds.secret_key}", headers=headers) as r:
+        assert r.status == 404
+    lines = [r.getMessage() for r in caplog.records if r.name == "batchtag.server.access"]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith(f"POST {DETECT_PATH} 200 code=0 ") and lines[0].endswith(" ms")
+    assert lines[1].startswith(f"POST {DETECT_PATH} 200 code={codes.BAD_PARAMETER} ")
+    assert lines[2].startswith("GET (no route) 404 code=- ")  # a 404 path is client text: not logged
+    assert not any("?" in line for line in lines)  # no query string
+    for secret in (creds.secret_key, headers["Authorization"], image[:40]):
+        assert secret not in caplog.text
+
+
+async def test_a_client_that_disconnects_mid_body_is_not_an_internal_error(serve, http, caplog):
+    server = await serve()
+    host, port = server.url.removeprefix("http://").split(":")
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/detection/imagetag_detect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100000\r\n\r\n" + b'{"appid": "1", "image": "AAAA'
+    )
+    await writer.drain()
+    writer.close()  # gone before the body is complete
+    await writer.wait_closed()
+    await asyncio.sleep(0.2)
+    async with http.get(server.url + "/healthz") as response:
+        assert response.status == 200
+    assert "internal error" not in caplog.text and server.app[STATE].answered[codes.INTERNAL_UNPACK] == 0

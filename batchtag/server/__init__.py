@@ -17,7 +17,10 @@ Decisions where the provider's documents are silent:
 - unexpected exceptions are code 201 with a generic message (logged, without the request);
 - ``qps_limit`` is a per-appid token bucket, capacity and rate = the limit (see quota.py);
 - injected faults (``inject_error_rate``) are, in equal shares, a plain-text HTTP 503,
-  code 203, and a connection closed without an answer; never on /healthz or /stats.
+  code 203, and a connection closed without an answer; never on /healthz or /stats;
+- the access log (``access_log``, on with ``serve -v``) is one line per request: method,
+  route template (never the raw path: a 404's path is client text), HTTP status, API code
+  and milliseconds; never headers, query strings, bodies or signatures.
 """
 
 from batchtag.server.app import create_app

@@ -35,15 +35,20 @@ from batchtag.server.imaging import DecodeLimits, decode_base64, decode_image
 from batchtag.server.quota import QuotaLimiter
 from batchtag.server.urlfetch import UrlFetcher
 from batchtag.signing import SignatureError, verify
-from batchtag.taggers import Tag, Tagger, load_tagger
+from batchtag.taggers import Tag, Tagger, load_tagger, preparer
 
 log = logging.getLogger(__name__)
+
+# The API code a request was answered with, for the access log (absent: no API answer).
+API_CODE = web.RequestKey("batchtag_api_code", int)
 
 # Parsing a multi-megabyte JSON body takes tens of milliseconds: do it off the event loop.
 INLINE_JSON_LIMIT = 256 * 1024
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 T = TypeVar("T")
+# A tagger's ``prepare``, run in the decode thread right after decoding; None: pass the image on.
+Prepare = Callable[[Image.Image], Any] | None
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class ServerState:
     quota: QuotaLimiter
     faults: FaultInjector
     limits: DecodeLimits
+    prepare: Prepare = None
     answered: Counter[int] = field(default_factory=Counter)
     # Created in the app's lifecycle, on its event loop:
     fetcher: UrlFetcher | None = None
@@ -91,6 +97,7 @@ def create_app(config: ServeConfig, tagger: Tagger | None = None) -> web.Applica
             max_pixels=config.max_pixels,
             min_side=tagger.input_size * 2 if tagger.input_size else None,
         ),
+        prepare=preparer(tagger),
     )
     # aiohttp enforces client_max_size while reading; _read_json_object turns its 413 into code 20.
     app = web.Application(client_max_size=config.max_body_bytes)
@@ -154,26 +161,30 @@ async def handle_detect(request: web.Request) -> web.StreamResponse:
     try:
         tags = await _detect(request, state)
     except ApiError as exc:
-        return _answer(state, exc.code, exc.message)
+        return _answer(request, exc.code, exc.message)
+    except ConnectionError:
+        # The client went away mid-request (a killed batchtag run, say): nothing to answer, not a bug.
+        log.debug("client disconnected during %s", DETECT_PATH)
+        return web.Response(status=499)
     except Exception:
         # Deliberately no request body or headers in the log: they carry images and signatures.
         log.exception("internal error while handling %s", DETECT_PATH)
-        return _answer(state, codes.INTERNAL_UNPACK, api_message(codes.INTERNAL_UNPACK, "internal error"))
-    return _answer(state, codes.OK, codes.message(codes.OK), tags)
+        return _answer(request, codes.INTERNAL_UNPACK, api_message(codes.INTERNAL_UNPACK, "internal error"))
+    return _answer(request, codes.OK, codes.message(codes.OK), tags)
 
 
-def _answer(state: ServerState, code: int, message: str, tags: list[Tag] | None = None) -> web.Response:
-    state.answered[code] += 1
+def _answer(request: web.Request, code: int, message: str, tags: list[Tag] | None = None) -> web.Response:
+    request.app[STATE].answered[code] += 1
+    request[API_CODE] = code
     body = {"code": code, "message": message, "tags": tags or []}
     return web.json_response(body, dumps=functools.partial(json.dumps, ensure_ascii=False))
 
 
 async def _answer_with_fault(request: web.Request, fault: Fault) -> web.StreamResponse:
-    state = request.app[STATE]
     if fault is Fault.HTTP_503:
         return web.Response(status=503, text="503 Service Unavailable (injected fault)")
     if fault is Fault.CODE_203:
-        return _answer(state, codes.INTERNAL_TIMEOUT, api_message(codes.INTERNAL_TIMEOUT, "injected fault"))
+        return _answer(request, codes.INTERNAL_TIMEOUT, api_message(codes.INTERNAL_TIMEOUT, "injected fault"))
     await _discard_body(request)  # so the client sees a closed connection, not a failed send
     if request.transport is not None:
         request.transport.close()
@@ -195,9 +206,9 @@ async def _detect(request: web.Request, state: ServerState) -> list[Tag]:
     _check_signature(request.headers.get("Authorization"), fields, state.credentials)
     if not state.quota.try_acquire(fields.appid):
         raise ApiError(codes.RATE_LIMITED, f"over the quota of {state.quota.limit:g} requests per second")
-    image = await _load_image(fields, state)
+    item = await _load_image(fields, state)
     assert state.batcher is not None
-    return await state.batcher.tag(image)
+    return await state.batcher.tag(item)
 
 
 async def _read_json_object(request: web.Request, state: ServerState) -> dict[str, Any]:
@@ -248,13 +259,17 @@ def _check_signature(authorization: str | None, fields: DetectRequest, store: Cr
         raise ApiError(exc.code, "" if detail == codes.message(exc.code) else detail) from None
 
 
-async def _load_image(fields: DetectRequest, state: ServerState) -> Image.Image:
-    """The url when one is given (it wins over image, as the API says), else the image."""
+async def _load_image(fields: DetectRequest, state: ServerState) -> Any:
+    """The url when one is given (it wins over image, as the API says), else the image.
+
+    Decoded and then prepared for the tagger (``Tagger.prepare``) in one decode-thread call;
+    the result is what the batcher hands to ``tag_batch``.
+    """
     if fields.url:
         assert state.fetcher is not None
         data = await state.fetcher.fetch(fields.url)
         try:
-            return await state.in_decode_thread(decode_image, data, state.limits)
+            return await state.in_decode_thread(_decode_fetched_image, data, state.limits, state.prepare)
         except ApiError as exc:
             if exc.code in (codes.IMAGE_FORMAT, codes.IMAGE_EMPTY):
                 raise ApiError(
@@ -262,9 +277,15 @@ async def _load_image(fields: DetectRequest, state: ServerState) -> Image.Image:
                 ) from None
             raise
     if fields.image is not None:
-        return await state.in_decode_thread(_decode_inline_image, fields.image, state.limits)
+        return await state.in_decode_thread(_decode_inline_image, fields.image, state.limits, state.prepare)
     raise ApiError(codes.NO_SOURCE)
 
 
-def _decode_inline_image(text: str, limits: DecodeLimits) -> Image.Image:
-    return decode_image(decode_base64(text, limits.max_image_bytes), limits)
+def _decode_fetched_image(data: bytes, limits: DecodeLimits, prepare: Prepare) -> Any:
+    image = decode_image(data, limits)
+    return image if prepare is None else prepare(image)
+
+
+def _decode_inline_image(text: str, limits: DecodeLimits, prepare: Prepare) -> Any:
+    image = decode_image(decode_base64(text, limits.max_image_bytes), limits)
+    return image if prepare is None else prepare(image)

@@ -1,10 +1,16 @@
-"""Dynamic batching: concurrent requests share one ``tagger.tag_batch`` call.
+"""Natural batching: concurrent requests share one ``tagger.tag_batch`` call.
 
-A model call costs nearly the same for one image as for several, so the first image to
-arrive waits up to ``wait_ms`` for company (or until ``max_batch`` are queued), then the
-whole batch runs on a dedicated single worker thread, so model calls never overlap and
-never compete with each other for the CPU. Images that arrive while a batch runs are
-queued and go together in the next one, so batches grow by themselves under load.
+Batches run on a dedicated single worker thread, so model calls never overlap and never
+compete with each other for the CPU. When that thread is idle, whatever is queued runs at
+once: a lone request goes straight through and waits for nobody. While a batch runs, new
+arrivals queue up and together form the next batch (up to ``max_batch``), so batches grow
+by themselves exactly when the tagger is the bottleneck, and stay at one under light load.
+
+``wait_ms`` (default 0) optionally holds an under-full batch back up to that long for
+company before it starts. Measured with the model tagger it did not pay (see
+``ServeConfig.batch_wait_ms``); it is kept for experiments.
+
+The items are whatever the server queued: the tagger's ``prepare`` output, or images.
 """
 
 from __future__ import annotations
@@ -14,8 +20,7 @@ import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
-from PIL import Image
+from typing import Any
 
 from batchtag.taggers import Tag, Tagger
 
@@ -47,11 +52,11 @@ class BatchStats:
         }
 
 
-_Pending = tuple[Image.Image, "asyncio.Future[list[Tag]]"]
+_Pending = tuple[Any, "asyncio.Future[list[Tag]]"]
 
 
 class Batcher:
-    def __init__(self, tagger: Tagger, max_batch: int | None = None, wait_ms: float = 5.0) -> None:
+    def __init__(self, tagger: Tagger, max_batch: int | None = None, wait_ms: float = 0.0) -> None:
         self.tagger = tagger
         self.max_batch = max(1, max_batch or tagger.max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000
@@ -79,28 +84,29 @@ class Batcher:
     def running(self) -> bool:
         return self._worker is not None and not self._worker.done()
 
-    async def tag(self, image: Image.Image) -> list[Tag]:
-        """The tags for one image, computed together with whatever else is queued."""
+    async def tag(self, item: Any) -> list[Tag]:
+        """The tags for one item (a prepared image), computed with whatever else is queued."""
         if not self.running:
             raise RuntimeError("batcher is not running")
         future: asyncio.Future[list[Tag]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((image, future))
+        self._queue.put_nowait((item, future))
         return await future
 
     async def _run_forever(self) -> None:
         while True:
             batch = await self._collect_batch()
-            live = [(image, future) for image, future in batch if not future.done()]
+            live = [(item, future) for item, future in batch if not future.done()]
             if live:  # requests whose clients went away are skipped, not tagged
                 await self._run_batch(live)
 
     async def _collect_batch(self) -> list[_Pending]:
+        """Everything queued (up to ``max_batch``); waits only for the first, or ``wait_s``."""
         batch = [await self._queue.get()]
+        self._drain_into(batch)
+        if self.wait_s <= 0:
+            return batch
         deadline = asyncio.get_running_loop().time() + self.wait_s
         while len(batch) < self.max_batch:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 break
@@ -108,23 +114,28 @@ class Batcher:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except TimeoutError:
                 break
+            self._drain_into(batch)
         return batch
 
+    def _drain_into(self, batch: list[_Pending]) -> None:
+        while len(batch) < self.max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+
     async def _run_batch(self, batch: list[_Pending]) -> None:
-        images = [image for image, _ in batch]
+        items = [item for item, _ in batch]
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, self.tagger.tag_batch, images)
-            if len(results) != len(images):
-                raise RuntimeError(f"tagger returned {len(results)} results for {len(images)} images")
+            results = await loop.run_in_executor(self._executor, self.tagger.tag_batch, items)
+            if len(results) != len(items):
+                raise RuntimeError(f"tagger returned {len(results)} results for {len(items)} items")
         except Exception as exc:
             self.stats.failed_batches += 1
-            log.exception("tagger %s failed on a batch of %d images", self.tagger.name, len(images))
+            log.exception("tagger %s failed on a batch of %d images", self.tagger.name, len(items))
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        self.stats.record(len(images))
+        self.stats.record(len(items))
         for (_, future), tags in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(tags)

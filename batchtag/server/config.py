@@ -34,7 +34,12 @@ class ServeConfig:
     url_timeout_s: float = 10.0
     url_max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     batch_max: int | None = None  # None: the tagger's max_batch
-    batch_wait_ms: float = 5.0
+    # Natural batching needs no wait (batches form while the tagger is busy); > 0 holds an
+    # under-full batch back up to this long for company. 5 ms did not help the model tagger.
+    batch_wait_ms: float = 0.0
+    # One INFO line per request on the "batchtag.server.access" logger (`serve -v`): method,
+    # route, HTTP status, API code, ms. Never headers, query strings or bodies.
+    access_log: bool = False
 
     def __repr__(self) -> str:  # Credentials already hide keys; keep the list short in logs too
         fields = ", ".join(f"{name}={value!r}" for name, value in vars(self).items() if name != "credentials")

@@ -8,12 +8,37 @@ import signal
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
-from batchtag.server.app import create_app
+from batchtag.server.app import API_CODE, create_app
 from batchtag.server.config import ServeConfig
 from batchtag.taggers import Tagger
 
 log = logging.getLogger("batchtag.server")
+access_log = logging.getLogger("batchtag.server.access")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: method, route, HTTP status, API code, elapsed ms.
+
+    Deliberately nothing a client controls beyond the method: no headers (signatures), no
+    query string, no body, and not even the raw path (a 404 path is arbitrary client text);
+    the path logged is the matched route's template, or ``(no route)``.
+    """
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        route = getattr(request, "match_info", None)
+        resource = route.route.resource if route is not None else None
+        path = resource.canonical if resource is not None else "(no route)"
+        code = request.get(API_CODE)
+        self.logger.info(
+            "%s %s %d code=%s %.1f ms",
+            request.method,
+            path,
+            response.status,
+            "-" if code is None else code,
+            time * 1000,
+        )
 
 
 @dataclass
@@ -39,8 +64,13 @@ async def start_server(config: ServeConfig, tagger: Tagger | None = None) -> Run
     The tagger is loaded before the socket opens, so a client that sees the port can use it.
     """
     app = create_app(config, tagger)
-    # No access log: at benchmark rates it costs more than the requests it records.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # Access log only when asked for (`serve -v`): at benchmark rates it costs real CPU.
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=access_log if config.access_log else None,
+        access_log_class=AccessLogger,
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)

@@ -1,13 +1,26 @@
 """Taggers: turn decoded images into the API's tag list.
 
-A tagger is synchronous and CPU-bound; the server calls ``tag_batch`` from a worker
-thread with several images gathered from concurrent requests, so one model call serves
-many requests.
+A tagger is synchronous and CPU-bound. The server works with it in two places:
+
+1. ``prepare(image)`` (optional) runs once per request in the server's decode thread pool,
+   in the same call as the image decode, so requests prepare in parallel with each other
+   and with the model. It turns the decoded RGB image into whatever the tagger's batch step
+   wants (the model: its normalised input tensor). It must be thread-safe and may raise; a
+   failure answers only that request (code 201).
+2. ``tag_batch(items)`` runs on the batcher's single tagger thread with the items of several
+   concurrent requests, so one model call serves many requests. ``items`` are what
+   ``prepare`` returned or, for a tagger without ``prepare``, the decoded images themselves.
+
+Keep ``tag_batch`` to the part that really gains from batching: per-image work belongs in
+``prepare``, where it does not hold up the other requests of the batch. Unless nothing would
+be left to batch: each batch costs a hop to the tagger thread, so a tagger whose whole work
+is per image (the color tagger) is cheaper without ``prepare``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, TypedDict
+from collections.abc import Callable
+from typing import Any, Protocol, TypedDict
 
 from PIL import Image
 
@@ -24,7 +37,17 @@ class Tagger(Protocol):
     input_size: int | None
     max_batch: int
 
-    def tag_batch(self, images: list[Image.Image]) -> list[list[Tag]]: ...
+    # Optional, so not declared here (a Protocol cannot make a method optional):
+    #     def prepare(self, image: Image.Image) -> Any: ...
+    # See the module docstring; ``preparer`` finds it.
+
+    def tag_batch(self, items: list[Any]) -> list[list[Tag]]: ...
+
+
+def preparer(tagger: Tagger) -> Callable[[Image.Image], Any] | None:
+    """The tagger's ``prepare`` method, or None when it has none (it takes images as they are)."""
+    prepare = getattr(tagger, "prepare", None)
+    return prepare if callable(prepare) else None
 
 
 TAGGERS = ("model", "color")

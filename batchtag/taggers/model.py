@@ -2,10 +2,16 @@
 
 The classifier gives ImageNet probabilities; the rules turn them into labels people search
 for (猫, 咖啡) and broad categories (动物, 食物).
+
+``prepare`` (resize, centre crop, normalise) runs per request in the server's decode
+threads; ``tag_batch`` only stacks the prepared inputs and runs the model once.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 from PIL import Image
 
 from batchtag.taggers import Tag
@@ -23,7 +29,14 @@ class ModelTagger:
         self.classifier = classifier or ImageNetClassifier()
         self.rules = LabelRules.load(lang)
 
-    def tag_batch(self, images: list[Image.Image]) -> list[list[Tag]]:
-        if not images:
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """The (3, 224, 224) float32 network input for one image (thread-safe)."""
+        return self.classifier.preprocess(image)
+
+    def tag_batch(self, items: list[Any]) -> list[list[Tag]]:
+        """Tags for prepared inputs (from ``prepare``); plain images are prepared here."""
+        if not items:
             return []
-        return self.rules.tags_batch(self.classifier.classify(images))  # type: ignore[return-value]
+        inputs = [item if isinstance(item, np.ndarray) else self.prepare(item) for item in items]
+        probs = self.classifier.predict(np.stack(inputs))
+        return self.rules.tags_batch(probs)  # type: ignore[return-value]
