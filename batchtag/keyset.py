@@ -18,19 +18,34 @@ MERGE_EVERY = 65_536
 
 
 def fingerprint(key: str) -> int:
-    data = key.encode("utf-8", "surrogatepass")
+    return fingerprint_bytes(key.encode("utf-8", "surrogatepass"))
+
+
+def fingerprint_bytes(data: bytes) -> int:
+    """The fingerprint of a key's UTF-8 bytes (surrogates passed through)."""
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """Sort then drop repeats: several times faster than np.unique on a million uint64s."""
+    values = np.sort(values)
+    if len(values) < 2:
+        return values
+    keep = np.empty(len(values), dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
 
 
 class KeySet:
     def __init__(self, fingerprints: Iterable[int] = ()) -> None:
-        self._sorted = np.unique(np.fromiter(fingerprints, dtype=np.uint64))
+        self._sorted = sorted_unique(np.fromiter(fingerprints, dtype=np.uint64))
         self._recent: set[int] = set()
 
     @classmethod
     def from_array(cls, fingerprints: np.ndarray) -> KeySet:
         keys = cls()
-        keys._sorted = np.unique(fingerprints.astype(np.uint64, copy=False))
+        keys._sorted = sorted_unique(fingerprints.astype(np.uint64))
         return keys
 
     def __len__(self) -> int:
@@ -72,7 +87,7 @@ class KeySet:
 
     def _merge(self) -> None:
         recent = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
-        self._sorted = np.union1d(self._sorted, recent)
+        self._sorted = sorted_unique(np.concatenate((self._sorted, recent)))
         self._recent.clear()
 
     @property

@@ -19,7 +19,7 @@ import aiofiles
 from PIL import Image, UnidentifiedImageError
 
 from batchtag import api, codes
-from batchtag.sources import Item
+from batchtag.sources import Item, url_problem
 
 INLINE_ENCODE_BYTES = 256 * 1024  # bigger images are base64-encoded off the event loop
 RESIZE_QUALITY = 88
@@ -106,6 +106,8 @@ async def build_payload(
     item: Item, appid: str, bucket: str, max_image_bytes: int = api.MAX_IMAGE_BYTES
 ) -> Payload:
     if item.kind == "url":
+        if problem := url_problem(item.location):
+            raise InputError(codes.URL_FORMAT, problem)
         return Payload(body_bytes(appid, bucket, "url", json.dumps(item.location)[1:-1].encode()))
     data = await read_file(item.location)
     check_image_bytes(data)

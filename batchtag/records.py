@@ -60,6 +60,28 @@ class Record:
         return cls(**{k: data[k] for k in known if k in data}, extra=extra)
 
 
+KEY_START = b'{"key":"'
+KEY_END = b'","source":"'
+STATUS_ERROR = (b'file","status":"error"', b'url","status":"error"')
+
+
+def read_key_bytes_and_status(line: bytes) -> tuple[bytes, Status | None]:
+    """The key's UTF-8 bytes and the status, straight from the bytes of a line.
+
+    In our layout a key without backslashes is written as its UTF-8 bytes verbatim between
+    ``{"key":"`` and ``","source":"`` (an unescaped quote cannot occur inside the string),
+    so most lines need no decoding at all; the rest take the general path.
+    """
+    if line.startswith(KEY_START):
+        end = line.find(KEY_END, len(KEY_START))
+        if end > 0 and b"\\" not in line[len(KEY_START) : end]:
+            status_at = end + len(KEY_END)
+            status: Status = "error" if line.startswith(STATUS_ERROR, status_at) else "ok"
+            return line[len(KEY_START) : end], status
+    key, status_text = read_key_and_status(line.decode("utf-8", "surrogateescape"))
+    return key.encode("utf-8", "surrogatepass"), status_text
+
+
 def read_key_and_status(line: str) -> tuple[str, Status | None]:
     """The key (and status) of a record line without decoding the whole object.
 

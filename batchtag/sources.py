@@ -73,15 +73,20 @@ def looks_like_url(text: str) -> bool:
 
 
 def url_item(url: str) -> Item:
-    """A URL item, or a failed one when the URL cannot possibly be fetched."""
+    return Item(url, "url", url)
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` can never be fetched, or None. The worker asks, not the walker: parsing
+    a million URLs only to skip the finished ones would be most of a resume's time."""
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
     except ValueError:  # e.g. an unclosed IPv6 bracket
-        return Item.failed(url, "url", codes.URL_FORMAT, "invalid URL: cannot be parsed")
+        return "invalid URL: cannot be parsed"
     if parts.scheme.lower() not in URL_SCHEMES or not hostname:
-        return Item.failed(url, "url", codes.URL_FORMAT, "invalid URL: needs http:// or https:// and a host")
-    return Item(url, "url", url)
+        return "invalid URL: needs http:// or https:// and a host"
+    return None
 
 
 def path_item(path: str, base: str | None = None) -> Item:

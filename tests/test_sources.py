@@ -6,7 +6,7 @@ import os
 import pytest
 
 from batchtag import codes
-from batchtag.sources import SourceError, check_source, iter_items, read_stdin, walk_directory
+from batchtag.sources import SourceError, check_source, iter_items, read_stdin, url_problem, walk_directory
 
 
 def touch(path, data=b"x"):
@@ -106,10 +106,15 @@ def test_jsonl_manifest_with_malformed_lines(tmp_path):
     "url",
     ["ftp://x.test/a.jpg", "javascript:alert(1)", "http://", "https:///nohost.jpg", "file:///etc/passwd"],
 )
-def test_invalid_urls_become_error_items(tmp_path, url):
+def test_invalid_urls_are_url_items_with_a_problem(tmp_path, url):
     manifest = touch(tmp_path / "m.txt", url.encode() + b"\n")
     (item,) = iter_items([str(manifest)])
-    assert item.kind == "url" and item.error_code == codes.URL_FORMAT and item.key == url
+    assert item.kind == "url" and item.key == url
+    assert url_problem(url).startswith("invalid URL")  # the worker records it as -1505
+
+
+def test_good_urls_have_no_problem():
+    assert url_problem("https://example.com/a.jpg?x=1") is None
 
 
 def test_stdin_manifest():
