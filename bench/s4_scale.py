@@ -153,13 +153,10 @@ def run(ctx: Ctx) -> Section:
         n = slow[-1]
         section.notes.append(
             f"Resume of {n:,} done items takes {resume_runs[n]['wall']:.1f} s, "
-            f"{resume_runs[n]['wall'] / RESUME_GOAL_S:.1f}x the goal. Profile (pyinstrument, in-process, 1M): "
-            "about 1/4 is sink.read_checkpoint (read_key_and_status + blake2b fingerprint per line, ~1.9 s), "
-            "the rest the producer: pipeline.Run.is_new calls KeySet.__contains__ once per item, i.e. one "
-            "blake2b fingerprint plus one numpy scalar searchsorted (~5 us of call overhead) per key, while the "
-            "walker thread parses every URL (urlsplit) and competes for the GIL. Suggested fix: test a whole "
-            "chunk at once (fingerprints of the CHUNK keys, one vectorised np.searchsorted / np.isin against the "
-            "sorted array), and a bigger CHUNK."
+            f"{resume_runs[n]['wall'] / RESUME_GOAL_S:.1f}x the goal. Where the time goes: "
+            "sink.read_checkpoint (one fingerprint per OUT line) and the producer's walk over the manifest "
+            "(Run.next_new_items: one fingerprint per item, one vectorised lookup per chunk); profile with "
+            "pyinstrument on run_batch to see which grew."
         )
     section.notes.append(
         f"Resume baseline (1 item): peak RSS {resume_runs[1]['maxrss_kb'] / 1024:.1f} MB, "
