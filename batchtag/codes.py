@@ -110,6 +110,7 @@ CLIENT_TIMEOUT = -9003  # no answer within --timeout
 CLIENT_BAD_RESPONSE = -9004  # 200 but the body is not the API's JSON
 CLIENT_INPUT_ERROR = -9010  # the item itself: missing, unreadable, empty, not an image
 CLIENT_BAD_MANIFEST_LINE = -9011  # a manifest line that names no usable path or URL
+CLIENT_INTERNAL_ERROR = -9099  # a bug in batchtag: costs one item, not the run
 
 CLIENT_CODES: dict[int, CodeInfo] = {
     info.code: info
@@ -120,6 +121,7 @@ CLIENT_CODES: dict[int, CodeInfo] = {
         CodeInfo(CLIENT_BAD_RESPONSE, "response is not the API's JSON", T),
         CodeInfo(CLIENT_INPUT_ERROR, "input error", P),
         CodeInfo(CLIENT_BAD_MANIFEST_LINE, "bad manifest line", P),
+        CodeInfo(CLIENT_INTERNAL_ERROR, "internal error", P),
     )
 }
 

@@ -36,7 +36,6 @@ log = logging.getLogger("batchtag")
 
 CHUNK = 2048  # items pulled from the (blocking) source walker per thread hop
 STOP = None
-INTERNAL_ERROR = -9099
 
 
 def take(iterator: Iterator[Item], n: int) -> list[Item]:
@@ -127,7 +126,7 @@ class Run:
             return error_record(item, exc.code, str(exc))
         except Exception as exc:  # a bug must cost one item, not the run
             log.exception("internal error on %s", item.key)
-            return error_record(item, INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+            return error_record(item, codes.CLIENT_INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
         extra = {**payload.notes, "elapsed_ms": round((time.monotonic() - started) * 1000)}
         return Record(
             item.key,

@@ -171,7 +171,7 @@ def test_hostile_tree_each_item_gets_one_clear_record_and_the_run_completes(tmp_
         assert record["status"] == ("ok" if record["code"] == codes.OK else "error"), record
         assert record["message"] and "\n" not in record["message"], record
         assert "Traceback" not in record["message"], record
-        assert record["code"] != -9099, record  # never an internal error
+        assert record["code"] != codes.CLIENT_INTERNAL_ERROR, record  # never an internal error
         assert not codes.is_transient(record["code"]), record
     for key in [*links, str(good), str(tree / "folder.jpg/inner.jpg"), *[str(tree / n) for n in odd_names]]:
         assert records[key]["code"] == codes.OK and records[key]["tags"], key
@@ -257,7 +257,7 @@ def test_a_malformed_manifest_line_costs_one_error_record_not_the_run(tmp_path, 
     records = read_out(out).records
     assert [r["code"] for r in records if r["key"] == str(tmp_path / "good.jpg")] == [codes.OK]
     bad = [r for r in records if r["key"] != str(tmp_path / "good.jpg")]
-    assert bad and all(r["status"] == "error" and r["code"] != -9099 for r in bad), bad
+    assert bad and all(r["status"] == "error" and r["code"] != codes.CLIENT_INTERNAL_ERROR for r in bad), bad
 
 
 @pytest.mark.soak
