@@ -1,7 +1,7 @@
 """Pipeline wiring: source -> bounded queue -> workers -> sink, and the Python API.
 
-    producer (sources, dedupe against OUT)  --queue-->  N workers (payload, client)
-        --results-->  one writer (sink, progress, summary)
+    producer (sources, dedupe against OUT)  --queue-->  preparers (read, check, encode)
+        --ready-->  N senders (client: pace, sign, POST, retry)  --results-->  one writer (sink)
 
 The queue is bounded, so memory stays flat however large the input; only the writer
 touches OUT. ``run_batch`` is the async entry point, ``run`` its sync wrapper; the CLI
@@ -22,10 +22,10 @@ import aiohttp
 import numpy as np
 
 from batchtag import codes, signing
-from batchtag.client import RetryPolicy, TagClient
+from batchtag.client import Answer, RetryPolicy, TagClient
 from batchtag.config import RunConfig
 from batchtag.keyset import KeySet, fingerprint
-from batchtag.payload import InputError, build_payload
+from batchtag.payload import InputError, Payload, build_payload
 from batchtag.progress import Progress, Summary
 from batchtag.ratelimit import AdaptiveRateLimiter
 from batchtag.records import Record
@@ -60,6 +60,11 @@ class Run:
         self.progress = progress
         self.summary = Summary(out=config.out)
         self.queue: asyncio.Queue[Item | None] = asyncio.Queue(maxsize=config.concurrency * 4)
+        # A few preparers keep a small buffer of encoded payloads ahead of the senders; small,
+        # because a payload can be 13 MB of base64.
+        self.preparers = max(1, min(8, config.concurrency // 4))
+        self._preparers_left = self.preparers
+        self.ready: asyncio.Queue[tuple[Item, Payload] | None] = asyncio.Queue(maxsize=self.preparers * 2)
         self.results: asyncio.Queue[Record | None] = asyncio.Queue()
         self.seen = KeySet()
         self._walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchtag-source")
@@ -78,7 +83,7 @@ class Run:
                 await self.queue.put(item)
         # Only a finished producer stops the workers; a failed or cancelled one takes the
         # whole run down through execute(), so nothing waits on a full queue.
-        for _ in range(self.config.concurrency):
+        for _ in range(self.preparers):
             await self.queue.put(STOP)
 
     def next_new_items(self, iterator: Iterator[Item]) -> list[Item] | None:
@@ -107,37 +112,45 @@ class Run:
                 self.summary.duplicates += 1
         return fresh
 
-    # -- workers ----------------------------------------------------------------------------
+    # -- workers: prepare (read, check, encode), then send ------------------------------------
 
-    async def work(self) -> None:
+    async def prepare(self) -> None:
+        """Read and encode ahead of the senders, so a sender never waits on the disk
+        between two requests (a worker that did both idled for each file read)."""
         while (item := await self.queue.get()) is not STOP:
-            await self.results.put(await self.process(item))
+            ready = await self.build(item)
+            if isinstance(ready, Record):
+                await self.results.put(ready)
+            else:
+                await self.ready.put(ready)
+        self._preparers_left -= 1
+        if self._preparers_left == 0:
+            for _ in range(self.config.concurrency):
+                await self.ready.put(STOP)
 
-    async def process(self, item: Item) -> Record:
+    async def build(self, item: Item) -> Record | tuple[Item, Payload]:
         if item.error_code is not None:
             return error_record(item, item.error_code, item.error or codes.message(item.error_code))
-        started = time.monotonic()
         try:
             payload = await build_payload(
                 item, self.client.appid, self.config.bucket, self.config.max_image_bytes
             )
-            answer = await self.client.detect(payload.body)
         except InputError as exc:
             return error_record(item, exc.code, str(exc))
         except Exception as exc:  # a bug must cost one item, not the run
-            log.exception("internal error on %s", item.key)
-            return error_record(item, codes.CLIENT_INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
-        extra = {**payload.notes, "elapsed_ms": round((time.monotonic() - started) * 1000)}
-        return Record(
-            item.key,
-            item.kind,
-            "ok" if answer.ok else "error",
-            answer.code,
-            answer.message,
-            answer.tags,
-            answer.attempts,
-            extra,
-        )
+            return internal_error(item, exc)
+        return item, payload
+
+    async def send(self) -> None:
+        while (ready := await self.ready.get()) is not STOP:
+            item, payload = ready
+            started = time.monotonic()
+            try:
+                answer = await self.client.detect(payload.body)
+            except Exception as exc:  # a bug must cost one item, not the run
+                await self.results.put(internal_error(item, exc))
+                continue
+            await self.results.put(result_record(item, payload, answer, started))
 
     # -- writer -----------------------------------------------------------------------------
 
@@ -161,9 +174,8 @@ class Run:
     async def execute(self) -> Summary:
         started = time.monotonic()
         tasks = [asyncio.create_task(self.produce(), name="producer")]
-        tasks += [
-            asyncio.create_task(self.work(), name=f"worker-{i}") for i in range(self.config.concurrency)
-        ]
+        tasks += [asyncio.create_task(self.prepare(), name=f"prepare-{i}") for i in range(self.preparers)]
+        tasks += [asyncio.create_task(self.send(), name=f"send-{i}") for i in range(self.config.concurrency)]
         writer = asyncio.create_task(self.write(), name="writer")
         writer.add_done_callback(lambda t: _cancel_on_failure(t, tasks))
         counter = self.start_counting()
@@ -201,6 +213,19 @@ def _cancel_on_failure(writer: asyncio.Task[None], tasks: list[asyncio.Task[None
     if not writer.cancelled() and writer.exception() is not None:
         for task in tasks:
             task.cancel()
+
+
+def result_record(item: Item, payload: Payload, answer: Answer, started: float) -> Record:
+    extra = {**payload.notes, "elapsed_ms": round((time.monotonic() - started) * 1000)}
+    status = "ok" if answer.ok else "error"
+    return Record(
+        item.key, item.kind, status, answer.code, answer.message, answer.tags, answer.attempts, extra
+    )
+
+
+def internal_error(item: Item, exc: Exception) -> Record:
+    log.error("internal error on %s", item.key, exc_info=exc)
+    return error_record(item, codes.CLIENT_INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
 
 
 def error_record(item: Item, code: int, message: str) -> Record:
