@@ -29,7 +29,6 @@ from batchtag.records import (
     KEY_START,
     STATUS_ERROR,
     Record,
-    read_key_and_status,
     read_key_bytes_and_status,
 )
 
@@ -128,7 +127,7 @@ def drop_error_records(path: str) -> int:
                 if not raw.endswith(b"\n"):
                     continue  # a torn tail: not a record
                 try:
-                    _, status = read_key_and_status(raw.decode("utf-8", "surrogateescape"))
+                    _, status = read_key_bytes_and_status(raw)
                 except ValueError:
                     status = None
                 if status == "error":

@@ -137,32 +137,25 @@ def run(ctx: Ctx) -> Section:
         results["batchtag"] = {"rate": median(rates), "cpu": median(cpus), "n": n_many, "rates": rates}
     ideal = CONCURRENCY / (LATENCY_MS / 1000)
     bt = results["batchtag"]["rate"]
-    section.add(
-        Row(
-            f"{what}, plain loop ({n_loop} requests a run)",
-            repeats,
-            results["loop"]["rate"],
-            "req/s",
-            bt / results["loop"]["rate"],
-            "batchtag / this",
-            None,
-            f"CPU {fmt(results['loop']['cpu'])} µs/req; failures {results['loop']['failed']}",
-            results["loop"]["rates"],
+    sdk_runs = [
+        ("loop", f"{what}, plain loop ({n_loop} requests a run)"),
+        ("threads", f"{what}, ThreadPoolExecutor({CONCURRENCY}) ({n_many} requests a run)"),
+    ]
+    for key, label in sdk_runs:
+        run = results[key]
+        section.add(
+            Row(
+                label,
+                repeats,
+                run["rate"],
+                "req/s",
+                bt / run["rate"],
+                "batchtag / this",
+                None,
+                f"CPU {fmt(run['cpu'])} µs/req; failures {run['failed']}",
+                run["rates"],
+            )
         )
-    )
-    section.add(
-        Row(
-            f"{what}, ThreadPoolExecutor({CONCURRENCY}) ({n_many} requests a run)",
-            repeats,
-            results["threads"]["rate"],
-            "req/s",
-            bt / results["threads"]["rate"],
-            "batchtag / this",
-            None,
-            f"CPU {fmt(results['threads']['cpu'])} µs/req; failures {results['threads']['failed']}",
-            results["threads"]["rates"],
-        )
-    )
     section.add(
         Row(
             f"batchtag run --concurrency {CONCURRENCY} ({n_many} requests a run)",

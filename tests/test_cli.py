@@ -10,6 +10,7 @@ import time
 import pytest
 from PIL import Image
 
+from batchtag import codes
 from batchtag.sink import load_records
 
 SECRET_KEY = "SUPERSECRET-key-7f3a9c"
@@ -225,7 +226,8 @@ def test_secrets_never_appear_in_output_records_summary_or_errors(tmp_path, serv
     ]
     for text in texts:
         assert SECRET_KEY not in text
-    assert runs[1].returncode == 1 and "-9" not in (tmp_path / "out2.jsonl").read_text()[:0]
+    assert runs[1].returncode == 1
+    assert {r["code"] for r in load_records(tmp_path / "out2.jsonl")} >= {codes.SIGNATURE_FAILED}
 
 
 def test_embedded_local_server_with_zero_setup(tmp_path):
