@@ -2,19 +2,28 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# RUNTIME: the package and its runtime dependencies (make install, make run);
+# STAMP: the same plus the test extras (pytest, aioresponses, hypothesis, ruff) for make test.
+RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: run test soak bench lint format clean
+.PHONY: install run test soak bench lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(RUNTIME): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP)
+install: $(RUNTIME)
+
+run: $(RUNTIME)
 	$(BIN)/batchtag run examples/photos -o examples/photos-tags.jsonl
 	$(BIN)/python -m batchtag.show examples/photos-tags.jsonl
 

@@ -1,15 +1,23 @@
-"""The result record: one JSON object a line in OUT, the record schema's only home.
+"""The result record: one JSON object a line in OUT. The only code that knows the line
+layout: it writes lines, reads them back whole (``iter_valid_records``, ``load_records``)
+and reads just their keys and status fast for resume (``iter_keys_and_status``).
 
-``key`` is always written first so resume can read keys without parsing whole records
-(see ``sink.read_checkpoint``).
+``key`` is always written first, then ``source`` and ``status``, so resume can read keys
+without parsing whole records.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import numpy as np
+
+from batchtag.keyset import fingerprint
 
 Status = Literal["ok", "error"]
 SourceKind = Literal["file", "url"]
@@ -98,3 +106,97 @@ def read_key_and_status(line: str) -> tuple[str, Status | None]:
     if not isinstance(data, dict) or not isinstance(data.get("key"), str):
         raise ValueError("not a batchtag record")
     return data["key"], data.get("status")
+
+
+def iter_keys_and_status(
+    lines: Iterable[bytes], on_bad_line: Callable[[int], None] | None = None
+) -> Iterator[tuple[bytes, bool]]:
+    """(key as UTF-8 bytes, is it an error) for each record line; ``on_bad_line(number)``
+    for a line that is not a record.
+
+    This loop is the whole cost of resuming a million records, so the common line (our
+    layout, no escapes in the key: see ``read_key_bytes_and_status``) is handled inline.
+    """
+    start, start_len, key_end, end_len = KEY_START, len(KEY_START), KEY_END, len(KEY_END)
+    for number, line in enumerate(lines, start=1):
+        end = line.find(key_end, start_len) if line.startswith(start) else -1
+        key = line[start_len:end] if end > 0 else b"\\"
+        if b"\\" in key:
+            try:
+                key, status = read_key_bytes_and_status(line)
+            except ValueError:
+                if on_bad_line is not None:
+                    on_bad_line(number)
+                continue
+            yield key, status == "error"
+        else:
+            yield key, line.startswith(STATUS_ERROR, end + end_len)
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "key": str,
+    "source": str,
+    "status": str,
+    "code": int,
+    "message": str,
+    "tags": list,
+    "attempts": int,
+}
+_REQUIRED = ("key", "source", "status", "code", "message")
+
+
+def parse_record(line: bytes | str) -> Record | None:
+    """The record on one line of OUT, or None when the line is not a valid record (broken
+    JSON, a missing field, a field of the wrong type)."""
+    try:
+        data = json.loads(line)
+    except ValueError:  # includes undecodable bytes
+        return None
+    if not isinstance(data, dict) or any(name not in data for name in _REQUIRED):
+        return None
+    for name, kind in _FIELD_TYPES.items():
+        if name in data and (not isinstance(data[name], kind) or isinstance(data[name], bool)):
+            return None
+    if data["status"] not in ("ok", "error"):
+        return None
+    return Record.from_dict(data)
+
+
+def iter_valid_records(path: str) -> Iterator[Record]:
+    """Exactly one valid record per key from OUT, in file order: complete lines only (a
+    torn last line is skipped), broken lines skipped, and when a key has several records
+    the last complete one wins.
+
+    Two passes, so memory stays at 16 bytes a line however large OUT is: the first finds
+    each key's last valid line (by 8-byte fingerprint), the second yields those lines.
+    """
+    numbers = array("Q")
+    fingerprints = array("Q")
+    total = 0
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle):
+            total = number + 1
+            record = parse_record(line) if line.endswith(b"\n") else None
+            if record is not None:
+                numbers.append(number)
+                fingerprints.append(fingerprint(record.key))
+    if not numbers:
+        return
+    # np.unique on the reversed arrays keeps each fingerprint's first index there: its last here.
+    reversed_fps = np.frombuffer(fingerprints, dtype=np.uint64)[::-1]
+    _, first_in_reversed = np.unique(reversed_fps, return_index=True)
+    winners = np.zeros(total, dtype=bool)
+    winners[np.frombuffer(numbers, dtype=np.uint64)[::-1][first_in_reversed]] = True
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle):
+            if number < total and winners[number]:
+                record = parse_record(line)
+                if record is not None:  # unchanged since the first pass unless OUT was edited
+                    yield record
+
+
+def load_records(path: str) -> list[dict[str, Any]]:
+    """Every record line of OUT as a dict, for tests and small tools (not for million-line
+    files): unlike ``iter_valid_records`` it hides nothing, so a repeated key shows."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
+from batchtag.records import Record, iter_valid_records
 
-def describe(record: dict) -> str:
-    name = os.path.relpath(record["key"]) if record.get("source") == "file" else record["key"]
-    if record.get("status") != "ok":
-        return f"{name}: error {record.get('code')}: {record.get('message')}"
-    tags = ", ".join(f"{t['tag_name']} {t['tag_confidence']}" for t in record.get("tags", []))
+
+def describe(record: Record) -> str:
+    name = os.path.relpath(record.key) if record.source == "file" else record.key
+    if not record.ok:
+        return f"{name}: error {record.code}: {record.message}"
+    tags = ", ".join(f"{t['tag_name']} {t['tag_confidence']}" for t in record.tags)
     return f"{name}: {tags or '(no tags)'}"
 
 
@@ -19,9 +20,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m batchtag.show OUT.jsonl", file=sys.stderr)
         return 2
-    with open(argv[0], encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    for record in sorted(records, key=lambda r: r["key"]):
+    for record in sorted(iter_valid_records(argv[0]), key=lambda r: r.key):
         print(describe(record))
     return 0
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import logging
 import os
 import tempfile
@@ -24,13 +23,7 @@ from typing import BinaryIO
 import numpy as np
 
 from batchtag.keyset import KeySet, fingerprint_bytes
-from batchtag.records import (
-    KEY_END,
-    KEY_START,
-    STATUS_ERROR,
-    Record,
-    read_key_bytes_and_status,
-)
+from batchtag.records import Record, iter_keys_and_status, read_key_bytes_and_status
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +77,13 @@ def read_checkpoint(path: str) -> Checkpoint:
     # array('Q') holds 8 bytes a key; a list of ints would hold ~40.
     done = array("Q")
     errors = array("Q")
-    # The loop is the whole cost of resuming a million records, so the common line (our
-    # layout, no escapes in the key: see read_key_bytes_and_status) is handled inline.
-    start, start_len, key_end, end_len = KEY_START, len(KEY_START), KEY_END, len(KEY_END)
+
+    def bad_line(number: int) -> None:
+        checkpoint.bad_lines += 1
+        log.warning("%s:%d is not a record; ignored", path, number)
+
     with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            end = line.find(key_end, start_len) if line.startswith(start) else -1
-            key = line[start_len:end] if end > 0 else b"\\"
-            if b"\\" in key:
-                try:
-                    key, status = read_key_bytes_and_status(line)
-                except ValueError:
-                    checkpoint.bad_lines += 1
-                    log.warning("%s:%d is not a record; ignored", path, number)
-                    continue
-                is_error = status == "error"
-            else:
-                is_error = line.startswith(STATUS_ERROR, end + end_len)
+        for key, is_error in iter_keys_and_status(handle, bad_line):
             fp = fingerprint_bytes(key)
             done.append(fp)
             if is_error:
@@ -225,9 +208,3 @@ def lock(handle: BinaryIO, path: str) -> None:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise SinkError(f"{path} is in use by another batchtag run") from None
-
-
-def load_records(path: str) -> list[dict]:
-    """Every record in OUT, for tests and small tools (not for million-line files)."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]

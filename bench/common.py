@@ -18,10 +18,8 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -33,7 +31,15 @@ from typing import Any
 from PIL import Image
 
 from batchtag import api
-from batchtag.signing import Credentials, sign
+from batchtag.signing import sign
+from tests.support import (
+    CREDENTIALS,
+    batchtag_command,
+    credentials_env,
+    free_port,
+    write_credentials,
+)
+from tests.support import wait_healthy as wait_url_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results"
@@ -43,9 +49,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = resource.getpagesize() // 1024
 
 MAX_LINKS = 50_000
-BENCH_CREDS = Credentials(
-    appid="1250000000", secret_id="AKIDbench" + "0" * 23, secret_key="bench-" + "k" * 26
-)
+BENCH_CREDS = CREDENTIALS  # the test suite's one credential set
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -132,12 +136,6 @@ def _cpu_model() -> str:
 
 
 # --- processes -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -247,13 +245,8 @@ def serve(
     """``batchtag serve`` in a subprocess on a free port with a temporary credentials file."""
     port = free_port()
     creds_dir = Path(tempfile.mkdtemp(prefix="bench-creds-", dir=ctx.work))
-    creds_file = creds_dir / "credentials.json"
-    creds_file.write_text(json.dumps({"credentials": [vars(BENCH_CREDS)]}))
-    creds_file.chmod(0o600)
-    args = [
-        sys.executable,
-        "-m",
-        "batchtag",
+    creds_file = write_credentials(creds_dir / "credentials.json", BENCH_CREDS)
+    args = batchtag_command(
         "serve",
         "--host",
         "127.0.0.1",
@@ -265,7 +258,7 @@ def serve(
         str(creds_file),
         "--inject-latency-ms",
         str(latency_ms),
-    ]
+    )
     if qps_limit is not None:
         args += ["--qps-limit", str(qps_limit)]
     if allow_private_urls:
@@ -285,33 +278,17 @@ def serve(
 
 
 def wait_healthy(server: Server, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(
-                f"batchtag serve exited with {server.proc.returncode}: {server.log.read_text()[-2000:]}"
-            )
-        try:
-            with urllib.request.urlopen(server.url + api.HEALTH_PATH, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"batchtag serve not healthy after {timeout_s} s")
+    try:
+        wait_url_healthy(server.url, server.proc, timeout_s)
+    except AssertionError as exc:
+        raise RuntimeError(f"batchtag serve: {exc}: {server.log.read_text()[-2000:]}") from None
 
 
 # --- the client ---------------------------------------------------------------------------------
 
 
 def client_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        BATCHTAG_APPID=BENCH_CREDS.appid,
-        BATCHTAG_SECRET_ID=BENCH_CREDS.secret_id,
-        BATCHTAG_SECRET_KEY=BENCH_CREDS.secret_key,
-    )
-    return env
+    return dict(os.environ) | credentials_env(BENCH_CREDS)
 
 
 def start_client(
@@ -325,10 +302,7 @@ def start_client(
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     # bench.peak runs batchtag.cli.main unchanged and records its own VmHWM at exit.
-    args = [
-        sys.executable,
-        "-m",
-        "bench.peak",
+    args = batchtag_command(
         "run",
         *map(str, sources),
         "-o",
@@ -339,7 +313,8 @@ def start_client(
         "--summary-json",
         str(summary),
         *options,
-    ]
+        module="bench.peak",
+    )
     stderr = out.with_suffix(".stderr")
     with open(stderr, "wb") as handle:
         env = client_env() | {"BENCH_PEAK_FILE": str(peak)}

@@ -1,45 +1,27 @@
-"""Fixtures shared by the test files: credentials, signed headers, images, a running server."""
+"""Fixtures shared by the test files; the helpers they wrap live in tests/support.py."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from PIL import Image
 
 from batchtag.api import DETECT_PATH
-from batchtag.config import RunConfig
 from batchtag.server import RunningServer, ServeConfig, start_server
-from batchtag.signing import Credentials, sign
-
-TEST_CREDENTIALS = Credentials(
-    appid="1000001", secret_id="AKIDtestSecretId0001", secret_key="test-secret-key-0001"
-)
+from batchtag.signing import Credentials
+from tests.support import CREDENTIALS, Spawner, encode_image, signed_headers
 
 
 @pytest.fixture
 def creds() -> Credentials:
-    return TEST_CREDENTIALS
-
-
-def encode_image(fmt: str = "JPEG", size: tuple[int, int] = (64, 48), color: Any = (200, 30, 30)) -> bytes:
-    """A solid-colour image file in ``fmt`` (JPEG, PNG, BMP, GIF, ...)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, fmt)
-    return buffer.getvalue()
+    return CREDENTIALS
 
 
 @pytest.fixture
 def make_image() -> Callable[..., bytes]:
     return encode_image
-
-
-def signed_headers(creds: Credentials, bucket: str = "", **sign_options: Any) -> dict[str, str]:
-    """Headers for one API request; ``sign_options`` go to ``signing.sign`` (ttl, now, rand)."""
-    return {"Authorization": sign(creds, bucket, **sign_options), "Content-Type": "application/json"}
 
 
 @pytest.fixture
@@ -97,30 +79,9 @@ def detect(http: aiohttp.ClientSession) -> Callable[..., Awaitable[tuple[int, An
     return call
 
 
-def run_config(
-    server: RunningServer, creds: Credentials, sources: list[Any], out: Any, **overrides: Any
-) -> RunConfig:
-    """A RunConfig against ``server``: the settings end-to-end tests share, overridable."""
-    options: dict[str, Any] = {
-        "sources": [str(s) for s in sources],
-        "out": str(out),
-        "endpoint": server.url,
-        "appid": creds.appid,
-        "secret_id": creds.secret_id,
-        "secret_key": creds.secret_key,
-        "concurrency": 8,
-        "retries": 3,
-        "timeout": 10.0,
-        "progress": False,
-    }
-    return RunConfig(**(options | overrides))
-
-
 @pytest.fixture
 def spawner(tmp_path: Any) -> Any:
     """Subprocesses (servers, runs) that are all ended when the test ends."""
-    from tests.hardening_helpers import Spawner
-
     spawned = Spawner(tmp_path)
     yield spawned
     spawned.close()

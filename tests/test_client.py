@@ -9,13 +9,14 @@ import pytest
 from aioresponses import aioresponses
 
 from batchtag import codes
+from batchtag.api import DETECT_PATH
 from batchtag.client import RetryPolicy, TagClient
 from batchtag.ratelimit import AdaptiveRateLimiter
-from batchtag.signing import Credentials, verify
+from batchtag.signing import verify
+from tests.support import CREDENTIALS as CREDS
 
 ENDPOINT = "http://tagger.test"
-URL = ENDPOINT + "/v1/detection/imagetag_detect"
-CREDS = Credentials("1000001", "sid", "skey")
+URL = ENDPOINT + DETECT_PATH
 FAST = RetryPolicy(retries=3, initial_wait_s=0.001, max_wait_s=0.002, jitter_s=0.0)
 
 # What each API code should do to a client, written out independently of codes.py so a

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from batchtag import RunConfig, run_batch
-from batchtag.sink import load_records
+from batchtag.records import load_records
 
 PHOTOS = Path(__file__).parent.parent / "examples" / "photos"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.hardening_helpers import (
+from tests.support import (
     line_count,
     read_out,
     run_cli,

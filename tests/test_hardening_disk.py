@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_config
 
 from batchtag import run_batch, sink
 from batchtag.server.app import STATE
 from batchtag.sink import SinkError
-from tests.hardening_helpers import FullDisk, read_out, run_cli, tiny_jpegs
+from tests.support import FullDisk, read_out, run_cli, run_config, tiny_jpegs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 FULL_DISK_CLI = """
 import sys
 from batchtag import cli, sink
-from tests.hardening_helpers import FullDisk
+from tests.support import FullDisk
 sink.os = FullDisk(int(sys.argv[1]), int(sys.argv[2]))
 sys.exit(cli.main(sys.argv[3:]))
 """

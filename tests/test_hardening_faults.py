@@ -9,17 +9,17 @@ import signal
 import time
 
 import pytest
-from conftest import run_config
 from PIL import Image
 
 from batchtag import codes, run_batch
 from batchtag.server.app import STATE
 from batchtag.signing import Credentials
-from tests.hardening_helpers import (
+from tests.support import (
+    encode_image,
     free_port,
-    jpeg_bytes,
     line_count,
     read_out,
+    run_config,
     run_flags,
     tiny_jpegs,
     write_credentials,
@@ -122,9 +122,9 @@ async def test_permanent_errors_are_sent_once_and_never_retried(serve, creds, tm
     }[which]
     folder = tmp_path / "in"
     folder.mkdir()
-    (folder / "good.jpg").write_bytes(jpeg_bytes())
+    (folder / "good.jpg").write_bytes(encode_image(size=(16, 12)))
     (folder / "bomb.png").write_bytes(png_bomb())  # 100 megapixels: over the server's pixel limit
-    (folder / "truncated.jpg").write_bytes(jpeg_bytes()[:60])
+    (folder / "truncated.jpg").write_bytes(encode_image(size=(16, 12))[:60])
     manifest = tmp_path / "urls.txt"
     manifest.write_text("http://127.0.0.1:9/private.jpg\n")  # loopback: refused by the server
     expect = {

@@ -11,15 +11,15 @@ import os
 import random
 import time
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from batchtag import api, codes
-from tests.hardening_helpers import (
+from tests.support import (
     Spawner,
+    encode_image,
     hard_links,
-    jpeg_bytes,
+    noisy_jpeg,
     read_out,
     run_cli,
     run_flags,
@@ -37,14 +37,6 @@ def spawner(tmp_path):
     spawner.close()
 
 
-def noisy_jpeg(size: tuple[int, int]) -> bytes:
-    """A real JPEG that does not compress: random pixels."""
-    pixels = np.random.default_rng(7).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
-    return buffer.getvalue()
-
-
 def corrupt_scan(data: bytes) -> bytes:
     """Headers intact, entropy-coded data replaced by garbage (no 0xFF, so no markers)."""
     start = data.index(b"\xff\xda")
@@ -58,10 +50,10 @@ def test_hostile_tree_each_item_gets_one_clear_record_and_the_run_completes(tmp_
     tree = tmp_path / "tree"
     tree.mkdir()
     good = tree / "good.jpg"
-    good.write_bytes(jpeg_bytes())
+    good.write_bytes(encode_image(size=(16, 12)))
     (tree / "zero.jpg").write_bytes(b"")
-    (tree / "truncated.jpg").write_bytes(jpeg_bytes()[:60])
-    (tree / "corrupt.jpg").write_bytes(corrupt_scan(jpeg_bytes(size=(64, 48))))
+    (tree / "truncated.jpg").write_bytes(encode_image(size=(16, 12))[:60])
+    (tree / "corrupt.jpg").write_bytes(corrupt_scan(encode_image(size=(64, 48))))
     (tree / "notes.jpg").write_text("meeting notes, not a picture\n" * 20)
     bomb = io.BytesIO()
     Image.new("L", (10000, 10000)).save(bomb, "PNG")  # 100 megapixels in ~100 KB
@@ -79,13 +71,13 @@ def test_hostile_tree_each_item_gets_one_clear_record_and_the_run_completes(tmp_
     os.symlink("pong.jpg", tree / "ping.jpg")
     os.symlink(tree / "nowhere.jpg", tree / "dangling.jpg")
     (tree / "folder.jpg").mkdir()  # a directory with an image name: walked, not an item
-    (tree / "folder.jpg" / "inner.jpg").write_bytes(jpeg_bytes())
+    (tree / "folder.jpg" / "inner.jpg").write_bytes(encode_image(size=(16, 12)))
     odd_names = ["new\nline.jpg", 'q"uo\\te.jpg', "tab\tand space .JPG", "émoji-🙂.jpeg"]
     for name in odd_names:
-        (tree / name).write_bytes(jpeg_bytes())
+        (tree / name).write_bytes(encode_image(size=(16, 12)))
     bad_name = os.fsencode(tree) + b"/bad\xff.jpg"  # not valid UTF-8
     with open(bad_name, "wb") as handle:
-        handle.write(jpeg_bytes())
+        handle.write(encode_image(size=(16, 12)))
     started = time.monotonic()
     links = hard_links(good, tree / "links", n_links)
     link_s = time.monotonic() - started
@@ -243,7 +235,7 @@ BAD_LINE_CASES = {
 )
 def test_a_malformed_manifest_line_costs_one_error_record_not_the_run(tmp_path, case):
     name, text = BAD_LINE_CASES[case]
-    (tmp_path / "good.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "good.jpg").write_bytes(encode_image(size=(16, 12)))
     header = "path\n" if name.endswith(".csv") else ""
     entry = json.dumps({"path": str(tmp_path / "good.jpg")}) if name.endswith(".jsonl") else "good.jpg"
     manifest = tmp_path / name
@@ -265,7 +257,7 @@ def test_a_directory_of_100000_entries(tmp_path, spawner):
     """100,000 hard links in one directory: every one tagged once, client memory bounded."""
     targets = [tmp_path / f"good{i}.jpg" for i in range(4)]
     for i, target in enumerate(targets):
-        target.write_bytes(jpeg_bytes(color=(i * 50, 90, 200)))
+        target.write_bytes(encode_image(color=(i * 50, 90, 200)))
     keys = hard_links(targets, tmp_path / "big", 100_000)
     _, url = spawner.serve(write_credentials(tmp_path / "creds.json"))
     out = tmp_path / "out.jsonl"

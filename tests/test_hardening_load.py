@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.hardening_helpers import (
+from tests.support import (
     Proc,
-    jpeg_bytes,
+    encode_image,
     read_out,
     run_flags,
     vm_rss_kb,
@@ -71,7 +71,7 @@ def sustained_load(tmp_path, spawner, seconds: float, sample_every: float) -> li
     bases = []
     for i in range(4):
         base = tmp_path / f"base{i}.jpg"
-        base.write_bytes(jpeg_bytes(size=(40 + i * 8, 30 + i * 6), color=(i * 60, 100, 250 - i * 50)))
+        base.write_bytes(encode_image(size=(40 + i * 8, 30 + i * 6), color=(i * 60, 100, 250 - i * 50)))
         bases.append(base)
     clients = [client_tree(tmp_path, name, bases, LINKS_PER_CLIENT) for name in ("alpha", "beta")]
     server, url = spawner.serve(write_credentials(tmp_path / "creds.json"))

@@ -13,21 +13,13 @@ from dataclasses import dataclass
 import pytest
 
 from batchtag import codes
+from batchtag.api import DETECT_PATH as DETECT
 from batchtag.signing import Credentials, sign
-from tests.hardening_helpers import (
-    APPID,
-    SECRET_ID,
-    SECRET_KEY,
-    Spawner,
-    free_port,
-    jpeg_bytes,
-    wait_healthy,
-    write_credentials,
-)
+from tests.support import CREDENTIALS, Spawner, encode_image, free_port, wait_healthy, write_credentials
 
-DETECT = "/v1/detection/imagetag_detect"
-IMAGE = base64.b64encode(jpeg_bytes()).decode()
-GOOD = Credentials(APPID, SECRET_ID, SECRET_KEY)
+IMAGE = base64.b64encode(encode_image(size=(16, 12))).decode()
+GOOD = CREDENTIALS
+APPID, SECRET_ID, SECRET_KEY = GOOD.appid, GOOD.secret_id, GOOD.secret_key
 
 
 @dataclass
@@ -71,7 +63,7 @@ def verbose_server_log(tmp_path_factory) -> ServerLog:
             write_credentials(tmp / "creds.json"),
             name="serve",
         )
-        wait_healthy(port, server.popen)
+        wait_healthy(f"http://127.0.0.1:{port}", server.popen)
         secret_in_signature = base64.b64encode(
             b"\0" * 20 + f"a={APPID}&b=&k={SECRET_KEY}&e=9999999999&t=1&r=1&f=".encode()
         ).decode()

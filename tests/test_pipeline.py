@@ -1,30 +1,19 @@
 """batchtag run end to end against a real `batchtag serve` app on loopback."""
 
 import asyncio
-import io
 import json
 import os
-import random
 
 import pytest
-from conftest import run_config
-from PIL import Image
 
 from batchtag import codes, run_batch
-from batchtag.sink import load_records
+from batchtag.records import load_records
+from tests.support import encode_image, noisy_jpeg, run_config
 
 
 def write_jpeg(path, size=(32, 24), color=(20, 120, 200)):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path, "JPEG")
-    return path
-
-
-def noisy_jpeg(path, size):
-    """A JPEG that does not compress: random pixels."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = random.Random(1).randbytes(size[0] * size[1] * 3)
-    Image.frombytes("RGB", size, data).save(path, "JPEG", quality=95)
+    path.write_bytes(encode_image(size=size, color=color))
     return path
 
 
@@ -161,7 +150,8 @@ async def test_torn_final_line_is_repaired_then_completed(serve, creds, tmp_path
 
 async def test_oversized_image_is_downscaled_not_refused(serve, creds, tmp_path):
     server = await serve(max_image_bytes=60_000)
-    big = noisy_jpeg(tmp_path / "big.jpg", (400, 300))
+    big = tmp_path / "big.jpg"
+    big.write_bytes(noisy_jpeg((400, 300), seed=1))
     assert big.stat().st_size > 60_000
     out = tmp_path / "out.jsonl"
     await run_batch(run_config(server, creds, [big], out, max_image_bytes=60_000))
@@ -232,9 +222,19 @@ async def test_summary_json_for_schedulers(serve, creds, tmp_path):
     assert data["exit_code"] == 1 and data["wall_s"] > 0
 
 
-def test_image_decoder_accepts_what_payload_sends():
-    buf = io.BytesIO()
-    Image.new("RGB", (4, 4)).save(buf, "BMP")
-    from batchtag.payload import check_image_bytes
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP"])
+async def test_image_decoder_accepts_what_payload_sends(tmp_path, fmt):
+    """The client's pre-send check and the server's decoder agree on the API's formats: a
+    body built by payload.py decodes on the server to the same pixels."""
+    from batchtag.payload import build_payload
+    from batchtag.server.imaging import DecodeLimits, decode_base64, decode_image
+    from batchtag.sources import Item
 
-    check_image_bytes(buf.getvalue())  # BMP is one of the API's formats
+    path = tmp_path / f"image.{fmt.lower()}"
+    path.write_bytes(encode_image(fmt, size=(8, 6), color=(10, 200, 30)))
+    payload = await build_payload(Item(str(path), "file", str(path)), "1000001", "")
+    data = decode_base64(json.loads(payload.body)["image"], 1 << 20)
+    image = decode_image(data, DecodeLimits(max_image_bytes=1 << 20, max_pixels=1 << 20))
+    assert image.mode == "RGB" and image.size == (8, 6)
+    red, green, blue = image.getpixel((4, 3))
+    assert abs(red - 10) < 8 and abs(green - 200) < 8 and abs(blue - 30) < 8

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import encode_image, signed_headers
 
 from batchtag import codes
 from batchtag.server import RunningServer
 from batchtag.signing import Credentials, sign, sign_plain
+from tests.support import encode_image, signed_headers
 
 OTHER = Credentials(appid="1000002", secret_id="AKIDotherSecretId002", secret_key="other-secret-key-0002")
 URL_MAX_BYTES = 64 * 1024

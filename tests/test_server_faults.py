@@ -13,14 +13,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import DETECT_PATH, encode_image, signed_headers
 from PIL import Image
 
 from batchtag import codes
+from batchtag.api import DETECT_PATH
 from batchtag.server.batcher import Batcher
 from batchtag.server.faults import Fault, FaultInjector
 from batchtag.server.quota import QuotaLimiter
 from batchtag.taggers import Tag, load_tagger, preparer
+from tests.support import encode_image, signed_headers
 
 JPEG = base64.b64encode(encode_image("JPEG")).decode()
 PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "photos"

@@ -7,14 +7,15 @@ import json
 from typing import Any
 
 import aiohttp
-from conftest import DETECT_PATH, TEST_CREDENTIALS, encode_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchtag import codes
+from batchtag.api import DETECT_PATH
 from batchtag.signing import sign
+from tests.support import CREDENTIALS, encode_image
 
-CREDS = TEST_CREDENTIALS  # what the color_server fixture accepts
+CREDS = CREDENTIALS  # what the color_server fixture accepts
 VALID_IMAGE = base64.b64encode(encode_image("PNG", size=(8, 8))).decode()
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)

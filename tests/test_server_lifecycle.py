@@ -12,10 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import encode_image, signed_headers
 
 from batchtag import codes
 from batchtag.server import load_credentials_file, throwaway_credentials
+from tests.support import encode_image, signed_headers
 
 SECRET = "very-secret-key-value"
 

@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import DETECT_PATH, encode_image, signed_headers
 from PIL import Image
 
 from batchtag import codes
+from batchtag.api import DETECT_PATH
 from batchtag.server import RunningServer, urlfetch
 from batchtag.server.app import STATE
 from batchtag.signing import Credentials
+from tests.support import encode_image, signed_headers
 
 
 async def start_site(app: web.Application, host: str = "127.0.0.1") -> tuple[web.AppRunner, str]:
@@ -278,7 +279,7 @@ async def test_a_client_that_disconnects_mid_body_is_not_an_internal_error(serve
     host, port = server.url.removeprefix("http://").split(":")
     _reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(
-        b"POST /v1/detection/imagetag_detect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST " + DETECT_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: 100000\r\n\r\n" + b'{"appid": "1", "image": "AAAA'
     )
     await writer.drain()

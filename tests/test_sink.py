@@ -4,7 +4,6 @@ import os
 
 import pytest
 
-from batchtag.keyset import MERGE_EVERY, KeySet
 from batchtag.records import Record, read_key_and_status
 from batchtag.sink import SinkError, open_sink, read_checkpoint
 
@@ -32,15 +31,6 @@ async def test_records_round_trip_and_checkpoint_reads_keys(tmp_path):
     assert checkpoint.records == 3 and checkpoint.error_records == 1
     assert "/a.jpg" in checkpoint.done and "/b.jpg" in checkpoint.errors and "/a.jpg" not in checkpoint.errors
     assert 'http://x/y?z=1&w="q"' in checkpoint.done and "/c.jpg" not in checkpoint.done
-
-
-def test_key_reader_handles_escapes_and_foreign_layouts():
-    key = '/photos/路径 "quoted" \\ back\udcff.jpg'  # includes a non-UTF-8 byte (surrogate escape)
-    line = record(key, "error").to_line().decode("utf-8")
-    assert read_key_and_status(line) == (key, "error")
-    assert read_key_and_status('{"status": "ok", "key": "k"}\n') == ("k", "ok")
-    with pytest.raises(ValueError):
-        read_key_and_status("[1, 2]\n")
 
 
 async def test_torn_last_line_is_cut_off_on_open(tmp_path):
@@ -80,13 +70,3 @@ async def test_a_second_run_on_the_same_out_is_refused(tmp_path):
 def test_unwritable_out_is_a_clear_error(tmp_path):
     with pytest.raises(SinkError, match="cannot open"):
         open_sink(str(tmp_path / "no" / "such" / "dir" / "out.jsonl"))
-
-
-def test_keyset_membership_across_merges():
-    keys = KeySet()
-    assert keys.add("a") and not keys.add("a")
-    for i in range(MERGE_EVERY + 10):
-        keys.add(f"k{i}")
-    assert "k0" in keys and f"k{MERGE_EVERY + 9}" in keys and "a" in keys and "zzz" not in keys
-    assert not keys.add("k5") and len(keys) == MERGE_EVERY + 11
-    assert keys.nbytes < 9 * len(keys) + 60 * 100  # about 8 bytes a key once merged

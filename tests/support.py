@@ -1,8 +1,10 @@
-"""Helpers shared by the tests/test_hardening_*.py files: real `batchtag serve` and
-`batchtag run` subprocesses, tiny image trees, and strict checks of OUT.
+"""What the tests (and ``bench/``) share: one credential set, one image factory, one
+subprocess harness for `batchtag serve` / `batchtag run`, and strict checks of OUT.
 
 Every subprocess is started through a ``Spawner`` whose ``close()`` kills what is still
 running (by its own pid), and writes its output to files, never to a pipe nobody reads.
+Waits are on readiness signals (a healthy server, lines in OUT), each bounded in time.
+This module imports no pytest, so the benchmarks can use it too.
 """
 
 from __future__ import annotations
@@ -18,43 +20,151 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-APPID = "1000001"
-SECRET_ID = "AKIDhardeningSecretId01"
-SECRET_KEY = "HARDENING-secret-key-5b1e0c9d"
+from batchtag import api
+from batchtag.config import RunConfig
+from batchtag.signing import Credentials, sign
+
+# The one credential set of the suite. The key is distinctive so a test that searches
+# logs, records and errors for it cannot match by accident.
+CREDENTIALS = Credentials(
+    appid="1000001", secret_id="AKIDtestSecretId0001", secret_key="SUPERSECRET-test-key-7f3a9c"
+)
 
 
-def write_credentials(path: Path, secret_key: str = SECRET_KEY) -> Path:
-    path.write_text(
-        json.dumps({"credentials": [{"appid": APPID, "secret_id": SECRET_ID, "secret_key": secret_key}]})
-    )
+# --- credentials and signed requests -----------------------------------------------------------
+
+
+def write_credentials(path: Path, credentials: Credentials = CREDENTIALS) -> Path:
+    """A `batchtag serve --credentials` file (JSON), readable only by its owner."""
+    entry = {
+        "appid": credentials.appid,
+        "secret_id": credentials.secret_id,
+        "secret_key": credentials.secret_key,
+    }
+    path.write_text(json.dumps({"credentials": [entry]}))
+    path.chmod(0o600)
     return path
 
 
+def credentials_env(credentials: Credentials = CREDENTIALS) -> dict[str, str]:
+    """The environment variables `batchtag run` reads its credentials from (never argv)."""
+    return {
+        "BATCHTAG_APPID": credentials.appid,
+        "BATCHTAG_SECRET_ID": credentials.secret_id,
+        "BATCHTAG_SECRET_KEY": credentials.secret_key,
+    }
+
+
+def signed_headers(creds: Credentials = CREDENTIALS, bucket: str = "", **sign_options: Any) -> dict[str, str]:
+    """Headers for one API request; ``sign_options`` go to ``signing.sign`` (ttl, now, rand)."""
+    return {"Authorization": sign(creds, bucket, **sign_options), "Content-Type": "application/json"}
+
+
+def run_config(server: Any, creds: Credentials, sources: list[Any], out: Any, **overrides: Any) -> RunConfig:
+    """A RunConfig against ``server`` (anything with a ``url``): the settings end-to-end
+    tests share, overridable."""
+    options: dict[str, Any] = {
+        "sources": [str(s) for s in sources],
+        "out": str(out),
+        "endpoint": server.url,
+        "appid": creds.appid,
+        "secret_id": creds.secret_id,
+        "secret_key": creds.secret_key,
+        "concurrency": 8,
+        "retries": 3,
+        "timeout": 10.0,
+        "progress": False,
+    }
+    return RunConfig(**(options | overrides))
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def encode_image(fmt: str = "JPEG", size: tuple[int, int] = (64, 48), color: Any = (200, 30, 30)) -> bytes:
+    """A solid-colour image file in ``fmt`` (JPEG, PNG, BMP, GIF, ...): the suite's one factory."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def noisy_jpeg(size: tuple[int, int], seed: int = 7) -> bytes:
+    """A real JPEG that does not compress (random pixels): for size limits and resizing."""
+    import random
+
+    pixels = random.Random(seed).randbytes(size[0] * size[1] * 3)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", size, pixels).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def tiny_jpegs(root: Path, n: int, variety: int = 24) -> list[str]:
+    """``n`` small JPEG files (``variety`` distinct contents) in ``root``; their keys, sorted."""
+    root.mkdir(parents=True, exist_ok=True)
+    contents = [
+        encode_image(size=(16, 12), color=(i * 10 % 256, 200 - i * 7 % 200, 60)) for i in range(variety)
+    ]
+    paths = []
+    for i in range(n):
+        path = root / f"img{i:06}.jpg"
+        path.write_bytes(contents[i % variety])
+        paths.append(str(path))
+    return sorted(paths)
+
+
+def hard_links(targets: Path | list[Path], directory: Path, n: int, prefix: str = "l") -> list[str]:
+    """``n`` hard links to ``targets`` (in turn) in ``directory``: distinct keys, few inodes.
+    (ext4 allows 65,000 links to one inode: give several targets for more.)"""
+    targets = targets if isinstance(targets, list) else [targets]
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = os.path.join(directory, f"{prefix}{i:06}.jpg")
+        os.link(targets[i % len(targets)], path)
+        paths.append(path)
+    return sorted(paths)
+
+
+# --- subprocesses: the one harness ----------------------------------------------------------------
+
+
+def batchtag_command(*args: Any, module: str = "batchtag") -> list[str]:
+    """argv for `batchtag ARGS` in this interpreter (``module`` = bench.peak wraps it)."""
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
-def command(*args: Any) -> list[str]:
-    return [sys.executable, "-m", "batchtag", *map(str, args)]
-
-
-def run_flags(url: str, secret_key: str = SECRET_KEY) -> list[str]:
-    """The `batchtag run` flags that point at a subprocess server started by ``Spawner.serve``."""
-    return ["--endpoint", url, "--appid", APPID, "--secret-id", SECRET_ID, "--secret-key", secret_key]
+def run_flags(url: str, credentials: Credentials = CREDENTIALS) -> list[str]:
+    """`batchtag run` flags pointing at a server started by ``Spawner.serve``. (Tests of
+    the flags themselves use this; credentials_env keeps the key out of argv.)"""
+    return [
+        "--endpoint",
+        url,
+        "--appid",
+        credentials.appid,
+        "--secret-id",
+        credentials.secret_id,
+        "--secret-key",
+        credentials.secret_key,
+    ]
 
 
 def run_cli(*args: Any, timeout: float = 120, env: dict[str, str] | None = None, **kwargs: Any):
-    """`batchtag ...` to completion; output captured as text."""
+    """`batchtag ARGS` to completion; output captured as text."""
     return subprocess.run(
-        command(*args),
+        batchtag_command(*args),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -68,18 +178,29 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return response.status, response.read()
 
 
-def wait_healthy(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, alive: Any = None) -> None:
+    """Poll ``condition`` until true; fail after ``timeout`` s or when the process ``alive``
+    (anything with ``poll()``) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited early with {proc.returncode}")
-        try:
-            if http_get(f"http://127.0.0.1:{port}/healthz", timeout=1)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("server did not become healthy")
+        if condition():
+            return
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"process exited ({alive.poll()}) before {what}")
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def is_healthy(url: str) -> bool:
+    try:
+        return http_get(url + api.HEALTH_PATH, timeout=1)[0] == 200
+    except OSError:
+        return False
+
+
+def wait_healthy(url: str, proc: Any = None, timeout: float = 60.0) -> None:
+    """Until ``url``'s /healthz answers 200 (the tagger is loaded)."""
+    wait_until(lambda: is_healthy(url), timeout, f"{url} to be healthy", alive=proc)
 
 
 @dataclass
@@ -121,19 +242,26 @@ class Proc:
 
 
 class Spawner:
-    """Starts subprocesses with output in ``workdir``; ``close()`` kills the survivors."""
+    """Starts `batchtag` subprocesses with output in ``workdir``; ``close()`` kills the survivors."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.started: list[Proc] = []
 
-    def start(self, *args: Any, name: str = "proc", env: dict[str, str] | None = None, **kwargs: Any) -> Proc:
+    def start(
+        self,
+        *args: Any,
+        name: str = "proc",
+        env: dict[str, str] | None = None,
+        module: str = "batchtag",
+        **kwargs: Any,
+    ) -> Proc:
         index = len(self.started)
         out = self.workdir / f"{name}-{index}.out"
         err = self.workdir / f"{name}-{index}.err"
         with open(out, "wb") as stdout, open(err, "wb") as stderr:
             popen = subprocess.Popen(
-                command(*args),
+                batchtag_command(*args, module=module),
                 stdout=stdout,
                 stderr=stderr,
                 stdin=subprocess.DEVNULL,
@@ -152,48 +280,15 @@ class Spawner:
         proc = self.start(
             "serve", "--tagger", "color", "--port", port, "--credentials", credentials, *extra, name=name
         )
-        wait_healthy(port, proc.popen)
-        return proc, f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc.popen)
+        return proc, url
 
     def close(self) -> None:
         for proc in reversed(self.started):
             if proc.poll() is None:
                 proc.popen.kill()
                 proc.popen.wait(timeout=15)
-
-
-# --- images ---------------------------------------------------------------------------------
-
-
-def jpeg_bytes(size: tuple[int, int] = (16, 12), color: tuple[int, int, int] = (20, 120, 200)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-def tiny_jpegs(root: Path, n: int, variety: int = 24) -> list[str]:
-    """``n`` small JPEG files (``variety`` distinct contents); their keys, sorted."""
-    root.mkdir(parents=True, exist_ok=True)
-    contents = [jpeg_bytes(color=(i * 10 % 256, 200 - i * 7 % 200, 60)) for i in range(variety)]
-    paths = []
-    for i in range(n):
-        path = root / f"img{i:06}.jpg"
-        path.write_bytes(contents[i % variety])
-        paths.append(str(path))
-    return sorted(paths)
-
-
-def hard_links(targets: Path | list[Path], directory: Path, n: int, prefix: str = "l") -> list[str]:
-    """``n`` hard links to ``targets`` (in turn) in ``directory``: distinct keys, few inodes.
-    (ext4 allows 65,000 links to one inode: give several targets for more.)"""
-    targets = targets if isinstance(targets, list) else [targets]
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        path = os.path.join(directory, f"{prefix}{i:06}.jpg")
-        os.link(targets[i % len(targets)], path)
-        paths.append(path)
-    return sorted(paths)
 
 
 # --- OUT --------------------------------------------------------------------------------------
@@ -238,6 +333,14 @@ def line_count(path: Path) -> int:
             return handle.read().count(b"\n")
     except FileNotFoundError:
         return 0
+
+
+def wait_for_lines(path: Path, n: int, proc: Any, timeout: float = 60.0) -> None:
+    """Until OUT holds ``n`` complete records: the readiness signal of a running client."""
+    wait_until(lambda: line_count(path) >= n, timeout, f"{n} lines in {path}", alive=proc)
+
+
+# --- servers -----------------------------------------------------------------------------------
 
 
 def vm_rss_kb(pid: int) -> int:

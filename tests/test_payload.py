@@ -1,0 +1,103 @@
+"""Payloads: what is read, refused and sent for one item, before any request is spent."""
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from batchtag import codes
+from batchtag.payload import (
+    INLINE_ENCODE_BYTES,
+    InputError,
+    body_bytes,
+    build_payload,
+    check_image_bytes,
+    read_file,
+    shrink_to_fit,
+)
+from batchtag.sources import Item
+from tests.support import encode_image, noisy_jpeg
+
+
+def file_item(path) -> Item:
+    return Item(str(path), "file", str(path))
+
+
+def test_body_is_the_api_json_with_and_without_bucket():
+    assert json.loads(body_bytes("1000001", "", "image", b"QUJD")) == {"appid": "1000001", "image": "QUJD"}
+    with_bucket = json.loads(body_bytes("1000001", "b1", "url", b"http://x/a.jpg"))
+    assert with_bucket == {"appid": "1000001", "bucket": "b1", "url": "http://x/a.jpg"}
+
+
+async def test_file_payload_carries_the_exact_bytes_base64_encoded(tmp_path):
+    image = encode_image("PNG")
+    (tmp_path / "a.png").write_bytes(image)
+    payload = await build_payload(file_item(tmp_path / "a.png"), "1000001", "")
+    assert base64.b64decode(json.loads(payload.body)["image"]) == image
+    assert payload.notes == {}
+
+
+async def test_big_file_encoded_off_the_loop_gives_the_same_body(tmp_path):
+    image = noisy_jpeg((600, 400))
+    assert len(image) > INLINE_ENCODE_BYTES
+    (tmp_path / "big.jpg").write_bytes(image)
+    payload = await build_payload(file_item(tmp_path / "big.jpg"), "1000001", "")
+    assert payload.body == body_bytes("1000001", "", "image", base64.b64encode(image))
+
+
+async def test_oversized_image_is_shrunk_under_the_limit_and_noted(tmp_path):
+    image = noisy_jpeg((600, 400))
+    limit = len(image) // 3
+    (tmp_path / "huge.jpg").write_bytes(image)
+    payload = await build_payload(file_item(tmp_path / "huge.jpg"), "1000001", "", max_image_bytes=limit)
+    sent = base64.b64decode(json.loads(payload.body)["image"])
+    assert len(sent) <= limit
+    note = payload.notes["resized"]
+    assert note["from_bytes"] == len(image) and note["to_bytes"] == len(sent)
+    assert note["from_size"] == [600, 400]
+    with Image.open(io.BytesIO(sent)) as shrunk:
+        assert shrunk.format == "JPEG" and list(shrunk.size) == note["to_size"]
+
+
+async def test_url_payload_is_escaped_json_and_a_bad_url_costs_no_request():
+    url = 'https://example.com/a "b".jpg'
+    payload = await build_payload(Item(url, "url", url), "1000001", "bkt")
+    assert json.loads(payload.body) == {"appid": "1000001", "bucket": "bkt", "url": url}
+    with pytest.raises(InputError) as refused:
+        await build_payload(Item("ftp://x/a.jpg", "url", "ftp://x/a.jpg"), "1000001", "")
+    assert refused.value.code == codes.URL_FORMAT
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("missing.jpg", "file not found"), ("folder", "is a directory"), ("nul\0.jpg", "invalid path")],
+)
+async def test_unreadable_files_are_input_errors(tmp_path, name, message):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(InputError, match=message) as refused:
+        await read_file(str(tmp_path / name))
+    assert refused.value.code == codes.CLIENT_INPUT_ERROR
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [(b"", codes.IMAGE_EMPTY), (encode_image("GIF"), codes.IMAGE_FORMAT), (b"hello", codes.IMAGE_FORMAT)],
+)
+def test_bytes_the_api_would_refuse_are_caught_before_sending(data, code):
+    with pytest.raises(InputError) as refused:
+        check_image_bytes(data)
+    assert refused.value.code == code
+
+
+def test_accepted_formats_pass_the_check():
+    for fmt in ("JPEG", "PNG", "BMP"):
+        check_image_bytes(encode_image(fmt))
+
+
+def test_an_oversized_file_that_cannot_be_decoded_is_a_decode_error():
+    header_only = encode_image()[:40] + b"\0" * 4000
+    with pytest.raises(InputError) as refused:
+        shrink_to_fit(header_only, 1000)
+    assert refused.value.code == codes.IMAGE_DECODE_FAILED

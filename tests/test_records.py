@@ -1,0 +1,120 @@
+"""The record module: the OUT line layout, written and read back (fast key reader and the
+whole-record reader other tools use)."""
+
+import json
+
+import pytest
+
+from batchtag.records import (
+    Record,
+    iter_keys_and_status,
+    iter_valid_records,
+    load_records,
+    parse_record,
+    read_key_and_status,
+    read_key_bytes_and_status,
+)
+
+
+def record(key, status="ok", **extra):
+    code = 0 if status == "ok" else -1400
+    return Record(key, "file", status, code, "m", [{"tag_name": "猫", "tag_confidence": 9}], 1, extra)
+
+
+def test_line_is_compact_json_with_key_source_status_first_and_extras_last():
+    line = record("/a.jpg", elapsed_ms=12).to_line()
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert line.startswith(b'{"key":"/a.jpg","source":"file","status":"ok","code":0,')
+    data = json.loads(line)
+    assert list(data)[-1] == "elapsed_ms" and data["tags"] == [{"tag_name": "猫", "tag_confidence": 9}]
+    assert "猫".encode() in line  # UTF-8, not \\u escapes
+
+
+def test_round_trip_keeps_every_field_including_undecodable_names():
+    original = record('/photos/caf\udce9 "q".jpg', "error", resized={"from_bytes": 9})
+    line = original.to_line()
+    line.decode("utf-8")  # the file stays valid UTF-8
+    assert parse_record(line) == original
+
+
+def test_key_reader_handles_escapes_and_foreign_layouts():
+    key = '/photos/路径 "quoted" \\ back\udcff.jpg'  # includes a non-UTF-8 byte (surrogate escape)
+    line = record(key, "error").to_line().decode("utf-8")
+    assert read_key_and_status(line) == (key, "error")
+    assert read_key_and_status('{"status": "ok", "key": "k"}\n') == ("k", "ok")
+    with pytest.raises(ValueError):
+        read_key_and_status("[1, 2]\n")
+
+
+def test_byte_key_reader_agrees_with_the_string_reader():
+    for key in ("/plain.jpg", 'http://x/y?z=1&w="q"', "/路径/back\\slash.jpg", "/caf\udce9.jpg"):
+        for status in ("ok", "error"):
+            line = record(key, status).to_line()
+            assert read_key_bytes_and_status(line) == (key.encode("utf-8", "surrogatepass"), status)
+
+
+def test_fast_scan_yields_key_bytes_and_error_flag_and_reports_bad_lines():
+    lines = [
+        record("/a").to_line(),
+        b"not json\n",
+        record("/b\\c", "error").to_line(),  # escaped key: the general path
+        b'{"status": "error", "key": "/d"}\n',  # another layout: still read
+        b"[1]\n",
+    ]
+    bad = []
+    assert list(iter_keys_and_status(lines, bad.append)) == [
+        (b"/a", False),
+        (b"/b\\c", True),
+        (b"/d", True),
+    ]
+    assert bad == [2, 5]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"{broken\n",
+        b"[1, 2]\n",
+        b'{"key": "/x", "source": "file", "status": "ok", "code": 0}\n',  # no message
+        b'{"key": 5, "source": "file", "status": "ok", "code": 0, "message": "m"}\n',
+        b'{"key": "/x", "source": "file", "status": "maybe", "code": 0, "message": "m"}\n',
+        b'{"key": "/x", "source": "file", "status": "ok", "code": true, "message": "m"}\n',
+        b'{"key": "/x", "source": "file", "status": "ok", "code": 0, "message": "m", "tags": 3}\n',
+        b"\xff\xfe\n",
+    ],
+)
+def test_parse_record_refuses_what_is_not_a_valid_record(line):
+    assert parse_record(line) is None
+
+
+def test_iter_valid_records_one_per_key_last_complete_wins_broken_and_torn_skipped(tmp_path):
+    out = tmp_path / "out.jsonl"
+    first_b = record("/b", "error")
+    later_b = record("/b", elapsed_ms=5)
+    torn_a = record("/a", "error").to_line()[:-8]
+    out.write_bytes(
+        record("/a").to_line()
+        + first_b.to_line()
+        + b"{garbage\n"
+        + record("/c").to_line()
+        + later_b.to_line()
+        + b'{"key": "/c", "status": "ok"}\n'  # not valid: must not replace the good /c
+        + torn_a  # torn last line: not complete, must not replace /a
+    )
+    found = list(iter_valid_records(str(out)))
+    assert [r.key for r in found] == ["/a", "/c", "/b"]  # file order of the winning lines
+    assert found[0] == record("/a") and found[2] == later_b
+
+
+def test_iter_valid_records_of_an_empty_or_all_broken_file_yields_nothing(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b"{\n[]\n")
+    assert list(iter_valid_records(str(empty))) == [] == list(iter_valid_records(str(broken)))
+
+
+def test_load_records_hides_nothing(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(record("/a").to_line() + record("/a", "error").to_line())
+    assert [r["status"] for r in load_records(str(out))] == ["ok", "error"]
