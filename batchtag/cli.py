@@ -84,6 +84,12 @@ def add_serve_parser(commands: Any) -> None:
     p.add_argument("--tagger", choices=("model", "color"), default="model")
     p.add_argument("--lang", choices=("zh", "en"), default="zh")
     p.add_argument(
+        "--no-faces",
+        dest="faces",
+        action="store_false",
+        help="model tagger without its face detector (no 人物/合影/人像 tags from faces)",
+    )
+    p.add_argument(
         "--credentials",
         metavar="FILE",
         help="JSON or TOML with a 'credentials' list of {appid, secret_id, secret_key}; "
@@ -191,6 +197,7 @@ def command_serve(args: argparse.Namespace) -> int:
             port=args.port,
             tagger=args.tagger,
             lang=args.lang,
+            faces=args.faces,
             credentials=credentials,
             qps_limit=args.qps_limit,
             inject_latency_ms=args.inject_latency_ms,

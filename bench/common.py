@@ -241,6 +241,7 @@ def serve(
     qps_limit: float | None = None,
     allow_private_urls: bool = False,
     startup_timeout_s: float = 60.0,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[Server]:
     """``batchtag serve`` in a subprocess on a free port with a temporary credentials file."""
     port = free_port()
@@ -263,6 +264,7 @@ def serve(
         args += ["--qps-limit", str(qps_limit)]
     if allow_private_urls:
         args.append("--allow-private-urls")
+    args += extra_args
     log = ctx.work / f"server-{port}.log"
     with open(log, "wb") as log_handle:
         proc = subprocess.Popen(args, stdout=log_handle, stderr=subprocess.STDOUT, cwd=REPO)

@@ -1,5 +1,9 @@
 """Section 5: the local model over HTTP vs the raw batched model, with decode broken out.
 
+The people stage (face detector) is measured against ``serve --no-faces`` in the same run:
+two servers, runs alternating between them, median of the per-repeat throughput ratios
+(goal: the stage costs at most 20 %, ratio >= 0.80).
+
 Raw: ``ImageNetClassifier.predict`` on a preprocessed batch of 16 (the server's max
 batch), in this process with no server running. HTTP: ``batchtag serve --tagger model``
 and ``batchtag run`` on 3000 px and 640 px JPEGs (made from examples/photos). The batch
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import EXAMPLES, Ctx, Row, Section, fmt, median, run_client, serve, write_manifest
+from bench.common import EXAMPLES, Ctx, Row, Section, Server, fmt, median, run_client, serve, write_manifest
 from bench.plots import bar_plot
 
 BATCH = 16
@@ -60,7 +64,7 @@ def run(ctx: Ctx) -> Section:
     section = Section(
         "model", f"5. Local model (--tagger model) over HTTP vs raw batched model (batch {BATCH})"
     )
-    repeats = ctx.pick(1, 3)
+    repeats = ctx.pick(1, 5)
     sets = {
         "3000 px": make_photos(ctx, 3000, ctx.pick(16, 64)),
         "640 px": make_photos(ctx, 640, ctx.pick(32, 192)),
@@ -90,39 +94,48 @@ def run(ctx: Ctx) -> Section:
         )
     )
 
+    faces_raw, faces_rates = raw_face_rate(ctx, decoded)
+    section.add(
+        Row(
+            f"raw people stage: FaceDetector.detect, batch of {BATCH}",
+            len(faces_rates),
+            faces_raw,
+            "img/s",
+            (1 / raw) / (1 / raw + 1 / faces_raw),
+            "classifier alone over classifier + detector, raw",
+            None,
+            "whole photo letterboxed to 128x128, one view per image (people.toml tiles = 1); decoding and NMS included",
+            faces_rates,
+        )
+    )
+
     bars = {"raw model (batch 16)": raw}
-    with serve(ctx, tagger="model", startup_timeout_s=120) as server:
+    with (
+        serve(ctx, tagger="model", startup_timeout_s=120) as server,
+        serve(ctx, tagger="model", startup_timeout_s=120, extra_args=["--no-faces"]) as plain,
+    ):
         for label, paths in sets.items():
             size_kb = paths[0].stat().st_size / 1024
-            decode_ms, prep_ms = time_decode(paths, limits, ctx.pick(3, 8))
-            rates = []
+            decode_ms, prep_ms, faces_ms = time_decode(paths, limits, ctx.pick(3, 8))
+            rates, plain_rates = [], []
             before = server.stats()["batching"]
             manifest = write_manifest(ctx.work / "s5-manifest.txt", paths)
-            for _ in range(repeats):
-                result = run_client(
-                    ctx,
-                    [manifest],
-                    ctx.work / "s5-out.jsonl",
-                    server.url,
-                    "--concurrency",
-                    str(CONCURRENCY),
-                    timeout_s=600,
+            for _ in range(repeats):  # interleaved, so both see the same machine load
+                plain_rates.append(
+                    client_rate(ctx, plain, manifest, len(paths), section, f"{label} --no-faces")
                 )
-                assert result.summary is not None
-                if result.summary["ok"] != len(paths):
-                    section.notes.append(
-                        f"{label}: {result.summary['ok']} of {len(paths)} ok ({result.summary['by_code']})"
-                    )
-                rates.append(result.summary["ok"] / result.summary["wall_s"])
+                rates.append(client_rate(ctx, server, manifest, len(paths), section, label))
             after = server.stats()["batching"]
             batches = after["batches"] - before["batches"]
             images = after["images"] - before["images"]
             mean_batch = images / batches if batches else 0.0
-            rate = median(rates)
+            rate, plain_rate = median(rates), median(plain_rates)
             bars[f"HTTP {label}"] = rate
+            bars[f"HTTP {label} --no-faces"] = plain_rate
+            what = f"{label} JPEGs (~{size_kb:,.0f} KiB, {len(paths)} a run, C={CONCURRENCY})"
             section.add(
                 Row(
-                    f"HTTP, {label} JPEGs (~{size_kb:,.0f} KiB, {len(paths)} a run, C={CONCURRENCY})",
+                    f"HTTP, {what}",
                     repeats,
                     rate,
                     "img/s",
@@ -130,8 +143,27 @@ def run(ctx: Ctx) -> Section:
                     "ratio to raw model",
                     None,
                     f"mean batch {mean_batch:.1f} (max {after['max_batch_size']}); server decode {fmt(decode_ms)} ms/img "
-                    f"+ preprocess {fmt(prep_ms)} ms/img (1 thread); model {1000 / raw:.1f} ms/img batched",
+                    f"+ preprocess {fmt(prep_ms)} ms/img + face views {fmt(faces_ms)} ms/img (1 thread); "
+                    f"model {1000 / raw:.1f} ms/img batched",
                     rates,
+                )
+            )
+            section.add(
+                Row(f"HTTP, {what}, --no-faces", repeats, plain_rate, "img/s", plain_rate / raw, "ratio to raw model",
+                    samples=plain_rates)
+            )  # fmt: skip
+            paired = [w / wo for w, wo in zip(rates, plain_rates, strict=True)]
+            section.add(
+                Row(
+                    f"people stage, {label}: with faces over --no-faces",
+                    repeats,
+                    median(paired),
+                    "",
+                    median(paired),
+                    ">= 0.80",
+                    median(paired) >= 0.80,
+                    "median of the per-repeat ratios (the two servers run alternately)",
+                    paired,
                 )
             )
     section.notes.append(
@@ -149,12 +181,13 @@ def run(ctx: Ctx) -> Section:
     return section
 
 
-def time_decode(paths: list[Path], limits: object, count: int) -> tuple[float, float]:
-    """Median ms per image of the server's decode and of the model's preprocessing."""
+def time_decode(paths: list[Path], limits: object, count: int) -> tuple[float, float, float]:
+    """Median ms per image of the server's decode, the classifier's preprocessing and the face views."""
     from batchtag.server.imaging import decode_image
+    from batchtag.taggers.faces import prepare_views
     from batchtag.taggers.imagenet import ImageNetClassifier
 
-    decode, prep = [], []
+    decode, prep, views = [], [], []
     for path in paths[:count]:
         data = path.read_bytes()
         started = time.perf_counter()
@@ -162,6 +195,42 @@ def time_decode(paths: list[Path], limits: object, count: int) -> tuple[float, f
         middle = time.perf_counter()
         ImageNetClassifier.preprocess(image)
         done = time.perf_counter()
+        prepare_views(image)
         decode.append((middle - started) * 1000)
         prep.append((done - middle) * 1000)
-    return median(decode), median(prep)
+        views.append((time.perf_counter() - done) * 1000)
+    return median(decode), median(prep), median(views)
+
+
+def client_rate(ctx: Ctx, server: Server, manifest: Path, count: int, section: Section, label: str) -> float:
+    """Images/s of one ``batchtag run`` over ``manifest`` against ``server``."""
+    result = run_client(
+        ctx,
+        [manifest],
+        ctx.work / "s5-out.jsonl",
+        server.url,
+        "--concurrency",
+        str(CONCURRENCY),
+        timeout_s=600,
+    )
+    assert result.summary is not None
+    if result.summary["ok"] != count:
+        section.notes.append(f"{label}: {result.summary['ok']} of {count} ok ({result.summary['by_code']})")
+    return result.summary["ok"] / result.summary["wall_s"]
+
+
+def raw_face_rate(ctx: Ctx, decoded: list[Image.Image]) -> tuple[float, list[float]]:
+    """Images/s of the face detector (network, decoding, NMS) on a batch of prepared views."""
+    from batchtag.taggers.faces import FaceDetector, prepare_views
+    from batchtag.taggers.people import PeopleRules
+
+    settings = PeopleRules.load().detector
+    detector = FaceDetector(settings=settings)
+    views = [prepare_views(image, settings) for image in decoded]
+    detector.detect(views)  # warm-up
+    rates = []
+    for _ in range(ctx.pick(2, 10)):
+        started = time.perf_counter()
+        detector.detect(views)
+        rates.append(len(views) / (time.perf_counter() - started))
+    return median(rates), rates

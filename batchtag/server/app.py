@@ -83,7 +83,7 @@ STATE = web.AppKey("batchtag_state", ServerState)
 
 def create_app(config: ServeConfig, tagger: Tagger | None = None) -> web.Application:
     """The API server for ``config``; loads the configured tagger unless one is given."""
-    tagger = tagger if tagger is not None else load_tagger(config.tagger, config.lang)
+    tagger = tagger if tagger is not None else load_tagger(config.tagger, config.lang, config.faces)
     state = ServerState(
         config=config,
         tagger=tagger,

@@ -22,6 +22,7 @@ class ServeConfig:
     port: int = 8080  # 0 = pick a free port
     tagger: str = "model"  # "model" | "color"
     lang: str = "zh"  # "zh" | "en"
+    faces: bool = True  # the model tagger's people stage (face detector); off: --no-faces
     credentials: list[Credentials] = field(default_factory=list)
     qps_limit: float | None = None  # per appid; None = unlimited
     inject_latency_ms: float = 0.0

@@ -54,8 +54,11 @@ TAGGERS = ("model", "color")
 LANGS = ("zh", "en")
 
 
-def load_tagger(name: str, lang: str = "zh") -> Tagger:
-    """Build the tagger ``batchtag serve --tagger NAME --lang LANG`` uses."""
+def load_tagger(name: str, lang: str = "zh", faces: bool = True) -> Tagger:
+    """Build the tagger ``batchtag serve --tagger NAME --lang LANG`` uses.
+
+    ``faces=False`` (``serve --no-faces``) leaves out the model tagger's people stage.
+    """
     if name == "color":
         from batchtag.taggers.color import ColorTagger
 
@@ -63,5 +66,5 @@ def load_tagger(name: str, lang: str = "zh") -> Tagger:
     if name == "model":
         from batchtag.taggers.model import ModelTagger
 
-        return ModelTagger(lang=lang)
+        return ModelTagger(lang=lang, faces=faces)
     raise ValueError(f"unknown tagger {name!r}; choose one of {', '.join(TAGGERS)}")

@@ -1,22 +1,35 @@
-"""The real tagger: EfficientNet-Lite0 (ONNX Runtime) + the label rules.
+"""The real tagger: EfficientNet-Lite0 + the label rules, and BlazeFace + the people rules.
 
 The classifier gives ImageNet probabilities; the rules turn them into labels people search
-for (猫, 咖啡) and broad categories (动物, 食物).
+for (猫, 咖啡) and broad categories (动物, 食物). ImageNet has no person class, so a face
+detector adds 人物 / 合影 / 人像 (``people.py``, thresholds in ``data/people.toml``).
 
-``prepare`` (resize, centre crop, normalise) runs per request in the server's decode
-threads; ``tag_batch`` only stacks the prepared inputs and runs the model once.
+``prepare`` (the classifier's resize, crop and normalise, and the detector's letterboxed
+views of the same decoded image) runs per request in the server's decode threads;
+``tag_batch`` only stacks the prepared inputs and runs each model once for the batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from batchtag.taggers import Tag
-from batchtag.taggers.imagenet import RESIZE_SIZE, ImageNetClassifier
+from batchtag.taggers.faces import FaceDetector, Views, prepare_views
+from batchtag.taggers.imagenet import RESIZE_SIZE, ImageNetClassifier, to_rgb
+from batchtag.taggers.people import PeopleRules
 from batchtag.taggers.rules import LabelRules
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image made ready for both models; ``faces`` is None when the people stage is off."""
+
+    classifier_input: np.ndarray  # (3, 224, 224) float32
+    faces: Views | None
 
 
 class ModelTagger:
@@ -25,18 +38,37 @@ class ModelTagger:
     input_size = RESIZE_SIZE
     max_batch = 16
 
-    def __init__(self, lang: str = "zh", classifier: ImageNetClassifier | None = None) -> None:
+    def __init__(
+        self,
+        lang: str = "zh",
+        classifier: ImageNetClassifier | None = None,
+        faces: bool = True,
+        detector: FaceDetector | None = None,
+    ) -> None:
         self.classifier = classifier or ImageNetClassifier()
         self.rules = LabelRules.load(lang)
+        self.people = PeopleRules.load(lang) if faces else None
+        self.detector = None
+        if self.people is not None:
+            self.detector = detector or FaceDetector(settings=self.people.detector)
 
-    def prepare(self, image: Image.Image) -> np.ndarray:
-        """The (3, 224, 224) float32 network input for one image (thread-safe)."""
-        return self.classifier.preprocess(image)
+    def prepare(self, image: Image.Image) -> Prepared:
+        """The network inputs for one image (thread-safe)."""
+        image = to_rgb(image)
+        views = prepare_views(image, self.people.detector) if self.people is not None else None
+        return Prepared(self.classifier.preprocess(image), views)
 
     def tag_batch(self, items: list[Any]) -> list[list[Tag]]:
         """Tags for prepared inputs (from ``prepare``); plain images are prepared here."""
         if not items:
             return []
-        inputs = [item if isinstance(item, np.ndarray) else self.prepare(item) for item in items]
-        probs = self.classifier.predict(np.stack(inputs))
-        return self.rules.tags_batch(probs)  # type: ignore[return-value]
+        prepared = [item if isinstance(item, Prepared) else self.prepare(item) for item in items]
+        probs = self.classifier.predict(np.stack([p.classifier_input for p in prepared]))
+        tags: list[list[Tag]] = self.rules.tags_batch(probs)  # type: ignore[assignment]
+        if self.people is None or self.detector is None:
+            return tags
+        faces = self.detector.detect([p.faces for p in prepared if p.faces is not None])
+        return [
+            self.people.merge(found, classifier_tags, self.rules.max_tags)
+            for found, classifier_tags in zip(faces, tags, strict=True)
+        ]
