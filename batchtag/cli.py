@@ -1,8 +1,7 @@
 """The command line: ``batchtag run`` and ``batchtag serve``, a thin layer over the API.
 
-Exit status (CONTRACT.md): 0 every item ok; 1 finished with failed items; 2 usage or
-configuration error (one line on stderr, no traceback); 130 interrupted (Ctrl-C/SIGTERM)
-after flushing what was done.
+Exit statuses come from one table, ``errors.EXIT_STATUS`` (README.md, "Exit status"):
+usage and configuration errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,12 +15,13 @@ import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from batchtag import __version__
+from batchtag.errors import EXIT_STATUS, Outcome, UsageError, exit_status
 
 if TYPE_CHECKING:
     from batchtag.config import RunConfig
     from batchtag.progress import Summary
 
-EXIT_OK, EXIT_FAILED_ITEMS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_USAGE = EXIT_STATUS[UsageError]
 
 log = logging.getLogger("batchtag")
 
@@ -161,18 +161,16 @@ async def run_until_signalled(config: RunConfig) -> Summary:
 def command_run(args: argparse.Namespace) -> int:
     # Imported here, after the early SIGTERM handler: numpy and aiohttp take a while to load.
     try:
-        from batchtag.config import ConfigError, build_config
-        from batchtag.sink import SinkError
-        from batchtag.sources import SourceError
+        from batchtag.config import build_config
 
         config = build_config(run_flags(args), args.config)
         summary = asyncio.run(run_until_signalled(config))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("batchtag: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (ConfigError, SourceError, SinkError) as exc:
-        print(f"batchtag: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_status(Outcome.INTERRUPTED)
+    except UsageError as exc:
+        print(f"batchtag: error: {exc.message}", file=sys.stderr)
+        return exit_status(exc)
     print(summary.render(), file=sys.stderr)
     return summary.exit_code
 
@@ -210,7 +208,7 @@ def command_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"batchtag: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return EXIT_OK
+    return exit_status(Outcome.ALL_OK)
 
 
 def main(argv: list[str] | None = None) -> int:

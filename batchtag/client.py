@@ -8,7 +8,9 @@ with exponential backoff and jitter (tenacity), permanent ones end the item at o
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ from tenacity import (
 )
 
 from batchtag import api, codes, signing
+from batchtag.errors import ApiFailure
 from batchtag.ratelimit import AdaptiveRateLimiter
 
 
@@ -33,26 +36,6 @@ class RetryPolicy:
     initial_wait_s: float = 0.2
     max_wait_s: float = 20.0
     jitter_s: float = 0.5
-
-
-class ApiFailure(Exception):
-    """One attempt failed: an API error code, an HTTP status, or a transport problem."""
-
-    def __init__(self, code: int, message: str, http_status: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.http_status = http_status
-
-    @property
-    def transient(self) -> bool:
-        if self.code == codes.CLIENT_HTTP_ERROR and self.http_status is not None:
-            return codes.is_transient_http(self.http_status)
-        return codes.is_transient(self.code)
-
-    @property
-    def rate_limited(self) -> bool:
-        return codes.is_rate_limit(self.code, self.http_status)
 
 
 @dataclass
@@ -163,3 +146,21 @@ class TagClient:
                 codes.CLIENT_TRANSPORT_ERROR, f"connection failed: {exc or type(exc).__name__}"
             ) from None
         return parse_answer(status, payload)
+
+
+@contextlib.asynccontextmanager
+async def open_tag_client(
+    endpoint: str,
+    credentials: signing.Credentials,
+    bucket: str,
+    limiter: AdaptiveRateLimiter,
+    policy: RetryPolicy,
+    concurrency: int,
+    timeout_s: float,
+) -> AsyncIterator[TagClient]:
+    """A TagClient on its own session: one connection per request in flight, at most, and
+    ``timeout_s`` for each whole request."""
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        yield TagClient(session, endpoint, credentials, bucket, limiter, policy)

@@ -1,7 +1,7 @@
 """The image-tag API's result codes: the one table both client and server read.
 
-Every code the provider documents (API-NOTES.md) is here with its message and whether a
-client should try again. The server answers with these messages; the client's retry policy
+Every code the provider documents is here with its message and whether a client should
+try again (docs/api.md prints this table). The server answers with these messages; the client's retry policy
 asks ``is_transient``. HTTP statuses and transport failures, which carry no API code, are
 classified in the same place so the retry decision lives in exactly one table.
 """
@@ -125,6 +125,19 @@ CLIENT_CODES: dict[int, CodeInfo] = {
     )
 }
 
+# Codes of errors that stop a whole run (exit 2) rather than end one item: they appear in
+# no record, only on the error objects (errors.UsageError), so every error has a code.
+RUN_USAGE_ERROR = -9020  # bad settings or an unusable SOURCE argument
+RUN_OUT_ERROR = -9021  # OUT cannot be opened, locked or written
+
+RUN_CODES: dict[int, CodeInfo] = {
+    info.code: info
+    for info in (
+        CodeInfo(RUN_USAGE_ERROR, "usage or configuration error", P),
+        CodeInfo(RUN_OUT_ERROR, "OUT cannot be opened, locked or written", P),
+    )
+}
+
 # HTTP statuses without an API code: worth retrying when the server or a proxy is
 # overloaded or restarting, never when the request itself is wrong.
 TRANSIENT_HTTP_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -132,7 +145,7 @@ TRANSIENT_HTTP_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 def describe(code: int) -> CodeInfo:
     """The table's row for ``code``; unknown codes are permanent (we cannot know better)."""
-    info = API_CODES.get(code) or CLIENT_CODES.get(code)
+    info = API_CODES.get(code) or CLIENT_CODES.get(code) or RUN_CODES.get(code)
     return info or CodeInfo(code, f"unknown code {code}", P)
 
 

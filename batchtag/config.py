@@ -8,14 +8,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from batchtag import api
+from batchtag.errors import ConfigError
 
 LOCAL = "local"
 ENV_PREFIX = "BATCHTAG_"
 ENV_FIELDS = ("appid", "secret_id", "secret_key", "bucket", "endpoint")
-
-
-class ConfigError(Exception):
-    """Bad settings: one clear line for the user, exit 2."""
 
 
 @dataclass

@@ -19,18 +19,11 @@ import aiofiles
 from PIL import Image, UnidentifiedImageError
 
 from batchtag import api, codes
+from batchtag.errors import InputError
 from batchtag.sources import Item, url_problem
 
 INLINE_ENCODE_BYTES = 256 * 1024  # bigger images are base64-encoded off the event loop
 RESIZE_QUALITY = 88
-
-
-class InputError(Exception):
-    """The item itself is bad; ``code`` goes into its error record."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass

@@ -11,7 +11,9 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from batchtag import codes
+from batchtag.errors import Outcome, exit_status
 from batchtag.records import Record
+from batchtag.resume import Skipped
 
 
 @dataclass
@@ -41,15 +43,25 @@ class Summary:
         if "resized" in record.extra:
             self.resized += 1
 
+    def skip(self, skipped: Skipped) -> None:
+        """Count what the resume filter passed over (called on the event loop)."""
+        self.skipped_done += skipped.done
+        self.previous_errors += skipped.previous_errors
+        self.duplicates += skipped.duplicates
+
     @property
     def items_per_s(self) -> float:
         return self.done / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
-    def exit_code(self) -> int:
+    def outcome(self) -> Outcome:
         if self.interrupted:
-            return 130
-        return 1 if self.errors or self.previous_errors else 0
+            return Outcome.INTERRUPTED
+        return Outcome.SOME_FAILED if self.errors or self.previous_errors else Outcome.ALL_OK
+
+    @property
+    def exit_code(self) -> int:
+        return exit_status(self.outcome)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -112,6 +124,8 @@ class Progress:
         self.enabled = enabled
 
     def set_total(self, total: int) -> None:
+        """The number of items this run will write: known once the sources are all read
+        (the walk that yields the items counts them; there is no second walk)."""
         if self.enabled:
             self._bar.total = total
             self._bar.refresh()

@@ -9,15 +9,19 @@ without parsing whole records.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from batchtag import codes
 from batchtag.keyset import fingerprint
+
+log = logging.getLogger("batchtag")
 
 Status = Literal["ok", "error"]
 SourceKind = Literal["file", "url"]
@@ -66,6 +70,44 @@ class Record:
         known = ("key", "source", "status", "code", "message", "tags", "attempts")
         extra = {k: v for k, v in data.items() if k not in known}
         return cls(**{k: data[k] for k in known if k in data}, extra=extra)
+
+
+class ItemLike(Protocol):
+    """What a record needs of an item (``sources.Item``)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def kind(self) -> SourceKind: ...
+
+
+class AnswerLike(Protocol):
+    """What a record needs of the API's answer (``client.Answer``)."""
+
+    code: int
+    message: str
+    tags: list[dict[str, Any]]
+    attempts: int
+
+
+def result_record(item: ItemLike, answer: AnswerLike, notes: dict[str, Any], elapsed_ms: int) -> Record:
+    """The record of an item the API answered (after retries): ok, or its last failure."""
+    status: Status = "ok" if answer.code == codes.OK else "error"
+    extra = {**notes, "elapsed_ms": elapsed_ms}
+    return Record(
+        item.key, item.kind, status, answer.code, answer.message, answer.tags, answer.attempts, extra
+    )
+
+
+def error_record(item: ItemLike, code: int, message: str) -> Record:
+    """The record of an item that failed before any request (bad input, bad manifest line)."""
+    return Record(item.key, item.kind, "error", code, message, [], 0)
+
+
+def internal_error_record(item: ItemLike, exc: BaseException) -> Record:
+    """A bug costs one item, not the run: logged with its traceback, recorded without it."""
+    log.error("internal error on %s", item.key, exc_info=exc)
+    return error_record(item, codes.CLIENT_INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
 
 
 KEY_START = b'{"key":"'

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from batchtag import codes
+from batchtag.errors import SignatureError
 
 DIGEST_SIZE = 20  # SHA-1
 DEFAULT_TTL_SECONDS = 600
@@ -62,14 +63,6 @@ def sign(
     rand = secrets.randbelow(2**31) if rand is None else rand
     plain = plain_text(creds.appid, bucket, creds.secret_id, now + ttl, now, rand)
     return sign_plain(creds.secret_key, plain)
-
-
-class SignatureError(Exception):
-    """A signature the server must refuse; ``code`` is the API's answer."""
-
-    def __init__(self, code: int, detail: str = "") -> None:
-        super().__init__(detail or codes.message(code))
-        self.code = code
 
 
 @dataclass(frozen=True)

@@ -15,35 +15,17 @@ import fcntl
 import logging
 import os
 import tempfile
+import threading
 import time
-from array import array
-from dataclasses import dataclass, field
 from typing import BinaryIO
 
-import numpy as np
-
-from batchtag.keyset import KeySet, fingerprint_bytes
-from batchtag.records import Record, iter_keys_and_status, read_key_bytes_and_status
+from batchtag.errors import SinkError
+from batchtag.records import Record, read_key_bytes_and_status
+from batchtag.resume import Checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 FSYNC_INTERVAL_S = 2.0
-
-
-class SinkError(Exception):
-    """OUT cannot be opened, locked or written: the run stops (exit 2), what is written stays."""
-
-
-@dataclass
-class Checkpoint:
-    """What OUT already holds: finished keys, and which of them ended in error."""
-
-    done: KeySet = field(default_factory=KeySet)
-    errors: KeySet = field(default_factory=KeySet)
-    records: int = 0
-    error_records: int = 0
-    torn_bytes: int = 0  # cut off the end of OUT: a record half-written by a crash
-    bad_lines: int = 0
 
 
 def repair_torn_tail(handle: BinaryIO) -> int:
@@ -67,32 +49,6 @@ def repair_torn_tail(handle: BinaryIO) -> int:
     if keep < size:
         handle.truncate(keep)
     return size - keep
-
-
-def read_checkpoint(path: str) -> Checkpoint:
-    """Scan OUT for finished keys: only the key and status of each line are decoded."""
-    checkpoint = Checkpoint()
-    if not os.path.exists(path):
-        return checkpoint
-    # array('Q') holds 8 bytes a key; a list of ints would hold ~40.
-    done = array("Q")
-    errors = array("Q")
-
-    def bad_line(number: int) -> None:
-        checkpoint.bad_lines += 1
-        log.warning("%s:%d is not a record; ignored", path, number)
-
-    with open(path, "rb") as handle:
-        for key, is_error in iter_keys_and_status(handle, bad_line):
-            fp = fingerprint_bytes(key)
-            done.append(fp)
-            if is_error:
-                errors.append(fp)
-    checkpoint.done = KeySet.from_array(np.frombuffer(done, dtype=np.uint64))
-    checkpoint.errors = KeySet.from_array(np.frombuffer(errors, dtype=np.uint64))
-    checkpoint.records = len(done)
-    checkpoint.error_records = len(errors)
-    return checkpoint
 
 
 def drop_error_records(path: str) -> int:
@@ -174,8 +130,14 @@ class ResultSink:
             self._handle.close()
 
 
-def open_sink(path: str, retry_errors: bool = False) -> tuple[ResultSink, Checkpoint]:
-    """Lock OUT, repair a torn tail, optionally drop error records, read the checkpoint."""
+def open_sink(
+    path: str, retry_errors: bool = False, stop: threading.Event | None = None
+) -> tuple[ResultSink, Checkpoint]:
+    """Lock OUT, repair a torn tail, optionally drop error records, read the checkpoint.
+
+    Blocking (a million records take seconds): run it in a thread, and set ``stop`` to
+    abandon the checkpoint scan (it raises ``resume.ScanStopped``, OUT is closed).
+    """
     if os.path.exists(path) and not os.path.isfile(path):
         kind = "Is a directory" if os.path.isdir(path) else "not a regular file"
         raise SinkError(f"cannot use {path}: {kind} (OUT is appended to and read back as the checkpoint)")
@@ -195,7 +157,7 @@ def open_sink(path: str, retry_errors: bool = False) -> tuple[ResultSink, Checkp
             lock(handle, path)
             if dropped:
                 log.info("--retry-errors: %d error records removed from %s, to be done again", dropped, path)
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path, stop)
         checkpoint.torn_bytes = torn
     except BaseException:
         handle.close()

@@ -22,16 +22,13 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from batchtag import codes
+from batchtag.errors import SourceError
 from batchtag.records import SourceKind
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".jsonl"})
 URL_SCHEMES = ("http", "https")
 STDIN = "-"
-
-
-class SourceError(Exception):
-    """A SOURCE argument that cannot be used at all: a usage error (exit 2)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,7 +154,7 @@ def run(ctx: Ctx) -> Section:
         section.notes.append(
             f"Resume of {n:,} done items takes {resume_runs[n]['wall']:.1f} s, "
             f"{resume_runs[n]['wall'] / RESUME_GOAL_S:.1f}x the goal. Where the time goes: "
-            "sink.read_checkpoint (one fingerprint per OUT line) and the producer's walk over the manifest "
+            "resume.read_checkpoint (one fingerprint per OUT line) and the producer's walk over the manifest "
             "(Run.next_new_items: one fingerprint per item, one vectorised lookup per chunk); profile with "
             "pyinstrument on run_batch to see which grew."
         )

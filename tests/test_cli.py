@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -212,3 +213,23 @@ def open_writer_once_read(fifo, proc, timeout=60.0):
 
     wait_until(opened, timeout, "the run to open its --config FIFO", alive=proc)
     return descriptor
+
+
+def test_ctrl_c_on_a_huge_manifest_returns_within_a_second(tmp_path, spawner):
+    """1.5M lines with the progress bar on: nothing in the run (no second walk of the
+    sources to count them, no resume scan, no walker chunk) may hold Ctrl-C up."""
+    manifest = tmp_path / "huge.txt"
+    with open(manifest, "w") as handle:
+        handle.writelines(f"{tmp_path}/missing/{i:07}.jpg\n" for i in range(1_500_000))
+    settings = tmp_path / "settings.toml"
+    settings.write_text("progress = true\n")  # the bar (and, before, its counting walk) on
+    out = tmp_path / "out.jsonl"
+    proc = spawner.start("run", manifest, "-o", out, "--tagger", "color", "--config", settings)
+    wait_for_lines(out, 1, proc)  # running: records are being written
+    interrupted = time.monotonic()
+    proc.signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, proc.stderr()
+    assert time.monotonic() - interrupted < 1.0
+    assert "Traceback" not in proc.stderr()
+    written = out.read_bytes()
+    assert written.endswith(b"\n") and 0 < written.count(b"\n") < 1_500_000

@@ -4,8 +4,10 @@ import os
 
 import pytest
 
+from batchtag.errors import SinkError
 from batchtag.records import Record, read_key_and_status
-from batchtag.sink import SinkError, open_sink, read_checkpoint
+from batchtag.resume import read_checkpoint
+from batchtag.sink import open_sink
 
 
 def record(key, status="ok", **extra):

@@ -26,12 +26,14 @@ Decisions where the provider's documents are silent:
 from batchtag.server.app import create_app
 from batchtag.server.config import ServeConfig
 from batchtag.server.credentials import load_credentials_file, throwaway_credentials
+from batchtag.server.embedded import embedded_endpoint
 from batchtag.server.runner import RunningServer, serve_forever, start_server
 
 __all__ = [
     "RunningServer",
     "ServeConfig",
     "create_app",
+    "embedded_endpoint",
     "load_credentials_file",
     "serve_forever",
     "start_server",

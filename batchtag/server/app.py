@@ -26,15 +26,15 @@ from PIL import Image
 
 from batchtag import codes
 from batchtag.api import DETECT_PATH, HEALTH_PATH
+from batchtag.errors import ApiError, SignatureError, api_message
 from batchtag.server.batcher import Batcher
 from batchtag.server.config import ServeConfig
 from batchtag.server.credentials import CredentialStore
-from batchtag.server.errors import ApiError, api_message
 from batchtag.server.faults import Fault, FaultInjector
 from batchtag.server.imaging import DecodeLimits, decode_base64, decode_image
 from batchtag.server.quota import QuotaLimiter
 from batchtag.server.urlfetch import UrlFetcher
-from batchtag.signing import SignatureError, verify
+from batchtag.signing import verify
 from batchtag.taggers import Tag, Tagger, load_tagger, preparer
 
 log = logging.getLogger(__name__)

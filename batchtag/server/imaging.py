@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from batchtag import api, codes
-from batchtag.server.errors import ApiError
+from batchtag.errors import ApiError
 
 ACCEPTED_FORMATS = tuple(api.IMAGE_MAGIC.values())
 # Modes Image.reduce handles; palette, bilevel and 16-bit images are converted first.

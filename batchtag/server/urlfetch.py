@@ -25,7 +25,7 @@ from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
 from batchtag import codes
-from batchtag.server.errors import ApiError
+from batchtag.errors import ApiError
 
 MAX_REDIRECTS = 5
 MAX_URL_LENGTH = 8192

@@ -1,0 +1,87 @@
+"""The error tree and the exit-status table: every error has a code and a message, the
+tree drawn in errors.py's docstring is the real one, and statuses come from one table."""
+
+import inspect
+import re
+
+import pytest
+
+from batchtag import codes, errors
+from batchtag.config import build_config
+from batchtag.progress import Summary
+from batchtag.sink import open_sink
+from batchtag.sources import check_source
+
+ALL_ERRORS = [
+    obj for obj in vars(errors).values() if inspect.isclass(obj) and issubclass(obj, errors.BatchtagError)
+]
+
+
+def drawn_tree() -> dict[str, str]:
+    """{class: parent} as drawn in the module docstring (the column of a name is its depth)."""
+    parents: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    for line in errors.__doc__.splitlines():
+        match = re.search(r"[├└]── (\w+)", line) or re.match(r"\s*(BatchtagError)\b", line)
+        if not match:
+            continue
+        column = match.start(1)
+        while stack and stack[-1][0] >= column:
+            stack.pop()
+        if stack:
+            parents[match.group(1)] = stack[-1][1]
+        stack.append((column, match.group(1)))
+    return parents
+
+
+def test_the_docstring_draws_the_real_tree():
+    real = {cls.__name__: cls.__bases__[0].__name__ for cls in ALL_ERRORS if cls is not errors.BatchtagError}
+    assert drawn_tree() == real
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.ConfigError("bad"),
+        errors.SourceError("bad"),
+        errors.SinkError("bad"),
+        errors.InputError(codes.CLIENT_INPUT_ERROR, "file not found"),
+        errors.ApiFailure(codes.CLIENT_HTTP_ERROR, "HTTP 503", 503),
+        errors.ApiError(codes.IMAGE_TOO_LARGE, "request body over 16 bytes"),
+        errors.SignatureError(codes.SIGNATURE_EXPIRED),
+    ],
+)
+def test_every_error_carries_a_known_code_and_its_message(error):
+    assert isinstance(error, errors.BatchtagError)
+    assert codes.describe(error.code).message != f"unknown code {error.code}"
+    assert error.message and str(error) == error.message
+
+
+def test_api_error_answers_with_the_tables_message_then_the_detail():
+    assert errors.ApiError(codes.IMAGE_TOO_LARGE, "over 16").message == "image too large: over 16"
+    assert errors.ApiError(codes.NO_SOURCE).message == codes.message(codes.NO_SOURCE)
+    assert errors.SignatureError(codes.SIGNATURE_EXPIRED).message == "signature expired"
+
+
+def test_exit_statuses_come_from_the_table():
+    assert [errors.exit_status(o) for o in errors.Outcome] == [0, 1, 130]
+    assert errors.exit_status(errors.SinkError("x")) == errors.exit_status(errors.ConfigError) == 2
+    assert errors.exit_status(KeyboardInterrupt()) == 130
+    with pytest.raises(KeyError):
+        errors.exit_status(ValueError("a bug is not given a status"))
+
+
+def test_summary_outcome_decides_its_exit_code():
+    assert Summary().exit_code == 0
+    assert Summary(previous_errors=1).outcome is errors.Outcome.SOME_FAILED
+    assert Summary(errors=1, interrupted=True).exit_code == 130
+
+
+def test_the_modules_raise_errors_of_the_tree(tmp_path):
+    with pytest.raises(errors.ConfigError):
+        build_config({"sources": ["x"], "out": "o", "concurrency": 0})
+    with pytest.raises(errors.SourceError):
+        check_source(str(tmp_path / "missing"))
+    with pytest.raises(errors.SinkError) as caught:
+        open_sink(str(tmp_path))
+    assert caught.value.code == codes.RUN_OUT_ERROR
