@@ -94,9 +94,14 @@ def sustained_load(tmp_path, spawner, seconds: float, sample_every: float) -> li
         start_round(client)
     started = time.monotonic()
     deadline = started + seconds
+    # At least ``seconds``, and on until each client has finished a whole round (a loaded
+    # CI machine is slower: the load lasts longer rather than the test failing on speed).
+    give_up = started + max(seconds * 8, 120)
     samples: list[tuple[float, int]] = []
     next_sample = started + sample_every
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline or (
+        not all(c.rounds >= 1 for c in clients) and time.monotonic() < give_up
+    ):
         for client in clients:
             assert client.proc is not None
             if client.proc.poll() is None:
@@ -128,6 +133,7 @@ def sustained_load(tmp_path, spawner, seconds: float, sample_every: float) -> li
     server.signal(signal.SIGTERM)
     assert server.wait(timeout=30) == 0, server.stderr()
 
+    seconds = time.monotonic() - started
     total = sum(c.records for c in clients)
     codes = sum((c.codes for c in clients), Counter())
     print(
@@ -137,8 +143,8 @@ def sustained_load(tmp_path, spawner, seconds: float, sample_every: float) -> li
     )
     print("server VmRSS samples (s, MiB):", [(t, round(kb / 1024, 1)) for t, kb in samples])
 
-    assert total >= 100 * seconds  # it really was under load
-    assert all(c.rounds >= 1 for c in clients)
+    assert all(c.rounds >= 1 for c in clients)  # it really was under load: whole rounds done
+    assert total >= 2 * LINKS_PER_CLIENT
     assert len(samples) >= 4
     warm = next(i for i, (t, _) in enumerate(samples) if t >= seconds * 0.2)
     baseline = samples[warm][1]
