@@ -92,7 +92,8 @@ def add_serve_parser(commands: Any) -> None:
     p.add_argument(
         "--credentials",
         metavar="FILE",
-        help="JSON or TOML with a 'credentials' list of {appid, secret_id, secret_key}; "
+        help="JSON or TOML with a 'credentials' list of {appid, secret_id, secret_key[, bucket]} "
+        "(an entry with a bucket accepts only requests signed for and naming that bucket); "
         "default: one entry from BATCHTAG_APPID/BATCHTAG_SECRET_ID/BATCHTAG_SECRET_KEY",
     )
     p.add_argument("--qps-limit", type=float, help="each appid's quota; requests over it get code 15")
@@ -100,9 +101,46 @@ def add_serve_parser(commands: Any) -> None:
     p.add_argument("--inject-latency-jitter-ms", type=float, default=0.0)
     p.add_argument("--inject-error-rate", type=float, default=0.0)
     p.add_argument("--allow-private-urls", action="store_true")
+    add_serve_limits(p)
     p.add_argument(
         "-v", "--verbose", action="store_true", help="log more, and one line per request (no secrets)"
     )
+
+
+def add_serve_limits(p: argparse.ArgumentParser) -> None:
+    """How long the server waits for slow clients, and how long a signature may live."""
+    from batchtag.server import config as serve_defaults
+
+    p.add_argument(
+        "--idle-timeout",
+        type=positive_float,
+        default=serve_defaults.DEFAULT_IDLE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="close a connection that sends no complete request head for this long: idle keep-alive "
+        "connections and half-sent heads alike (default %(default)g)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=positive_float,
+        default=serve_defaults.DEFAULT_BODY_TIMEOUT_S,
+        metavar="SECONDS",
+        help="answer HTTP 408 and close when a request's body has not fully arrived this long after "
+        "its head (default %(default)g)",
+    )
+    p.add_argument(
+        "--max-signature-ttl",
+        type=int,
+        default=serve_defaults.DEFAULT_MAX_SIGNATURE_LIFETIME_S,
+        metavar="SECONDS",
+        help="refuse (code 9) signatures valid for longer than this (default %(default)d, one day)",
+    )
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -203,6 +241,9 @@ def command_serve(args: argparse.Namespace) -> int:
             inject_error_rate=args.inject_error_rate,
             allow_private_urls=args.allow_private_urls,
             access_log=args.verbose,
+            idle_timeout_s=args.idle_timeout,
+            body_timeout_s=args.body_timeout,
+            max_signature_lifetime_s=args.max_signature_ttl,
         )
         serve_forever(config)
     except (ValueError, OSError) as exc:

@@ -22,6 +22,8 @@ from batchtag.errors import SignatureError
 
 DIGEST_SIZE = 20  # SHA-1
 DEFAULT_TTL_SECONDS = 600
+# How far ahead of the server's a client's clock may run before its signatures look too long-lived.
+CLOCK_SKEW_S = 300
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,13 @@ class Credentials:
     appid: str
     secret_id: str
     secret_key: str
+    # Server side only: the one bucket this account may name (signed ``b`` and the body's
+    # ``bucket`` must both be it); None: any bucket, as long as signature and body agree.
+    bucket: str | None = None
 
     def __repr__(self) -> str:  # keep the key out of logs and tracebacks
-        return f"Credentials(appid={self.appid!r}, secret_id={self.secret_id!r}, secret_key=***)"
+        bucket = "" if self.bucket is None else f", bucket={self.bucket!r}"
+        return f"Credentials(appid={self.appid!r}, secret_id={self.secret_id!r}{bucket}, secret_key=***)"
 
 
 def plain_text(
@@ -94,17 +100,21 @@ def _as_int(fields: Mapping[str, str], key: str) -> int:
         ) from None
 
 
-def verify(
+def verify_header(
     authorization: str | None,
-    appid: str,
-    bucket: str | None,
     lookup_secret: Callable[[str], Credentials | None],
     now: int | None = None,
-) -> SignedFields:
-    """Check a request's Authorization header; raise SignatureError with the API code.
+    max_lifetime_s: int | None = None,
+    appid_exists: Callable[[str], bool] | None = None,
+) -> tuple[SignedFields, Credentials]:
+    """Everything the Authorization header alone can prove; raise SignatureError with the API code.
 
-    ``lookup_secret`` maps a secret id to its credentials (None when unknown). The digest
-    is compared in constant time so timing leaks nothing about the key.
+    Runs before the server reads a byte of the body, so an unsigned or forged request costs
+    almost nothing. Order: format, secret id known (11), HMAC over the plain text (14; compared
+    in constant time, and before any signed field is trusted), the signed appid (10 when
+    ``appid_exists`` says no such appid, 6 when it is not the key's), expiry (9), lifetime
+    over ``max_lifetime_s`` (9), then the account's configured bucket (16). What needs the
+    body (its appid and bucket) is ``check_body``'s job.
     """
     if not authorization:
         raise SignatureError(codes.SIGNATURE_EMPTY)
@@ -128,11 +138,58 @@ def verify(
     expected = hmac.new(creds.secret_key.encode(), plain.encode(), hashlib.sha1).digest()
     if not hmac.compare_digest(expected, digest):
         raise SignatureError(codes.SIGNATURE_FAILED)
-    if fields["a"] != appid or creds.appid != appid:
+    if appid_exists is not None and not appid_exists(fields["a"]):
+        raise SignatureError(codes.APPID_UNKNOWN)
+    if fields["a"] != creds.appid:
         raise SignatureError(codes.SIGNATURE_MISMATCH, "appid does not match the signature")
-    if bucket and fields.get("b") and fields["b"] != bucket:
-        raise SignatureError(codes.SIGNATURE_MISMATCH, "bucket does not match the signature")
     now = int(time.time()) if now is None else now
+    _check_time_window(expires, signed_at, now, max_lifetime_s)
+    signed = SignedFields(fields["a"], fields.get("b", ""), fields["k"], expires, signed_at)
+    if creds.bucket is not None and signed.bucket != creds.bucket:
+        detail = "the signature names no bucket" if not signed.bucket else "not this account's bucket"
+        raise SignatureError(codes.BUCKET_UNKNOWN, detail)
+    return signed, creds
+
+
+def _check_time_window(expires: int, signed_at: int, now: int, max_lifetime_s: int | None) -> None:
+    """Not expired, and not valid for longer than the server allows.
+
+    A v1 signature is reusable until ``e``: a leaked one is a key for that long. The
+    lifetime is bounded both as signed (``e - t``) and as left from now (``e - now``, with
+    ``CLOCK_SKEW_S`` for a client whose clock runs ahead), so a future ``t`` cannot stretch it.
+    """
     if expires <= signed_at or expires < now:
         raise SignatureError(codes.SIGNATURE_EXPIRED)
-    return SignedFields(fields["a"], fields.get("b", ""), fields["k"], expires, signed_at)
+    if max_lifetime_s is not None and (
+        expires - signed_at > max_lifetime_s or expires - now > max_lifetime_s + CLOCK_SKEW_S
+    ):
+        raise SignatureError(
+            codes.SIGNATURE_EXPIRED,
+            f"signature valid for longer than this server's maximum of {max_lifetime_s} s",
+        )
+
+
+def check_body(signed: SignedFields, appid: str, bucket: str | None) -> None:
+    """The body's appid and bucket against the signed ones (code 6), both ways.
+
+    A missing bucket counts as the empty one, so a bucket in the body but not in the
+    signature (or the reverse) is a mismatch as much as two different buckets are.
+    """
+    if signed.appid != appid:
+        raise SignatureError(codes.SIGNATURE_MISMATCH, "appid does not match the signature")
+    if signed.bucket != (bucket or ""):
+        raise SignatureError(codes.SIGNATURE_MISMATCH, "bucket does not match the signature")
+
+
+def verify(
+    authorization: str | None,
+    appid: str,
+    bucket: str | None,
+    lookup_secret: Callable[[str], Credentials | None],
+    now: int | None = None,
+    max_lifetime_s: int | None = None,
+) -> SignedFields:
+    """``verify_header`` then ``check_body``: the whole check when the body is already known."""
+    signed, _creds = verify_header(authorization, lookup_secret, now, max_lifetime_s)
+    check_body(signed, appid, bucket)
+    return signed

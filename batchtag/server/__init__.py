@@ -20,14 +20,38 @@ Decisions where the provider's documents are silent:
   code 203, and a connection closed without an answer; never on /healthz or /stats;
 - the access log (``access_log``, on with ``serve -v``) is one line per request: method,
   route template (never the raw path: a 404's path is client text), HTTP status, API code
-  and milliseconds; never headers, query strings, bodies or signatures.
+  and milliseconds; never headers, query strings, bodies or signatures. A request aiohttp
+  cannot parse is ``(malformed request) 400`` there and nowhere else;
+- the Authorization header is checked before the body is read (see app.py for the order);
+- slow clients: ``idle_timeout_s`` closes connections without a complete request head
+  (idle keep-alive or half-sent), ``body_timeout_s`` answers a late body HTTP 408 and closes;
+- ``max_signature_lifetime_s`` bounds how long a reusable signature may be valid (code 9);
+  an account with a ``bucket`` accepts only that bucket (code 16).
 """
 
-from batchtag.server.app import create_app
-from batchtag.server.config import ServeConfig
-from batchtag.server.credentials import load_credentials_file, throwaway_credentials
-from batchtag.server.embedded import embedded_endpoint
-from batchtag.server.runner import RunningServer, serve_forever, start_server
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+# Imported on first use, so the CLI can read ``batchtag.server.config``'s defaults for
+# ``serve --help`` without loading aiohttp, numpy and the taggers.
+_LAZY = {
+    "RunningServer": "batchtag.server.runner",
+    "ServeConfig": "batchtag.server.config",
+    "create_app": "batchtag.server.app",
+    "embedded_endpoint": "batchtag.server.embedded",
+    "load_credentials_file": "batchtag.server.credentials",
+    "serve_forever": "batchtag.server.runner",
+    "start_server": "batchtag.server.runner",
+    "throwaway_credentials": "batchtag.server.credentials",
+}
+
+if TYPE_CHECKING:
+    from batchtag.server.app import create_app
+    from batchtag.server.config import ServeConfig
+    from batchtag.server.credentials import load_credentials_file, throwaway_credentials
+    from batchtag.server.embedded import embedded_endpoint
+    from batchtag.server.runner import RunningServer, serve_forever, start_server
 
 __all__ = [
     "RunningServer",
@@ -39,3 +63,11 @@ __all__ = [
     "start_server",
     "throwaway_credentials",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'batchtag.server' has no attribute {name!r}")

@@ -1,10 +1,15 @@
 """The aiohttp application: ``POST /v1/detection/imagetag_detect``, ``/healthz`` and ``/stats``.
 
-A request is checked in the API's order, cheapest and most fundamental first:
-body size -> JSON -> field types -> signature -> quota -> image source -> decode -> tag.
+A request is checked cheapest first, and nothing is read before the caller is known:
+Authorization header (format, secret id, HMAC, expiry, lifetime, the account's bucket) ->
+body size -> JSON -> field types -> appid known -> appid and bucket against the signature ->
+quota -> image source -> decode -> tag. An unsigned or forged request is answered from its
+head alone (aiohttp drains and drops the body it sent); large bodies are read and parsed a
+few at a time (``large_body_slots``), so memory does not grow with the number of callers.
 Every failure is an ``ApiError`` answered as HTTP 200 with the code table's message, the
-API's convention, including bodies over ``max_body_bytes`` (code 20); only the injected
-faults answer otherwise (HTTP 503, or no answer at all).
+API's convention, including bodies over ``max_body_bytes`` (code 20); only a body that does
+not arrive within ``body_timeout_s`` (HTTP 408, connection closed) and the injected faults
+(HTTP 503, or no answer at all) answer otherwise.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from batchtag.server.faults import Fault, FaultInjector
 from batchtag.server.imaging import DecodeLimits, decode_base64, decode_image
 from batchtag.server.quota import QuotaLimiter
 from batchtag.server.urlfetch import UrlFetcher
-from batchtag.signing import verify
+from batchtag.signing import SignedFields, check_body, verify_header
 from batchtag.taggers import Tag, Tagger, load_tagger, preparer
 
 log = logging.getLogger(__name__)
@@ -73,6 +78,7 @@ class ServerState:
     fetcher: UrlFetcher | None = None
     batcher: Batcher | None = None
     decode_pool: ThreadPoolExecutor | None = None
+    large_bodies: asyncio.Semaphore | None = None
 
     async def in_decode_thread(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, func, *args)
@@ -113,6 +119,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     config = state.config
     state.decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="batchtag-decode")
+    state.large_bodies = asyncio.Semaphore(config.large_body_slots)
     state.fetcher = UrlFetcher(
         timeout_s=config.url_timeout_s,
         max_bytes=config.url_max_bytes,
@@ -162,6 +169,10 @@ async def handle_detect(request: web.Request) -> web.StreamResponse:
         tags = await _detect(request, state)
     except ApiError as exc:
         return _answer(request, exc.code, exc.message)
+    except BodyTimeoutError:
+        return await _answer_and_close(
+            request, 408, f"request body not received within {state.config.body_timeout_s:g} s"
+        )
     except ConnectionError:
         # The client went away mid-request (a killed batchtag run, say): nothing to answer, not a bug.
         log.debug("client disconnected during %s", DETECT_PATH)
@@ -192,6 +203,17 @@ async def _answer_with_fault(request: web.Request, fault: Fault) -> web.StreamRe
     return web.Response(status=503)
 
 
+async def _answer_and_close(request: web.Request, status: int, text: str) -> web.StreamResponse:
+    """Answer, then close the connection at once instead of draining what the client still sends."""
+    response = web.Response(status=status, text=text)
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()  # flushes the answer first
+    return response
+
+
 async def _discard_body(request: web.Request) -> None:
     with contextlib.suppress(web.HTTPException):
         await request.read()
@@ -200,10 +222,16 @@ async def _discard_body(request: web.Request) -> None:
 # --- the request pipeline -------------------------------------------------------------------
 
 
+class BodyTimeoutError(Exception):
+    """The request head arrived but its body did not, within ``body_timeout_s``."""
+
+
 async def _detect(request: web.Request, state: ServerState) -> list[Tag]:
+    signed = _check_authorization(request.headers.get("Authorization"), state)
     body = await _read_json_object(request, state)
     fields = _parse_fields(body)
-    _check_signature(request.headers.get("Authorization"), fields, state.credentials)
+    del body  # whatever else a large body held need not live on through decoding
+    _check_against_signature(fields, signed, state.credentials)
     if not state.quota.try_acquire(fields.appid):
         raise ApiError(codes.RATE_LIMITED, f"over the quota of {state.quota.limit:g} requests per second")
     item = await _load_image(fields, state)
@@ -211,18 +239,56 @@ async def _detect(request: web.Request, state: ServerState) -> list[Tag]:
     return await state.batcher.tag(item)
 
 
+def _check_authorization(authorization: str | None, state: ServerState) -> SignedFields:
+    """All the header alone can prove, before a byte of the body is read."""
+    try:
+        signed, _creds = verify_header(
+            authorization,
+            state.credentials.lookup_secret,
+            max_lifetime_s=state.config.max_signature_lifetime_s,
+            appid_exists=state.credentials.knows_appid,
+        )
+    except SignatureError as exc:
+        raise _as_api_error(exc) from None
+    return signed
+
+
+def _check_against_signature(fields: DetectRequest, signed: SignedFields, store: CredentialStore) -> None:
+    if not store.knows_appid(fields.appid):
+        raise ApiError(codes.APPID_UNKNOWN)
+    try:
+        check_body(signed, fields.appid, fields.bucket)
+    except SignatureError as exc:
+        raise _as_api_error(exc) from None
+
+
+def _as_api_error(exc: SignatureError) -> ApiError:
+    return ApiError(exc.code, exc.detail)
+
+
 async def _read_json_object(request: web.Request, state: ServerState) -> dict[str, Any]:
     limit = state.config.max_body_bytes
-    too_large = ApiError(codes.IMAGE_TOO_LARGE, f"request body over {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise too_large from None
-    if len(raw) > INLINE_JSON_LIMIT:
+        raise ApiError(codes.IMAGE_TOO_LARGE, f"request body over {limit} bytes")
+    length = request.content_length
+    if length is not None and length <= INLINE_JSON_LIMIT:
+        return _parse_json_object(await _read_body(request, state))
+    assert state.large_bodies is not None
+    async with state.large_bodies:
+        raw = await _read_body(request, state)
         return await state.in_decode_thread(_parse_json_object, raw)
-    return _parse_json_object(raw)
+
+
+async def _read_body(request: web.Request, state: ServerState) -> bytes:
+    try:
+        async with asyncio.timeout(state.config.body_timeout_s):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(
+            codes.IMAGE_TOO_LARGE, f"request body over {state.config.max_body_bytes} bytes"
+        ) from None
+    except TimeoutError:
+        raise BodyTimeoutError from None
 
 
 def _parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -245,18 +311,6 @@ def _parse_fields(body: dict[str, Any]) -> DetectRequest:
         if body.get(name) is not None and not isinstance(body[name], str):
             raise ApiError(codes.BAD_PARAMETER, f"{name} must be a string")
     return DetectRequest(appid, body.get("bucket"), body.get("image"), body.get("url"))
-
-
-def _check_signature(authorization: str | None, fields: DetectRequest, store: CredentialStore) -> None:
-    if not authorization:
-        raise ApiError(codes.SIGNATURE_EMPTY)
-    if not store.knows_appid(fields.appid):
-        raise ApiError(codes.APPID_UNKNOWN)
-    try:
-        verify(authorization, fields.appid, fields.bucket, store.lookup_secret)
-    except SignatureError as exc:
-        detail = str(exc)
-        raise ApiError(exc.code, "" if detail == codes.message(exc.code) else detail) from None
 
 
 async def _load_image(fields: DetectRequest, state: ServerState) -> Any:

@@ -15,6 +15,18 @@ MIB = 1024 * 1024
 DEFAULT_MAX_IMAGE_BYTES = api.MAX_IMAGE_BYTES
 DEFAULT_MAX_BODY_BYTES = 16 * MIB
 
+# Slow or silent clients must not hold connections forever. A connection that has not sent a
+# complete request head within IDLE seconds (of opening, or of its last answer) is closed:
+# aiohttp's keep-alive timer covers idle keep-alive connections and half-sent heads alike,
+# since both are "waiting for a request". Above the 15 s our own client (aiohttp's default)
+# keeps idle connections, so the server is not the one to close a connection being reused.
+DEFAULT_IDLE_TIMEOUT_S = 30.0
+# The whole body must arrive within this long once the head has: 16 MiB in 60 s is 2.2 Mbit/s.
+DEFAULT_BODY_TIMEOUT_S = 60.0
+# The longest a signature may be valid (e - t). The provider's SDK signs for 30 s and batchtag
+# run for 600 s; a day leaves any sensible client room while bounding what a leaked one is worth.
+DEFAULT_MAX_SIGNATURE_LIFETIME_S = 24 * 3600
+
 
 @dataclass
 class ServeConfig:
@@ -41,6 +53,13 @@ class ServeConfig:
     # One INFO line per request on the "batchtag.server.access" logger (`serve -v`): method,
     # route, HTTP status, API code, ms. Never headers, query strings or bodies.
     access_log: bool = False
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    max_signature_lifetime_s: int = DEFAULT_MAX_SIGNATURE_LIFETIME_S
+    # Large bodies (over app.INLINE_JSON_LIMIT, or chunked) read and parsed at once, at most. JSON
+    # parsed can take many times its size (16 MiB of "[{},{},...]" is ~350 MB of dicts), so this, not
+    # the number of connections, bounds what bodies cost in memory.
+    large_body_slots: int = 4
 
     def __repr__(self) -> str:  # Credentials already hide keys; keep the list short in logs too
         fields = ", ".join(f"{name}={value!r}" for name, value in vars(self).items() if name != "credentials")

@@ -19,7 +19,7 @@ CREDENTIAL_FIELDS = ("appid", "secret_id", "secret_key")
 
 
 def load_credentials_file(path: Path) -> list[Credentials]:
-    """Read ``{"credentials": [{appid, secret_id, secret_key}, ...]}`` from JSON or TOML."""
+    """Read ``{"credentials": [{appid, secret_id, secret_key[, bucket]}, ...]}`` from JSON or TOML."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -67,7 +67,10 @@ def _entry_to_credentials(path: Path, index: int, entry: object) -> Credentials:
         if not isinstance(value, str) or not value:
             raise ValueError(f"{where}: field '{name}' is missing or not a non-empty string")
         values[name] = value
-    return Credentials(**values)
+    bucket = entry.get("bucket")  # optional: binds the account to this one bucket
+    if bucket is not None and (not isinstance(bucket, str) or not bucket):
+        raise ValueError(f"{where}: field 'bucket' must be a non-empty string when given")
+    return Credentials(**values, bucket=bucket)
 
 
 def _reject_duplicate_secret_ids(path: Path, loaded: Iterable[Credentials]) -> None:

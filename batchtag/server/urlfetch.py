@@ -1,8 +1,8 @@
 """Downloading ``url`` sources without becoming a proxy into the server's own network.
 
 Every hop (the first URL and each redirect, followed by hand, at most five) is checked:
-http/https with a host, and the address it points at must be public. IP literals are
-checked before any connection is made; host names are checked by ``GuardedResolver``
+http/https with a host, and the address it points at must be public. IP literals, in
+every numeric form the OS accepts, are checked before any connection is made; host names are checked by ``GuardedResolver``
 after DNS resolution, and aiohttp connects only to the addresses that resolver returned,
 so a name cannot resolve to a public address for the check and a private one for the
 connection. Refusals answer code -1505 (url format wrong, permanent: retrying cannot
@@ -39,14 +39,37 @@ class ForbiddenAddressError(OSError):
     """Raised by the resolver; aiohttp wraps OSErrors from resolvers, keeping this as the cause."""
 
 
+# IPv6 ranges whose addresses carry an IPv4 address that traffic ends up at (or may):
+NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the last 32 bits are it
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: a site's own translators
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # RFC 4291, deprecated
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 def is_forbidden_address(address: str) -> bool:
-    """Anything but a public unicast address: loopback, private, link-local, multicast, ..."""
+    """Anything but a public unicast address: loopback, private, link-local, multicast, ...
+
+    IPv6 forms that embed an IPv4 address are judged by it too, whatever the Python
+    version's tables say: IPv4-mapped and NAT64 (64:ff9b::/96) by the embedded address,
+    6to4 (2002::/16) by both; IPv4-compatible and local-use NAT64 are refused outright.
+    """
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return True  # not an address we understand: refuse rather than guess
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return _is_forbidden_ip(ip.ipv4_mapped)
+        if ip in NAT64_WELL_KNOWN:
+            return _is_forbidden_ip(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip in NAT64_LOCAL or ip in IPV4_COMPATIBLE:
+            return True
+        if ip.sixtofour is not None and _is_forbidden_ip(ip.sixtofour):
+            return True
+    return _is_forbidden_ip(ip)
+
+
+def _is_forbidden_ip(ip: IpAddress) -> bool:
     return (
         not ip.is_global
         or ip.is_private
@@ -94,10 +117,22 @@ def parse_source_url(raw: str) -> URL:
     return url
 
 
-def _literal_address(host: str) -> str | None:
+def literal_address(host: str) -> str | None:
+    """The address a URL host names by itself, or None for a name to resolve.
+
+    Besides standard IPv4 and IPv6 literals this knows every form the OS's own parser
+    (``inet_aton``) takes as an IPv4 address: ``2130706433``, ``0177.0.0.1``, ``127.1``,
+    ``0x7f.1``, ... Older aiohttp versions passed such hosts straight to ``connect()``
+    without asking the resolver, so they must be classified here, before any connection.
+    """
+    bare = host.strip("[]").split("%", 1)[0]
     try:
-        return str(ipaddress.ip_address(host.strip("[]").split("%", 1)[0]))
+        return str(ipaddress.ip_address(bare))
     except ValueError:
+        pass
+    try:
+        return socket.inet_ntoa(socket.inet_aton(bare))
+    except (OSError, ValueError):  # ValueError: an embedded NUL
         return None
 
 
@@ -145,7 +180,7 @@ class UrlFetcher:
 
     def _check_literal_host(self, url: URL) -> None:
         """IP literals bypass the resolver, so they are checked here, before connecting."""
-        address = _literal_address(url.host or "")
+        address = literal_address(url.host or "")
         if address is not None and not self.allow_private and is_forbidden_address(address):
             raise ApiError(codes.URL_FORMAT, PRIVATE_ADDRESS_DETAIL)
 
