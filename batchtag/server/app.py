@@ -169,10 +169,8 @@ async def handle_detect(request: web.Request) -> web.StreamResponse:
         tags = await _detect(request, state)
     except ApiError as exc:
         return _answer(request, exc.code, exc.message)
-    except BodyTimeoutError:
-        return await _answer_and_close(
-            request, 408, f"request body not received within {state.config.body_timeout_s:g} s"
-        )
+    except web.HTTPRequestTimeout as timeout:
+        return await _answer_and_close(request, timeout.status, timeout.text or "")
     except ConnectionError:
         # The client went away mid-request (a killed batchtag run, say): nothing to answer, not a bug.
         log.debug("client disconnected during %s", DETECT_PATH)
@@ -220,10 +218,6 @@ async def _discard_body(request: web.Request) -> None:
 
 
 # --- the request pipeline -------------------------------------------------------------------
-
-
-class BodyTimeoutError(Exception):
-    """The request head arrived but its body did not, within ``body_timeout_s``."""
 
 
 async def _detect(request: web.Request, state: ServerState) -> list[Tag]:
@@ -288,7 +282,8 @@ async def _read_body(request: web.Request, state: ServerState) -> bytes:
             codes.IMAGE_TOO_LARGE, f"request body over {state.config.max_body_bytes} bytes"
         ) from None
     except TimeoutError:
-        raise BodyTimeoutError from None
+        timeout = state.config.body_timeout_s
+        raise web.HTTPRequestTimeout(text=f"request body not received within {timeout:g} s") from None
 
 
 def _parse_json_object(raw: bytes) -> dict[str, Any]:
