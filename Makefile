@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test soak bench lint format clean
+.PHONY: install run test test-tools soak bench lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,20 @@ run: $(RUNTIME)
 	$(BIN)/batchtag run examples/photos -o examples/photos-tags.jsonl
 	$(BIN)/python -m batchtag.show examples/photos-tags.jsonl
 
-test: $(STAMP)
+# The export and report tests read sidecars back with exiftool and load the report in
+# Chromium: installed from Debian when missing and we are root (CI is); otherwise they skip.
+TEST_TOOLS := exiftool:libimage-exiftool-perl chromium:chromium
+
+test-tools:
+	@missing=""; for pair in $(TEST_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing$$missing"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null; \
+		else echo "not root: cannot install$$missing; the tests that need them will skip"; fi; \
+	fi
+
+test: $(STAMP) test-tools
 	$(BIN)/ruff check batchtag tests bench scripts
 	$(BIN)/python -m pytest -q
 

@@ -1,4 +1,4 @@
-"""The command line: ``batchtag run`` and ``batchtag serve``, a thin layer over the API.
+"""The command line: ``batchtag run``, ``serve``, ``export`` and ``report``, a thin layer over the API.
 
 Exit statuses come from one table, ``errors.EXIT_STATUS`` (README.md, "Exit status"):
 usage and configuration errors are one line on stderr, never a traceback.
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from batchtag import __version__
 from batchtag.errors import EXIT_STATUS, Outcome, UsageError, exit_status
+from batchtag.export.commands import add_export_parser, add_report_parser, command_export, command_report
 
 if TYPE_CHECKING:
     from batchtag.config import RunConfig
@@ -149,6 +150,8 @@ def make_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_run_parser(commands)
     add_serve_parser(commands)
+    add_export_parser(commands)
+    add_report_parser(commands)
     return parser
 
 
@@ -256,10 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     interrupt_until_the_loop_runs()
     args = make_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="batchtag: %(levelname)s: %(message)s"
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="batchtag: %(levelname)s: %(message)s",
     )
     if args.command == "run":
         return command_run(args)
+    if args.command == "export":
+        return command_export(args)
+    if args.command == "report":
+        return command_report(args)
     return command_serve(args)
 
 

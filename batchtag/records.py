@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from batchtag import codes
+from batchtag.errors import UsageError
 from batchtag.keyset import fingerprint
 
 log = logging.getLogger("batchtag")
@@ -204,13 +205,14 @@ def parse_record(line: bytes | str) -> Record | None:
     return Record.from_dict(data)
 
 
-def iter_valid_records(path: str) -> Iterator[Record]:
+def iter_valid_records(path: str, on_count: Callable[[int], None] | None = None) -> Iterator[Record]:
     """Exactly one valid record per key from OUT, in file order: complete lines only (a
     torn last line is skipped), broken lines skipped, and when a key has several records
     the last complete one wins.
 
     Two passes, so memory stays at 16 bytes a line however large OUT is: the first finds
     each key's last valid line (by 8-byte fingerprint), the second yields those lines.
+    ``on_count`` hears, between the passes, how many records will come (a progress total).
     """
     numbers = array("Q")
     fingerprints = array("Q")
@@ -223,18 +225,40 @@ def iter_valid_records(path: str) -> Iterator[Record]:
                 numbers.append(number)
                 fingerprints.append(fingerprint(record.key))
     if not numbers:
+        if on_count is not None:
+            on_count(0)
         return
     # np.unique on the reversed arrays keeps each fingerprint's first index there: its last here.
     reversed_fps = np.frombuffer(fingerprints, dtype=np.uint64)[::-1]
     _, first_in_reversed = np.unique(reversed_fps, return_index=True)
     winners = np.zeros(total, dtype=bool)
     winners[np.frombuffer(numbers, dtype=np.uint64)[::-1][first_in_reversed]] = True
+    if on_count is not None:
+        on_count(len(first_in_reversed))
     with open(path, "rb") as handle:
         for number, line in enumerate(handle):
             if number < total and winners[number]:
                 record = parse_record(line)
                 if record is not None:  # unchanged since the first pass unless OUT was edited
                     yield record
+
+
+class NotAResultsFile(UsageError):
+    """A file given as OUT that does not start with a batchtag record."""
+
+
+def check_results_file(path: str) -> None:
+    """Readers that take OUT from a user call this first: an empty file is fine, a file
+    whose first line is not a record (a photo, someone's notes) is NotAResultsFile, and a
+    missing or unreadable one raises OSError."""
+    with open(path, "rb") as handle:
+        first = handle.readline(1 << 20)  # a photo given by mistake has no newline to stop at
+    if not first:
+        return
+    try:
+        read_key_bytes_and_status(first)  # the first line may be torn, but its key reads
+    except ValueError:
+        raise NotAResultsFile(f"{path} is not a batchtag results file") from None
 
 
 def load_records(path: str) -> list[dict[str, Any]]:

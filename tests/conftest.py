@@ -85,3 +85,6 @@ def spawner(tmp_path: Any) -> Any:
     spawned = Spawner(tmp_path)
     yield spawned
     spawned.close()
+
+
+from tests.export_helpers import tagged_photos  # noqa: E402, F401  (session fixture: one real run)

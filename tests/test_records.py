@@ -6,7 +6,9 @@ import json
 import pytest
 
 from batchtag.records import (
+    NotAResultsFile,
     Record,
+    check_results_file,
     iter_keys_and_status,
     iter_valid_records,
     load_records,
@@ -118,3 +120,30 @@ def test_load_records_hides_nothing(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_bytes(record("/a").to_line() + record("/a", "error").to_line())
     assert [r["status"] for r in load_records(str(out))] == ["ok", "error"]
+
+
+def test_iter_valid_records_tells_how_many_records_will_come_before_the_first(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(record("/a").to_line() + record("/b").to_line() + record("/a", "error").to_line())
+    heard: list[int] = []
+    records = iter_valid_records(str(out), on_count=heard.append)
+    assert next(records).key == "/b" and heard == [2]
+    assert [r.key for r in records] == ["/a"]
+
+
+def test_check_results_file_refuses_what_is_not_ours_and_accepts_an_empty_or_torn_out(tmp_path):
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shopping list\n" + record("/a").to_line().decode())
+    for other in (photo, notes):
+        with pytest.raises(NotAResultsFile, match="not a batchtag results file"):
+            check_results_file(str(other))
+    with pytest.raises(FileNotFoundError):
+        check_results_file(str(tmp_path / "missing.jsonl"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    torn = tmp_path / "torn.jsonl"
+    torn.write_bytes(record("/a").to_line()[:-9])
+    check_results_file(str(empty))
+    check_results_file(str(torn))

@@ -361,3 +361,24 @@ def _drop_duplicate_names(
     specific = [(n, c) for n, c in specific if not (n in best_broad and best_broad[n] > c)]
     broad = [(n, c) for n, c in broad if not (n in best_specific and best_specific[n] >= c)]
     return specific, broad
+
+
+def parent_categories() -> dict[str, str]:
+    """Each tag name's broad category, in both languages, for hierarchical keywords.
+
+    A class's first category is its top level ("animal;mammal;pet;cat" puts 猫 and 哺乳动物
+    under 动物). Names that are a top level themselves, and names the rules do not know (the
+    color tagger's), have no entry. When rows disagree, the lowest class index decides.
+    """
+    categories = read_categories(_data_file("categories.csv"))
+    rules = read_class_rules(_data_file("imagenet_rules.csv"), categories)
+    parents: dict[str, str] = {}
+    for lang in LANGS:
+        top = {categories[rule.categories[0]].label(lang) for rule in rules}
+        for rule in rules:
+            root = categories[rule.categories[0]].label(lang)
+            names = [categories[c].label(lang) for c in rule.categories[1:]] + [rule.label(lang)]
+            for name in names:
+                if name and name not in top:
+                    parents.setdefault(name, root)
+    return parents

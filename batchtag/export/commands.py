@@ -1,0 +1,130 @@
+"""``batchtag export`` and ``batchtag report``: argument parsing and exit statuses.
+
+Exit statuses come from ``errors.EXIT_STATUS``: ALL_OK when done; SOME_FAILED when some
+sidecars were refused or could not be written; a UsageError (OUT missing or not a results
+file, an output path that is not ours) is one line on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from batchtag.errors import Outcome, UsageError, exit_status
+
+FORMATS = ("xmp", "csv", "parquet")
+
+
+def add_export_parser(commands: Any) -> None:
+    from batchtag.export.xmp import NAMINGS
+
+    p = commands.add_parser(
+        "export",
+        help="write the tags as XMP sidecars, CSV or Parquet",
+        description="Export OUT's tags: XMP sidecars beside the images, or one CSV/Parquet table.",
+    )
+    p.add_argument("out_file", metavar="OUT.jsonl", help="results of batchtag run")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument(
+        "-o", "--output", metavar="PATH", help="the table to write (default: OUT with .csv/.parquet)"
+    )
+    p.add_argument(
+        "--min-confidence", type=int, default=0, metavar="N", help="leave out tags below N (0-100)"
+    )
+    p.add_argument(
+        "--xmp-naming",
+        choices=NAMINGS,
+        default="default",
+        help="sidecar names: photo.jpg.xmp (default: digiKam, darktable) or photo.xmp (lightroom)",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
+
+
+def add_report_parser(commands: Any) -> None:
+    p = commands.add_parser(
+        "report",
+        help="write an HTML page to look at the results",
+        description="An HTML report of OUT that opens from disk: summary, top tags, errors, thumbnails.",
+    )
+    p.add_argument("out_file", metavar="OUT.jsonl", help="results of batchtag run")
+    p.add_argument("-o", "--output", required=True, metavar="report.html")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
+
+
+def default_table_path(out_file: str, fmt: str) -> str:
+    return os.path.splitext(out_file)[0] + "." + fmt
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from batchtag.export.common import progress_bar, read_records
+
+    try:
+        if not 0 <= args.min_confidence <= 100:
+            raise UsageError("--min-confidence must be between 0 and 100")
+        if args.format == "xmp" and args.output:
+            raise UsageError("xmp sidecars go beside the images; -o is for csv and parquet")
+        with progress_bar(f"export {args.format}", args.progress) as bar:
+            records = read_records(args.out_file, bar)
+            if args.format == "xmp":
+                return export_xmp(records, args)
+            return export_table(records, args)
+    except Exception as exc:
+        return known_error(exc)
+
+
+def export_xmp(records: Any, args: argparse.Namespace) -> int:
+    from batchtag.export.xmp import export_xmp as write_sidecars
+
+    counts = write_sidecars(records, args.min_confidence, args.xmp_naming)
+    print(
+        f"batchtag: xmp sidecars: {counts.created} created, {counts.updated} updated, "
+        f"{counts.unchanged} unchanged; {counts.refused} refused, {counts.failed} failed; "
+        f"skipped: {counts.skipped_url} urls, {counts.untagged} untagged or errors, "
+        f"{counts.missing} images missing",
+        file=sys.stderr,
+    )
+    return exit_status(Outcome.SOME_FAILED if counts.problems else Outcome.ALL_OK)
+
+
+def export_table(records: Any, args: argparse.Namespace) -> int:
+    from batchtag.export.table import write_csv, write_parquet
+
+    path = args.output or default_table_path(args.out_file, args.format)
+    write = write_csv if args.format == "csv" else write_parquet
+    counts = write(records, path, args.min_confidence)
+    print(f"batchtag: {counts.rows} rows written to {counts.path}", file=sys.stderr)
+    return exit_status(Outcome.ALL_OK)
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from batchtag.export.common import progress_bar, read_records
+    from batchtag.export.report import write_report
+
+    try:
+        with progress_bar("report", args.progress) as bar:
+            result = write_report(
+                read_records(args.out_file, bar), args.output, os.path.basename(args.out_file), bar
+            )
+    except Exception as exc:
+        return known_error(exc)
+    print(
+        f"batchtag: report of {result.items} items written to {result.path} "
+        f"({result.thumbnails_made} thumbnails made, {result.thumbnails_reused} reused)",
+        file=sys.stderr,
+    )
+    return exit_status(Outcome.ALL_OK)
+
+
+def known_error(exc: Exception) -> int:
+    """What a user can cause (a UsageError, or an OUT or output that cannot be opened)
+    is one line on stderr and the table's status; anything else is a bug and propagates."""
+
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        exc = UsageError(f"{where}{exc.strerror or exc}")
+    if not isinstance(exc, UsageError):
+        raise exc
+    print(f"batchtag: error: {exc.message}", file=sys.stderr)
+    return exit_status(exc)

@@ -1,0 +1,282 @@
+"""Keyword sidecars (XMP) for photo managers: digiKam, darktable, Lightroom, PhotoPrism.
+
+Each tagged file gets ``photo.jpg.xmp`` beside it (digiKam and darktable's naming) or,
+with ``lightroom`` naming, ``photo.xmp``. Tags go into the three places these programs
+read keywords from: ``dc:subject`` (flat), ``lr:hierarchicalSubject`` (``batchtag|动物|猫``)
+and ``digiKam:TagsList`` (``batchtag/动物/猫``); the middle level is the tag's broad
+category from the tagger's rules.
+
+An existing sidecar is merged into, never rewritten from scratch: its other properties,
+its namespace prefixes and its processing instructions stay, keywords already present are
+not added again, and a sidecar that already holds every keyword is not written at all (so
+a second export leaves the files byte-identical). Writes go to a temp file in the same
+folder, then a rename, keeping the old file's mode. A file at the sidecar's name that is not
+XMP is refused, never overwritten. The images are only ever read for their names.
+
+lxml, not the standard library's ElementTree: ElementTree renames every namespace prefix
+(``ns0:``) and drops the ``<?xpacket?>`` instructions and comments of a file it rewrites;
+lxml keeps what it does not change as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from lxml import etree
+
+from batchtag.export.common import replaced_atomically, tags_at_least
+from batchtag.records import Record
+
+log = logging.getLogger(__name__)
+
+Naming = Literal["default", "lightroom"]
+NAMINGS: tuple[Naming, ...] = ("default", "lightroom")
+
+X = "adobe:ns:meta/"
+RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+DC = "http://purl.org/dc/elements/1.1/"
+LR = "http://ns.adobe.com/lightroom/1.0/"
+DIGIKAM = "http://www.digikam.org/ns/1.0/"
+ROOT_TAG = "batchtag"
+
+# (namespace, prefix, property, RDF container): the three keyword lists we write.
+KEYWORD_PROPERTIES = (
+    (DC, "dc", "subject", "Bag"),
+    (LR, "lr", "hierarchicalSubject", "Bag"),
+    (DIGIKAM, "digiKam", "TagsList", "Seq"),
+)
+NEW_SIDECAR = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    f'<x:xmpmeta xmlns:x="{X}" x:xmptk="batchtag">\n'
+    f' <rdf:RDF xmlns:rdf="{RDF}">\n'
+    f'  <rdf:Description rdf:about=""\n    xmlns:dc="{DC}"\n    xmlns:lr="{LR}"\n'
+    f'    xmlns:digiKam="{DIGIKAM}">\n'
+    "  </rdf:Description>\n"
+    " </rdf:RDF>\n"
+    "</x:xmpmeta>\n"
+).encode()
+
+
+class NotXmp(Exception):
+    """The file at a sidecar's name is not an XMP packet we can merge into."""
+
+
+@dataclass
+class XmpCounts:
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    refused: int = 0  # a file at the sidecar's name that is not XMP, or a name clash
+    failed: int = 0  # the sidecar could not be written (permissions, disk)
+    skipped_url: int = 0
+    untagged: int = 0  # error records, or no tag at the minimum confidence
+    missing: int = 0  # the image is no longer there
+
+    @property
+    def problems(self) -> int:
+        return self.refused + self.failed
+
+
+# --------------------------------------------------------------------------- keywords
+
+
+def sidecar_path(image: str, naming: Naming = "default") -> str:
+    if naming == "lightroom":
+        return os.path.splitext(image)[0] + ".xmp"
+    return image + ".xmp"
+
+
+def keyword_lists(names: Iterable[str], parents: dict[str, str]) -> dict[str, list[str]]:
+    """The three lists for these tag names, keyed by property name, in the tags' order."""
+    names = list(dict.fromkeys(names))
+    paths = [[ROOT_TAG, parents[n], n] if n in parents else [ROOT_TAG, n] for n in names]
+    return {
+        "subject": names,
+        "hierarchicalSubject": ["|".join(p) for p in paths],
+        "TagsList": ["/".join(p) for p in paths],
+    }
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def parse_sidecar(data: bytes) -> etree._ElementTree:
+    """An XMP document, or NotXmp. No entities, no network: a sidecar is untrusted input."""
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
+    try:
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError as exc:
+        raise NotXmp(f"not XML ({exc.msg})") from None
+    if root.tag not in (f"{{{X}}}xmpmeta", f"{{{RDF}}}RDF"):
+        raise NotXmp(f"XML but not XMP (root element {root.tag!r})")
+    return root.getroottree()
+
+
+def descriptions_of(tree: etree._ElementTree) -> list[etree._Element]:
+    """The rdf:Description elements under rdf:RDF (one is made if there is none)."""
+    root = tree.getroot()
+    rdf = root if root.tag == f"{{{RDF}}}RDF" else root.find(f"{{{RDF}}}RDF")
+    if rdf is None:
+        raise NotXmp("XMP without rdf:RDF")
+    descriptions = rdf.findall(f"{{{RDF}}}Description")
+    if not descriptions:
+        description = etree.SubElement(rdf, f"{{{RDF}}}Description", {f"{{{RDF}}}about": ""})
+        place_indented(rdf, description)
+        descriptions = [description]
+    return descriptions
+
+
+def merge_keywords(tree: etree._ElementTree, lists: dict[str, list[str]]) -> bool:
+    """Add the missing keywords to the document; whether anything was added."""
+    descriptions = descriptions_of(tree)
+    changed = False
+    for namespace, prefix, name, kind in KEYWORD_PROPERTIES:
+        container = find_container(descriptions, namespace, name)
+        if container is None:
+            prop = etree.Element(f"{{{namespace}}}{name}", nsmap={prefix: namespace})
+            container = etree.SubElement(prop, f"{{{RDF}}}{kind}")
+            place_indented(descriptions[0], prop)
+        present = {li.text or "" for li in container.findall(f"{{{RDF}}}li")}
+        for value in lists[name]:
+            if value not in present:
+                item = etree.Element(f"{{{RDF}}}li")
+                item.text = value
+                place_indented(container, item)
+                present.add(value)
+                changed = True
+    return changed
+
+
+def find_container(descriptions: list[etree._Element], namespace: str, name: str) -> etree._Element | None:
+    """The rdf:Bag/Seq of a property in any Description; NotXmp if it is not a list."""
+    for description in descriptions:
+        prop = description.find(f"{{{namespace}}}{name}")
+        if prop is None:
+            if description.get(f"{{{namespace}}}{name}") is not None:
+                raise NotXmp(f"{name} is a single value, not a list")
+            continue
+        container = next(iter(prop), None)
+        if container is None or container.tag not in (f"{{{RDF}}}Bag", f"{{{RDF}}}Seq", f"{{{RDF}}}Alt"):
+            raise NotXmp(f"{name} is not an RDF list")
+        return container
+    return None
+
+
+def place_indented(parent: etree._Element, child: etree._Element) -> None:
+    """Append ``child`` as the last child of ``parent``, indented like its siblings, or one
+    space deeper than ``parent`` when it is the first (the way exiftool writes)."""
+    if len(parent):
+        before_last = parent[-2].tail if len(parent) > 1 else parent.text
+        indent = last_line(before_last) or indent_of(parent) + " "
+        last = parent[-1]
+        child.tail = last.tail
+        last.tail = indent
+    else:
+        indent = indent_of(parent) + " "
+        parent.text = indent
+        child.tail = indent_of(parent)
+    parent.append(child)
+    if len(child):
+        etree.indent(child, space=" ", level=len(indent) - 1)
+
+
+def indent_of(element: etree._Element) -> str:
+    """The newline and spaces before ``element``'s start tag (one space a level if unknown)."""
+    previous, parent = element.getprevious(), element.getparent()
+    before = previous.tail if previous is not None else parent.text if parent is not None else None
+    return last_line(before) or "\n" + " " * sum(1 for _ in element.iterancestors())
+
+
+def last_line(whitespace: str | None) -> str | None:
+    """``"\\n\\n  "`` -> ``"\\n  "``: the indentation of the next line, without blank lines."""
+    if not whitespace or "\n" not in whitespace or whitespace.strip():
+        return None
+    return "\n" + whitespace.rsplit("\n", 1)[1]
+
+
+_ROOT_START = re.compile(rb"<(?![?!])([^\s/>]+)")
+
+
+def serialise(tree: etree._ElementTree, original: bytes) -> bytes:
+    """The document with the bytes around the root element (``<?xpacket?>`` wrapper, XML
+    declaration, padding) exactly as they were; only the root element is serialised anew."""
+    root = tree.getroot()
+    element = etree.tostring(root, encoding="UTF-8", xml_declaration=False, with_tail=False)
+    start = _ROOT_START.search(original)
+    if start:
+        qname = start.group(1)
+        end = original.rfind(b"</" + qname + b">")
+        if end > start.start() and etree.QName(root).localname == qname.split(b":")[-1].decode():
+            return original[: start.start()] + element + original[end + len(qname) + 3 :]
+    return etree.tostring(tree, encoding="UTF-8", xml_declaration=True) + b"\n"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def export_sidecar(path: str, lists: dict[str, list[str]]) -> Literal["created", "updated", "unchanged"]:
+    """Create or merge one sidecar. NotXmp if the file there is someone else's."""
+    target = os.path.realpath(path)
+    if os.path.lexists(target) and not os.path.isfile(target):
+        raise NotXmp("not a regular file")
+    try:
+        with open(target, "rb") as handle:
+            original = handle.read()
+    except FileNotFoundError:
+        original = None
+    tree = parse_sidecar(original if original is not None else NEW_SIDECAR)
+    changed = merge_keywords(tree, lists)
+    if original is not None and not changed:
+        return "unchanged"
+    with replaced_atomically(target, "wb") as handle:
+        handle.write(serialise(tree, original if original is not None else NEW_SIDECAR))
+    return "created" if original is None else "updated"
+
+
+def export_xmp(records: Iterable[Record], min_confidence: int = 0, naming: Naming = "default") -> XmpCounts:
+    from batchtag.taggers.rules import parent_categories
+
+    parents = parent_categories()
+    counts = XmpCounts()
+    claimed: set[str] = set()  # lightroom naming: photo.jpg and photo.png both want photo.xmp
+    for record in records:
+        if record.source == "url":
+            counts.skipped_url += 1
+            continue
+        names = [t["tag_name"] for t in tags_at_least(record, min_confidence)]
+        if not record.ok or not names:
+            counts.untagged += 1
+            continue
+        if not os.path.isfile(record.key):
+            counts.missing += 1
+            continue
+        path = sidecar_path(record.key, naming)
+        if os.path.realpath(path) == os.path.realpath(record.key):
+            refuse(counts, path, "is the image itself")
+            continue
+        if naming == "lightroom":
+            if path in claimed:
+                refuse(counts, path, "another image in this export has the same name without extension")
+                continue
+            claimed.add(path)
+        try:
+            outcome = export_sidecar(path, keyword_lists(names, parents))
+        except NotXmp as exc:
+            refuse(counts, path, f"exists and is not an XMP sidecar ({exc}); left untouched")
+            continue
+        except OSError as exc:
+            counts.failed += 1
+            log.warning("%s: cannot write: %s", path, exc.strerror or exc)
+            continue
+        setattr(counts, outcome, getattr(counts, outcome) + 1)
+    return counts
+
+
+def refuse(counts: XmpCounts, path: str, why: str) -> None:
+    counts.refused += 1
+    log.warning("%s: %s", path, why)
