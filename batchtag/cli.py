@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from batchtag import __version__
@@ -130,7 +131,7 @@ def add_serve_limits(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-signature-ttl",
-        type=int,
+        type=positive_int,
         default=serve_defaults.DEFAULT_MAX_SIGNATURE_LIFETIME_S,
         metavar="SECONDS",
         help="refuse (code 9) signatures valid for longer than this (default %(default)d, one day)",
@@ -138,9 +139,21 @@ def add_serve_limits(p: argparse.ArgumentParser) -> None:
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return _positive(float, text)
+
+
+def positive_int(text: str) -> int:
+    return _positive(int, text)
+
+
+def _positive(kind: Callable[[str], Any], text: str) -> Any:
+    """A number of seconds that is more than zero (zero would refuse or cut off every request)."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
     return value
 
 

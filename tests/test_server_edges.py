@@ -26,7 +26,7 @@ from batchtag import codes
 from batchtag.api import DETECT_PATH, HEALTH_PATH
 from batchtag.server import RunningServer, urlfetch
 from batchtag.signing import Credentials, sign
-from tests.support import encode_image, signed_headers, write_credentials
+from tests.support import encode_image, run_cli, signed_headers, write_credentials
 
 MIB = 1024 * 1024
 JPEG = base64.b64encode(encode_image("JPEG")).decode()
@@ -452,3 +452,18 @@ def test_serve_flags_set_the_timeouts_the_lifetime_and_buckets(tmp_path, spawner
     with socket.create_connection(host_port(url), timeout=PATIENCE_S) as half_a_body:
         half_a_body.sendall(request_head(500, sign(creds, "photos", ttl=60)) + b"{")
         assert half_a_body.recv(100).startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ("--idle-timeout", "0"),
+        ("--body-timeout", "-1"),
+        ("--max-signature-ttl", "0"),
+        ("--idle-timeout", "x"),
+    ],
+)
+def test_serve_limits_must_be_positive(flag: tuple[str, str]) -> None:
+    done = run_cli("serve", "--tagger", "color", *flag, timeout=60)
+    assert done.returncode == 2
+    assert "must be a positive number of seconds" in done.stderr and "Traceback" not in done.stderr
