@@ -70,6 +70,24 @@ def add_run_parser(commands: Any) -> None:
         default=None,
         help="do again the items whose record in OUT is an error",
     )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="leave out files and folders whose name or path under the SOURCE matches (repeatable)",
+    )
+    p.add_argument(
+        "--include-hidden",
+        action="store_true",
+        default=None,
+        help="also walk hidden files and folders and NAS/desktop thumbnail folders (@eaDir, ...)",
+    )
+    p.add_argument(
+        "--retag",
+        action="store_true",
+        default=None,
+        help="redo, into the same OUT, items whose records were made with another endpoint, tagger or lang",
+    )
     p.add_argument("--tagger", choices=("model", "color"), help="embedded tagger (local endpoint only)")
     p.add_argument("--lang", choices=("zh", "en"), help="tag language of the embedded tagger (default zh)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -186,6 +204,9 @@ def run_flags(args: argparse.Namespace) -> dict[str, Any]:
         "retry_errors",
         "tagger",
         "lang",
+        "exclude",
+        "include_hidden",
+        "retag",
     )
     return {name: getattr(args, name) for name in names}
 

@@ -6,9 +6,11 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from batchtag import api
 from batchtag.errors import ConfigError
+from batchtag.records import Settings
 
 LOCAL = "local"
 ENV_PREFIX = "BATCHTAG_"
@@ -34,10 +36,20 @@ class RunConfig:
     tagger: str = "model"  # the embedded server's tagger (endpoint = local only)
     lang: str = "zh"
     max_image_bytes: int = api.MAX_IMAGE_BYTES
+    exclude: list[str] = field(default_factory=list)  # globs the directory walk leaves out
+    include_hidden: bool = False  # walk hidden and system folders too
+    retag: bool = False  # redo items whose records were made with other settings
 
     @property
     def is_local(self) -> bool:
         return self.endpoint == LOCAL
+
+    def settings(self) -> Settings:
+        """What shapes the tags, as records carry it: the endpoint without credentials,
+        query or fragment; the tagger and language only where the run chooses them."""
+        if self.is_local:
+            return Settings(LOCAL, self.tagger, self.lang)
+        return Settings(public_endpoint(self.endpoint))
 
     def validate(self) -> RunConfig:
         if not self.sources:
@@ -66,6 +78,16 @@ class RunConfig:
             if not self.endpoint.startswith(("http://", "https://")):
                 raise ConfigError("--endpoint must be an http:// or https:// URL, or 'local'")
         return self
+
+
+def public_endpoint(endpoint: str) -> str:
+    """``https://user:pw@Host:8443/base/?x=1`` -> ``https://host:8443/base``."""
+    parts = urlsplit(endpoint)
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
 
 
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
@@ -124,6 +146,8 @@ def coerce_types(config: RunConfig) -> RunConfig:
         raise ConfigError(f"bad setting value: {exc}") from None
     if isinstance(config.sources, str):
         config.sources = [config.sources]
+    if isinstance(config.exclude, str):
+        config.exclude = [config.exclude]
     for name in ("appid", "secret_id", "secret_key", "bucket", "endpoint", "out"):
         value = getattr(config, name)
         if not isinstance(value, str):

@@ -1,7 +1,7 @@
 """A compact set of keys: 8-byte fingerprints instead of Python strings.
 
 Resume over a million finished items must not hold a million strings (~100 bytes each
-plus set overhead). Keys are reduced to 64-bit BLAKE2b fingerprints kept in a sorted
+plus set overhead). Keys are reduced to 64-bit XXH3 fingerprints kept in a sorted
 numpy array (8 bytes a key); new keys collect in a small Python set that is merged into
 the array now and then. Two different keys share a fingerprint with probability about
 n^2 / 2^65 (3e-8 for a million keys), which we accept.
@@ -9,10 +9,10 @@ n^2 / 2^65 (3e-8 for a million keys), which we accept.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 
 import numpy as np
+import xxhash
 
 MERGE_EVERY = 65_536
 
@@ -22,8 +22,9 @@ def fingerprint(key: str) -> int:
 
 
 def fingerprint_bytes(data: bytes) -> int:
-    """The fingerprint of a key's UTF-8 bytes (surrogates passed through)."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    """The fingerprint of a key's UTF-8 bytes (surrogates passed through). XXH3-64: a
+    tenth of BLAKE2b's time per key, which is most of a million-record resume."""
+    return xxhash.xxh3_64_intdigest(data)
 
 
 def sorted_unique(values: np.ndarray) -> np.ndarray:
@@ -46,6 +47,14 @@ class KeySet:
     def from_array(cls, fingerprints: np.ndarray) -> KeySet:
         keys = cls()
         keys._sorted = sorted_unique(fingerprints.astype(np.uint64))
+        return keys
+
+    @classmethod
+    def from_sorted_unique(cls, fingerprints: np.ndarray) -> KeySet:
+        """Adopt an array already sorted without repeats: no copy, no sort (resume builds
+        its sets this way, a million keys at a time)."""
+        keys = cls()
+        keys._sorted = fingerprints
         return keys
 
     def __len__(self) -> int:

@@ -23,15 +23,17 @@ from concurrent.futures import ThreadPoolExecutor
 from batchtag import codes, records
 from batchtag.client import RetryPolicy, TagClient, open_tag_client
 from batchtag.config import RunConfig
-from batchtag.errors import InputError
-from batchtag.payload import Payload, build_payload
+from batchtag.dedupe import FOLLOW, Dedupe
+from batchtag.errors import ConfigError, InputError
+from batchtag.excludes import WalkRules
+from batchtag.payload import Payload, build_payload, image_payload, read_image
 from batchtag.progress import Progress, Summary
 from batchtag.ratelimit import AdaptiveRateLimiter
-from batchtag.records import Record
+from batchtag.records import Record, Settings
 from batchtag.resume import Checkpoint, ResumeFilter, Skipped
 from batchtag.signing import Credentials
 from batchtag.sink import ResultSink, open_sink
-from batchtag.sources import Item, check_source, iter_items
+from batchtag.sources import Item, Walk, check_source, iter_items
 
 log = logging.getLogger("batchtag")
 
@@ -63,6 +65,10 @@ class Run:
         self.ready: asyncio.Queue[tuple[Item, Payload] | None] = asyncio.Queue(maxsize=self.preparers * 2)
         self.results: asyncio.Queue[Record | None] = asyncio.Queue()
         self.resume = ResumeFilter(checkpoint)
+        self.settings = config.settings()
+        rules = WalkRules(tuple(config.exclude), config.include_hidden)
+        self.walk = Walk(rules=rules, left_out=self.summary.left_out)
+        self.dedupe = Dedupe(checkpoint.content, sink.read_record_at)
         self._walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchtag-source")
 
     def warn(self, message: str) -> None:
@@ -73,7 +79,8 @@ class Run:
 
     async def produce(self) -> None:
         loop = asyncio.get_running_loop()
-        iterator = iter_items(self.config.sources, warn=lambda m: loop.call_soon_threadsafe(self.warn, m))
+        self.walk.warn = lambda m: loop.call_soon_threadsafe(self.warn, m)
+        iterator = iter_items(self.config.sources, walk=self.walk)
         found = 0
         while (chunk := await loop.run_in_executor(self._walker, self.next_chunk, iterator)) is not None:
             fresh, skipped = chunk
@@ -101,24 +108,38 @@ class Run:
             ready = await self.build(item)
             if isinstance(ready, Record):
                 await self.results.put(ready)
-            else:
+            elif ready is not None:
                 await self.ready.put(ready)
         self._preparers_left -= 1
         if self._preparers_left == 0:
             for _ in range(self.config.concurrency):
                 await self.ready.put(STOP)
 
-    async def build(self, item: Item) -> Record | tuple[Item, Payload]:
+    async def build(self, item: Item) -> Record | tuple[Item, Payload] | None:
+        """A record (an error, or tags reused from identical bytes), a payload to send, or
+        None when a copy of the same bytes is in flight (its record brings this one's)."""
         if item.error_code is not None:
             return records.error_record(item, item.error_code, item.error or codes.message(item.error_code))
+        facts = records.stat_facts(item)
         try:
-            payload = await build_payload(
-                item, self.client.appid, self.config.bucket, self.config.max_image_bytes
+            if item.kind != "file":
+                return item, await build_payload(item, self.client.appid, self.config.bucket)
+            read = await read_image(item)
+            facts = read.facts or facts
+            if facts is not None and facts.xxh3_128 is not None:
+                claim = self.dedupe.claim(item, facts)
+                if claim == FOLLOW:
+                    return None
+                if isinstance(claim, Record):
+                    return claim
+            payload = await image_payload(
+                read.data, item.location, self.client.appid, self.config.bucket, self.config.max_image_bytes
             )
         except InputError as exc:
-            return records.error_record(item, exc.code, exc.message)
+            return records.error_record(item, exc.code, exc.message, facts)
         except Exception as exc:  # a bug must cost one item, not the run
-            return records.internal_error_record(item, exc)
+            return records.internal_error_record(item, exc, facts)
+        payload.facts = facts
         return item, payload
 
     async def send(self) -> None:
@@ -131,7 +152,9 @@ class Run:
                 await self.results.put(records.internal_error_record(item, exc))
                 continue
             elapsed_ms = round((time.monotonic() - started) * 1000)
-            await self.results.put(records.result_record(item, answer, payload.notes, elapsed_ms))
+            await self.results.put(
+                records.result_record(item, answer, payload.notes, elapsed_ms, payload.facts)
+            )
 
     # -- writer -----------------------------------------------------------------------------
 
@@ -145,10 +168,21 @@ class Run:
             if STOP in batch:
                 finished = True
                 batch = [r for r in batch if r is not STOP]
-            await self.sink.write(batch)  # type: ignore[arg-type]
-            for record in batch:
-                self.summary.count(record)  # type: ignore[arg-type]
-            self.progress.advance(self.summary, len(batch))
+            while batch:
+                batch = await self.write_batch(batch)  # type: ignore[arg-type]
+
+    async def write_batch(self, batch: list[Record]) -> list[Record]:
+        """Write records with this run's settings; returns the records of copies that
+        waited for one of them (written next)."""
+        for record in batch:
+            record.settings = self.settings
+        offsets = await self.sink.write(batch)
+        followers = []
+        for record, offset in zip(batch, offsets, strict=True):
+            self.summary.count(record)
+            followers += self.dedupe.leader_done(record, offset)
+        self.progress.advance(self.summary, len(batch))
+        return followers
 
     # -- the whole run ----------------------------------------------------------------------
 
@@ -196,15 +230,29 @@ async def opened_out(config: RunConfig) -> AsyncIterator[tuple[ResultSink, Check
     """OUT locked and scanned off the event loop, so Ctrl-C during a long resume scan stops
     it within a moment instead of after the whole file; closed (fsync) at the end."""
     stop = threading.Event()
+    settings = config.settings()
     try:
-        sink, checkpoint = await asyncio.to_thread(open_sink, config.out, config.retry_errors, stop)
+        sink, checkpoint = await asyncio.to_thread(open_sink, config.out, config.retry_errors, stop, settings)
     except asyncio.CancelledError:
         stop.set()  # the scan thread raises ScanStopped, closes OUT and ends
         raise
     try:
+        if not config.retag:
+            refuse_other_settings(checkpoint, settings, config.out)
         yield sink, checkpoint
     finally:
         await sink.close()
+
+
+def refuse_other_settings(checkpoint: Checkpoint, settings: Settings, out: str) -> None:
+    """Never a silent mix of endpoints, taggers or languages in one OUT."""
+    if not len(checkpoint.other_settings):
+        return
+    other = checkpoint.other_example.describe() if checkpoint.other_example else "other settings"
+    raise ConfigError(
+        f"{out} holds {len(checkpoint.other_settings):,} records made with {other}; this run uses "
+        f"{settings.describe()}: use the same settings, another -o, or --retag to redo them into {out}"
+    )
 
 
 async def run_batch(config: RunConfig, progress: bool | None = None) -> Summary:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
 from batchtag import codes
 from batchtag.errors import Outcome, exit_status
+from batchtag.excludes import LeftOut
 from batchtag.records import Record
 from batchtag.resume import Skipped
 
@@ -29,6 +30,12 @@ class Summary:
     previous_errors: int = 0  # ... of which ended in error
     duplicates: int = 0  # repeated keys in the sources, done once
     warnings: int = 0  # skipped symlink loops and the like
+    changed: int = 0  # files whose size or mtime differ from their record: done again
+    retagged: int = 0  # items whose record was made with other settings (--retag)
+    reused: int = 0  # records copied from identical bytes already tagged (no request)
+    converted: int = 0  # HEIC/WebP/TIFF/RAW sent as JPEG
+    uprighted: int = 0  # turned upright by their EXIF orientation before sending
+    left_out: LeftOut = field(default_factory=LeftOut)  # what the walk did not take
     wall_s: float = 0.0
     interrupted: bool = False
 
@@ -42,12 +49,35 @@ class Summary:
             self.errors += 1
         if "resized" in record.extra:
             self.resized += 1
+        if "reused" in record.extra:
+            self.reused += 1
+        if "converted" in record.extra:
+            self.converted += 1
+        if "uprighted" in record.extra:
+            self.uprighted += 1
+
+    def left_out_lines(self) -> list[str]:
+        """Files the walk left out, by reason, each with its commonest extensions."""
+        lines = []
+        for reason, n in sorted(self.left_out.by_reason().items(), key=lambda kv: -kv[1]):
+            extensions = sorted(
+                ((ext, k) for (why, ext), k in self.left_out.files.items() if why == reason),
+                key=lambda kv: -kv[1],
+            )
+            shown = ", ".join(f"{ext} {k:,}" for ext, k in extensions[:6])
+            more = ", ..." if len(extensions) > 6 else ""
+            lines.append(f"  left out   {n:>10,}  {reason}: {shown}{more}")
+        for reason, n in sorted(self.left_out.folders.items()):
+            lines.append(f"  left out   {n:>10,}  folders, {reason} (not walked)")
+        return lines
 
     def skip(self, skipped: Skipped) -> None:
         """Count what the resume filter passed over (called on the event loop)."""
         self.skipped_done += skipped.done
         self.previous_errors += skipped.previous_errors
         self.duplicates += skipped.duplicates
+        self.changed += skipped.changed
+        self.retagged += skipped.retagged
 
     @property
     def items_per_s(self) -> float:
@@ -64,8 +94,9 @@ class Summary:
         return exit_status(self.outcome)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["by_code"] = {str(code): n for code, n in sorted(self.by_code.items())}
+        data["left_out"] = self.left_out.to_dict()
         data["items_per_s"] = round(self.items_per_s, 2)
         data["requests_per_s"] = round(self.attempts / self.wall_s, 2) if self.wall_s > 0 else 0.0
         data["exit_code"] = self.exit_code
@@ -101,6 +132,21 @@ class Summary:
             lines.append(f"  duplicate  {self.duplicates:>10,}  repeated in the sources, done once")
         if self.resized:
             lines.append(f"  resized    {self.resized:>10,}  over the size limit, downscaled before sending")
+        if self.changed:
+            lines.append(
+                f"  changed    {self.changed:>10,}  size or mtime differ from their record: done again"
+            )
+        if self.retagged:
+            lines.append(f"  retagged   {self.retagged:>10,}  made with other settings before (--retag)")
+        if self.reused:
+            lines.append(
+                f"  reused     {self.reused:>10,}  same bytes as a tagged file: its tags, no request"
+            )
+        if self.converted:
+            lines.append(f"  converted  {self.converted:>10,}  HEIC/WebP/TIFF/RAW sent as JPEG")
+        if self.uprighted:
+            lines.append(f"  uprighted  {self.uprighted:>10,}  turned upright by their EXIF orientation")
+        lines += self.left_out_lines()
         lines.append(f"  results:   {self.out}")
         return "\n".join(lines)
 

@@ -1,10 +1,23 @@
 """The resume stage: what OUT already holds, and the filter that keeps the walker from
 sending it again.
 
-``read_checkpoint`` scans OUT once at start-up (keys only, as 8-byte fingerprints);
-``ResumeFilter`` then drops, chunk by chunk in the walker thread, the items OUT holds and
-the keys the sources repeat. It returns what it skipped as ``Skipped`` counts instead of
-touching the run's ``Summary``, which belongs to the event loop.
+``read_checkpoint`` scans OUT once at start-up (``records.scan_lines``: key, status, file
+facts and settings of each line, as 8-byte fingerprints). For each key only its last
+record counts. A file item is done when its last record was made from the same size and
+mtime with the current settings; URLs and records written before file facts existed are
+done by key alone. Kept as sorted numpy arrays, never as strings:
+
+* ``unchanged``: fingerprints of (key, size, mtime) for file records with facts, and of
+  the key for the others; an item whose fingerprint is here needs no work;
+* ``done`` / ``errors``: keys whose last record exists / is an error;
+* ``other_settings``: keys whose last record holds tags made with other settings
+  (``--retag``); errors made elsewhere count as errors, not as a mix;
+* ``content``: content hash -> offset of an ok record made with the current settings,
+  so identical bytes anywhere are never sent twice (``dedupe``).
+
+``ResumeFilter`` then drops, chunk by chunk in the walker thread, the items OUT holds
+unchanged and the keys the sources repeat. It returns what it skipped as ``Skipped``
+counts instead of touching the run's ``Summary``, which belongs to the event loop.
 """
 
 from __future__ import annotations
@@ -18,8 +31,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from batchtag.keyset import KeySet, fingerprint, fingerprint_bytes
-from batchtag.records import iter_keys_and_status
+from batchtag.dedupe import ContentIndex
+from batchtag.keyset import KeySet, fingerprint
+from batchtag.records import (
+    OTHER_SETTINGS,
+    LineScan,
+    Settings,
+    parse_record,
+    scan_lines,
+    state_fingerprint,
+)
 from batchtag.sources import Item
 
 log = logging.getLogger("batchtag")
@@ -33,43 +54,88 @@ class ScanStopped(Exception):
 
 @dataclass
 class Checkpoint:
-    """What OUT already holds: finished keys, and which of them ended in error."""
-
+    unchanged: KeySet = field(default_factory=KeySet)
     done: KeySet = field(default_factory=KeySet)
     errors: KeySet = field(default_factory=KeySet)
-    records: int = 0
+    other_settings: KeySet = field(default_factory=KeySet)
+    other_example: Settings | None = None  # one of the other settings found, for the message
+    content: ContentIndex = field(default_factory=ContentIndex)
+    records: int = 0  # valid records (one per key)
+    lines: int = 0
     error_records: int = 0
     torn_bytes: int = 0  # cut off the end of OUT: a record half-written by a crash
     bad_lines: int = 0
 
+    def to_do(self, key_fps: np.ndarray, state_fps: np.ndarray) -> np.ndarray:
+        """Which items still need work: not unchanged by state, nor (for items without a
+        stat or records without facts) by key."""
+        unchanged = self.unchanged.contains_many(state_fps) | self.unchanged.contains_many(key_fps)
+        return ~unchanged
 
-def read_checkpoint(path: str, stop: threading.Event | None = None) -> Checkpoint:
-    """Scan OUT for finished keys: only the key and status of each line are decoded.
-    Raises ScanStopped soon after ``stop`` is set."""
+
+def read_checkpoint(
+    path: str, stop: threading.Event | None = None, settings: Settings | None = None
+) -> Checkpoint:
+    """Scan OUT once and reduce it to per-key sets. Raises ScanStopped soon after ``stop``
+    is set."""
     checkpoint = Checkpoint()
     if not os.path.exists(path):
         return checkpoint
-    # array('Q') holds 8 bytes a key; a list of ints would hold ~40.
-    done = array("Q")
-    errors = array("Q")
 
     def bad_line(number: int) -> None:
         checkpoint.bad_lines += 1
         log.warning("%s:%d is not a record; ignored", path, number)
 
     with open(path, "rb") as handle:
-        for key, is_error in iter_keys_and_status(handle, bad_line):
-            fp = fingerprint_bytes(key)
-            done.append(fp)
-            if is_error:
-                errors.append(fp)
-            if stop is not None and len(done) % STOP_CHECK_EVERY == 0 and stop.is_set():
-                raise ScanStopped(path)
-    checkpoint.done = KeySet.from_array(np.frombuffer(done, dtype=np.uint64))
-    checkpoint.errors = KeySet.from_array(np.frombuffer(errors, dtype=np.uint64))
-    checkpoint.records = len(done)
-    checkpoint.error_records = len(errors)
+        scan = scan_lines(handle, settings, bad_line, stop, STOP_CHECK_EVERY)
+    if scan.stopped:
+        raise ScanStopped(path)
+    reduce_scan(checkpoint, scan)
+    if scan.other_settings_line is not None:
+        other = parse_record(scan.other_settings_line)
+        checkpoint.other_example = other.settings if other else None
     return checkpoint
+
+
+def as_uint64(values: array) -> np.ndarray:
+    return np.frombuffer(values, dtype=np.uint64) if len(values) else np.empty(0, dtype=np.uint64)
+
+
+def reduce_scan(checkpoint: Checkpoint, scan: LineScan) -> None:
+    """Per-line arrays to per-key sets, the last line of each key winning. One stable sort
+    of the key fingerprints gives every set already sorted (peak ~40 bytes a line)."""
+    # Any ok record made with these settings may lend its tags, superseded or not: its
+    # content hash says exactly which bytes they describe. Built first, so its per-line
+    # arrays are gone before the key sort.
+    if len(scan.content):
+        hashes = as_uint64(scan.content)
+        order = np.argsort(hashes, kind="stable")
+        offsets = np.frombuffer(scan.content_offsets, dtype=np.int64)
+        checkpoint.content = ContentIndex(hashes[order], offsets[order])
+        del hashes, offsets, order
+    scan.content, scan.content_offsets = array("Q"), array("q")
+    key_fps = as_uint64(scan.keys)
+    checkpoint.lines = len(key_fps)
+    order = np.argsort(key_fps, kind="stable")
+    ordered = key_fps[order]
+    last = np.ones(len(ordered), dtype=bool)
+    np.not_equal(ordered[1:], ordered[:-1], out=last[:-1])
+    winners = order[last]  # line numbers of the valid records, in key order
+    del order
+    done = ordered[last]  # sorted, no repeats
+    del ordered, last
+    flag = np.frombuffer(scan.flags, dtype=np.uint8)[winners]
+    is_error = (flag & 1).astype(bool)
+    same = (flag >> 1) != OTHER_SETTINGS
+    del flag
+    checkpoint.records = len(done)
+    checkpoint.error_records = int(is_error.sum())
+    checkpoint.errors = KeySet.from_sorted_unique(done[is_error])
+    checkpoint.other_settings = KeySet.from_sorted_unique(done[~same])
+    checkpoint.done = KeySet.from_sorted_unique(done)
+    unchanged = as_uint64(scan.states)[winners[same]]
+    unchanged.sort()
+    checkpoint.unchanged = KeySet.from_sorted_unique(unchanged)
 
 
 @dataclass
@@ -79,30 +145,43 @@ class Skipped:
     done: int = 0  # already in OUT from an earlier run
     previous_errors: int = 0  # ... of which ended in error
     duplicates: int = 0  # repeated keys in the sources, done once
+    changed: int = 0  # files whose size or mtime differ from their record: done again
+    retagged: int = 0  # records made with other settings, done again (--retag)
 
 
 class ResumeFilter:
-    """Passes on each key once, and only if OUT does not hold it. Used from the walker
-    thread only (one thread: no lock needed for ``seen``)."""
+    """Passes on each key once, and only if OUT does not hold it unchanged. Used from the
+    walker thread only (one thread: no lock needed for ``seen``)."""
 
     def __init__(self, checkpoint: Checkpoint) -> None:
-        self._done = checkpoint.done
-        self._errors = checkpoint.errors
+        self._checkpoint = checkpoint
         self._seen = KeySet()
 
     def new_items(self, chunk: Sequence[Item]) -> tuple[list[Item], Skipped]:
         """The chunk's items still to do, and what was skipped. Vectorised: skipping a
-        million finished items must not cost a numpy call per item."""
+        million finished items must not cost a numpy call per item. Files from manifests
+        are stat'ed here (the directory walk already did)."""
         skipped = Skipped()
         if not chunk:
             return [], skipped
+        chunk = [item.with_stat() for item in chunk]
         fingerprints = np.fromiter(
             (fingerprint(item.key) for item in chunk), dtype=np.uint64, count=len(chunk)
         )
-        done = self._done.contains_many(fingerprints)
+        states = np.fromiter(
+            (
+                state_fingerprint(fp, item.size, item.mtime_ns)
+                for item, fp in zip(chunk, fingerprints.tolist(), strict=True)
+            ),
+            dtype=np.uint64,
+            count=len(chunk),
+        )
+        to_do = self._checkpoint.to_do(fingerprints, states)
+        done = ~to_do
         if done.any():
             skipped.done = int(done.sum())
-            skipped.previous_errors = int(self._errors.contains_many(fingerprints[done]).sum())
+            skipped.previous_errors = int(self._checkpoint.errors.contains_many(fingerprints[done]).sum())
+        self._count_redone(fingerprints[to_do], skipped)
         fresh = []
         for item, fp, is_done in zip(chunk, fingerprints.tolist(), done.tolist(), strict=True):
             if is_done:
@@ -112,3 +191,13 @@ class ResumeFilter:
             else:
                 skipped.duplicates += 1
         return fresh, skipped
+
+    def _count_redone(self, fingerprints: np.ndarray, skipped: Skipped) -> None:
+        """Of the items to do, those OUT has a record for: changed, or made otherwise."""
+        if not len(fingerprints) or not len(self._checkpoint.done):
+            return
+        known = self._checkpoint.done.contains_many(fingerprints)
+        if known.any():
+            other = self._checkpoint.other_settings.contains_many(fingerprints[known])
+            skipped.retagged += int(other.sum())
+            skipped.changed += int((~other).sum())

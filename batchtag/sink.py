@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import tempfile
@@ -20,7 +21,7 @@ import time
 from typing import BinaryIO
 
 from batchtag.errors import SinkError
-from batchtag.records import Record, read_key_bytes_and_status
+from batchtag.records import Record, Settings, read_key_bytes_and_status, valid_line_mask
 from batchtag.resume import Checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -52,23 +53,21 @@ def repair_torn_tail(handle: BinaryIO) -> int:
 
 
 def drop_error_records(path: str) -> int:
-    """Rewrite OUT without its error records, atomically (temp file, fsync, rename), so
-    ``--retry-errors`` can do those items again and still never hold a key twice.
-    Returns how many records were dropped."""
+    """Rewrite OUT with only the valid record of each key, less the errors, atomically
+    (temp file, fsync, rename), so ``--retry-errors`` can do those items again and OUT
+    holds one record a key afterwards. Returns how many error records were dropped."""
     if not os.path.exists(path):
         return 0
     directory = os.path.dirname(os.path.abspath(path))
     dropped = 0
+    valid = valid_line_mask(path)
     fd, temp = tempfile.mkstemp(prefix=".batchtag-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
-            for raw in source:
-                if not raw.endswith(b"\n"):
-                    continue  # a torn tail: not a record
-                try:
-                    _, status = read_key_bytes_and_status(raw)
-                except ValueError:
-                    status = None
+            for index, raw in enumerate(source):
+                if index >= len(valid) or not valid[index]:
+                    continue  # superseded by a later record of its key, or not a record
+                _, status = read_key_bytes_and_status(raw)
                 if status == "error":
                     dropped += 1
                 else:
@@ -100,17 +99,43 @@ class ResultSink:
         self._handle = handle
         self._last_fsync = time.monotonic()
         self.written = 0
+        self.size = os.fstat(handle.fileno()).st_size  # where the next record starts
 
-    async def write(self, records: list[Record]) -> None:
-        """One write syscall for the batch, so a crash tears at most the last line."""
+    async def write(self, records: list[Record]) -> list[int]:
+        """One write syscall for the batch, so a crash tears at most the last line.
+        Returns each record's byte offset in OUT (for the content index)."""
         if not records:
-            return
-        data = b"".join(record.to_line() for record in records)
+            return []
+        lines = [record.to_line() for record in records]
+        offsets = []
+        for line in lines:
+            offsets.append(self.size)
+            self.size += len(line)
         try:
-            await asyncio.to_thread(self._write_through, data)
+            await asyncio.to_thread(self._write_through, b"".join(lines))
         except OSError as exc:
             raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self.written += len(records)
+        return offsets
+
+    def read_record_at(self, offset: int) -> Record | None:
+        """The record whose line starts at ``offset`` (an earlier one to reuse), or None."""
+        chunks = []
+        position = offset
+        while True:
+            chunk = os.pread(self._handle.fileno(), 65_536, position)
+            if not chunk:
+                return None
+            newline = chunk.find(b"\n")
+            if newline >= 0:
+                chunks.append(chunk[: newline + 1])
+                break
+            chunks.append(chunk)
+            position += len(chunk)
+        try:
+            return Record.from_dict(json.loads(b"".join(chunks)))
+        except (ValueError, TypeError, KeyError):
+            return None
 
     def _write_through(self, data: bytes) -> None:
         view = memoryview(data)
@@ -131,7 +156,10 @@ class ResultSink:
 
 
 def open_sink(
-    path: str, retry_errors: bool = False, stop: threading.Event | None = None
+    path: str,
+    retry_errors: bool = False,
+    stop: threading.Event | None = None,
+    settings: Settings | None = None,
 ) -> tuple[ResultSink, Checkpoint]:
     """Lock OUT, repair a torn tail, optionally drop error records, read the checkpoint.
 
@@ -157,7 +185,7 @@ def open_sink(
             lock(handle, path)
             if dropped:
                 log.info("--retry-errors: %d error records removed from %s, to be done again", dropped, path)
-        checkpoint = read_checkpoint(path, stop)
+        checkpoint = read_checkpoint(path, stop, settings)
         checkpoint.torn_bytes = torn
     except BaseException:
         handle.close()

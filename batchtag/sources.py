@@ -16,32 +16,52 @@ import re
 import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
 
 from batchtag import codes
 from batchtag.errors import SourceError
+from batchtag.excludes import UNSUPPORTED, LeftOut, WalkRules
 from batchtag.records import SourceKind
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
+SENT_AS_IS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})  # what the API takes
+CONVERTED = frozenset({".heic", ".heif", ".webp", ".tif", ".tiff"})  # made JPEG on the client
+RAW = frozenset({".dng", ".nef", ".arw", ".cr2"})  # their embedded JPEG preview is sent
+IMAGE_EXTENSIONS = SENT_AS_IS | CONVERTED | RAW
 MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".jsonl"})
 URL_SCHEMES = ("http", "https")
 STDIN = "-"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Item:
+    """One thing to tag. Treated as immutable; not frozen because a frozen dataclass takes
+    twice as long to build, and the walk builds one per file."""
+
     key: str
     kind: SourceKind
     location: str  # a filesystem path or a URL
     error_code: int | None = None  # set when the item is already known to be bad
     error: str | None = None
+    size: int | None = None  # a file's stat, taken by the walker (resume compares it)
+    mtime_ns: int | None = None
 
     @classmethod
     def failed(cls, key: str, kind: SourceKind, code: int, error: str) -> Item:
         return cls(key, kind, key, code, error)
+
+    def with_stat(self) -> Item:
+        """This file item with its size and mtime (None when it cannot be stat'ed: the read
+        will say why)."""
+        if self.kind != "file" or self.size is not None or self.error_code is not None:
+            return self
+        try:
+            info = os.stat(self.location)
+        except (OSError, ValueError):
+            return self
+        return Item(self.key, self.kind, self.location, size=info.st_size, mtime_ns=info.st_mtime_ns)
 
 
 Warn = Callable[[str], None]
@@ -52,7 +72,8 @@ def _ignore(_: str) -> None:
 
 
 def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
 def file_key(path: str) -> str:
@@ -100,17 +121,32 @@ def entry_item(text: str, base: str | None) -> Item:
 # --- directories ---------------------------------------------------------------------------
 
 
-def walk_directory(root: str, warn: Warn = _ignore) -> Iterator[Item]:
-    """Image files under ``root``, depth first, sorted by name at every level.
+@dataclass
+class Walk:
+    """One directory walk's settings and what it left out."""
+
+    rules: WalkRules = field(default_factory=WalkRules)
+    left_out: LeftOut = field(default_factory=LeftOut)
+    warn: Warn = _ignore
+
+
+def walk_directory(root: str, warn: Warn = _ignore, walk: Walk | None = None) -> Iterator[Item]:
+    """Image files under ``root``, depth first, sorted by name at every level, each with
+    its stat (one ``stat`` a file: resume compares size and mtime with the record).
 
     Symlinked directories are followed once: a directory already on the current path
     (a symlink loop) is skipped with a warning. An unreadable directory yields an error
-    item so the run's result says something was missed.
+    item so the run's result says something was missed. System, hidden and excluded
+    entries are left out and counted (``excludes``).
     """
-    yield from _walk(root, ancestors=set(), warn=warn)
+    walk = walk or Walk(warn=warn)
+    if walk.warn is _ignore:
+        walk.warn = warn
+    yield from _walk(root, "", ancestors=set(), walk=walk)
 
 
-def _walk(directory: str, ancestors: set[tuple[int, int]], warn: Warn) -> Iterator[Item]:
+def _walk(directory: str, relative_to: str, ancestors: set[tuple[int, int]], walk: Walk) -> Iterator[Item]:
+    warn = walk.warn
     try:
         info = os.stat(directory)
         identity = (info.st_dev, info.st_ino)
@@ -128,23 +164,39 @@ def _walk(directory: str, ancestors: set[tuple[int, int]], warn: Warn) -> Iterat
         )
         return
     ancestors.add(identity)
+    base = file_key(directory)  # once a folder: a key is the folder's key plus the name
+    rules, left_out = walk.rules, walk.left_out
     try:
+        # Files are handled inline, not through a generator each: the walk runs per file.
         for entry in entries:
-            yield from _walk_entry(entry, ancestors, warn)
+            name = entry.name
+            relative = f"{relative_to}/{name}" if relative_to else name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if reason := rules.folder_reason(name, relative):
+                    left_out.folder(reason)
+                else:
+                    yield from _walk(entry.path, relative, ancestors, walk)
+            elif (name[0] == "." or rules.excludes) and (reason := rules.file_reason(name, relative)):
+                left_out.file(reason, name)
+            elif is_image_name(name):
+                yield _file_item(entry, f"{base}{os.sep}{name}")
+            else:
+                left_out.file(UNSUPPORTED, name)
     finally:
         ancestors.discard(identity)
 
 
-def _walk_entry(entry: os.DirEntry[str], ancestors: set[tuple[int, int]], warn: Warn) -> Iterator[Item]:
+def _file_item(entry: os.DirEntry[str], key: str) -> Item:
+    """Broken symlinks and unreadable files still become items: their record says why."""
     try:
-        is_dir = entry.is_dir(follow_symlinks=True)
+        info = entry.stat()
     except OSError:
-        is_dir = False
-    if is_dir:
-        yield from _walk(entry.path, ancestors, warn)
-    elif is_image_name(entry.name):
-        # Broken symlinks and unreadable files still become items: their record says why.
-        yield Item(file_key(entry.path), "file", entry.path)
+        return Item(key, "file", entry.path)
+    return Item(key, "file", entry.path, size=info.st_size, mtime_ns=info.st_mtime_ns)
 
 
 # --- manifests -----------------------------------------------------------------------------
@@ -237,7 +289,8 @@ def check_source(source: str) -> None:
         return
     if suffix not in IMAGE_EXTENSIONS:
         raise SourceError(
-            f"{source}: not a directory, an image (.jpg .jpeg .png .bmp) or a manifest (.txt .csv .jsonl)"
+            f"{source}: not a directory, an image ({' '.join(sorted(IMAGE_EXTENSIONS))}) "
+            "or a manifest (.txt .csv .jsonl)"
         )
 
 
@@ -248,13 +301,13 @@ def _check_csv_header(path: str) -> None:
         raise SourceError(f"{path}: a CSV manifest needs a 'url' or 'path' column")
 
 
-def iter_items(sources: Iterable[str], warn: Warn = _ignore) -> Iterator[Item]:
+def iter_items(sources: Iterable[str], warn: Warn = _ignore, walk: Walk | None = None) -> Iterator[Item]:
     """Every item of every SOURCE, in argument order."""
     for source in sources:
         if source == STDIN:
             yield from read_stdin()
         elif os.path.isdir(source):
-            yield from walk_directory(source, warn)
+            yield from walk_directory(source, warn, walk)
         elif Path(source).suffix.lower() in MANIFEST_EXTENSIONS:
             yield from read_manifest(source)
         else:

@@ -105,8 +105,16 @@ def noisy_jpeg(size: tuple[int, int], seed: int = 7) -> bytes:
     return buffer.getvalue()
 
 
+def with_comment(jpeg: bytes, text: str) -> bytes:
+    """The same JPEG with a comment segment after SOI: the same pixels, other bytes (so
+    identical-content reuse does not merge test images that are meant to be distinct)."""
+    comment = text.encode()
+    return jpeg[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + jpeg[2:]
+
+
 def tiny_jpegs(root: Path, n: int, variety: int = 24) -> list[str]:
-    """``n`` small JPEG files (``variety`` distinct contents) in ``root``; their keys, sorted."""
+    """``n`` small JPEG files (``variety`` distinct pictures, every file's bytes unique) in
+    ``root``; their keys, sorted."""
     root.mkdir(parents=True, exist_ok=True)
     contents = [
         encode_image(size=(16, 12), color=(i * 10 % 256, 200 - i * 7 % 200, 60)) for i in range(variety)
@@ -114,7 +122,7 @@ def tiny_jpegs(root: Path, n: int, variety: int = 24) -> list[str]:
     paths = []
     for i in range(n):
         path = root / f"img{i:06}.jpg"
-        path.write_bytes(contents[i % variety])
+        path.write_bytes(with_comment(contents[i % variety], path.name))
         paths.append(str(path))
     return sorted(paths)
 

@@ -56,3 +56,20 @@ def test_bad_config_files_are_clear_errors(tmp_path, text, message):
 def test_secret_key_is_not_in_the_config_repr():
     config = build_config({**BASE, "secret_key": "s3cr3t-value"}, None, {})
     assert "s3cr3t-value" not in repr(config)
+
+
+def test_settings_in_records_name_the_endpoint_without_credentials_or_query():
+    remote = build_config(
+        {
+            **BASE,
+            "endpoint": "https://user:pw@Service.Example:8443/base/?token=t#x",
+            "appid": "1",
+            "secret_id": "a",
+            "secret_key": "b",
+        },
+        None,
+        {},
+    )
+    assert remote.settings().to_dict() == {"endpoint": "https://service.example:8443/base"}
+    local = build_config({**BASE, "lang": "en", "tagger": "color"}, None, {})
+    assert local.settings().to_dict() == {"endpoint": "local", "tagger": "color", "lang": "en"}

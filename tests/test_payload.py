@@ -13,7 +13,7 @@ from batchtag.payload import (
     InputError,
     body_bytes,
     build_payload,
-    check_image_bytes,
+    image_payload,
     read_file,
     shrink_to_fit,
 )
@@ -85,15 +85,18 @@ async def test_unreadable_files_are_input_errors(tmp_path, name, message):
     ("data", "code"),
     [(b"", codes.IMAGE_EMPTY), (encode_image("GIF"), codes.IMAGE_FORMAT), (b"hello", codes.IMAGE_FORMAT)],
 )
-def test_bytes_the_api_would_refuse_are_caught_before_sending(data, code):
+async def test_bytes_the_api_would_refuse_are_caught_before_sending(data, code):
+    """Not an image the API takes nor one batchtag converts (GIF, text): no request."""
     with pytest.raises(InputError) as refused:
-        check_image_bytes(data)
+        await image_payload(data, "x.jpg", "1000001", "")
     assert refused.value.code == code
 
 
-def test_accepted_formats_pass_the_check():
+async def test_accepted_formats_are_sent_byte_for_byte():
     for fmt in ("JPEG", "PNG", "BMP"):
-        check_image_bytes(encode_image(fmt))
+        data = encode_image(fmt)
+        payload = await image_payload(data, "x", "1000001", "")
+        assert base64.b64decode(json.loads(payload.body)["image"]) == data and payload.notes == {}
 
 
 def test_an_oversized_file_that_cannot_be_decoded_is_a_decode_error():

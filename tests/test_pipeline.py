@@ -8,12 +8,12 @@ import pytest
 
 from batchtag import codes, run_batch
 from batchtag.records import load_records
-from tests.support import encode_image, noisy_jpeg, run_config
+from tests.support import encode_image, noisy_jpeg, run_config, with_comment
 
 
 def write_jpeg(path, size=(32, 24), color=(20, 120, 200)):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_image(size=size, color=color))
+    path.write_bytes(with_comment(encode_image(size=size, color=color), str(path)))
     return path
 
 

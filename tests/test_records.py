@@ -5,16 +5,17 @@ import json
 
 import pytest
 
+from batchtag.keyset import fingerprint
 from batchtag.records import (
     NotAResultsFile,
     Record,
     check_results_file,
-    iter_keys_and_status,
     iter_valid_records,
     load_records,
     parse_record,
     read_key_and_status,
     read_key_bytes_and_status,
+    scan_lines,
 )
 
 
@@ -64,11 +65,9 @@ def test_fast_scan_yields_key_bytes_and_error_flag_and_reports_bad_lines():
         b"[1]\n",
     ]
     bad = []
-    assert list(iter_keys_and_status(lines, bad.append)) == [
-        (b"/a", False),
-        (b"/b\\c", True),
-        (b"/d", True),
-    ]
+    scan = scan_lines(lines, None, bad.append)
+    assert list(scan.keys) == [fingerprint(k) for k in ("/a", "/b\\c", "/d")]
+    assert [flag & 1 for flag in scan.flags] == [0, 1, 1]  # the error bit
     assert bad == [2, 5]
 
 

@@ -1,0 +1,99 @@
+"""Make a file's bytes something the API takes, upright: conversions done on the client.
+
+The API takes JPEG, PNG and BMP. HEIC/HEIF (pillow-heif), WebP and TIFF are decoded and
+re-encoded as JPEG; camera RAW files (DNG, NEF, ARW, CR2: all TIFF inside) send the
+largest JPEG preview they embed (``raw_preview``). An image whose EXIF orientation says
+its pixels are stored turned is re-encoded upright; every other JPEG/PNG/BMP is sent
+byte for byte. Runs in a worker thread: decoding takes milliseconds to seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+from PIL import Image
+
+from batchtag import api, codes
+from batchtag.errors import InputError
+from batchtag.orientation import UPRIGHT, orientation_of, upright
+from batchtag.raw import largest_jpeg_preview
+from batchtag.sources import RAW
+
+JPEG_QUALITY = 92
+CONVERTIBLE_FORMATS = ("HEIF", "WEBP", "TIFF")
+# Where an orientation tag can be: a JPEG's EXIF segment, a PNG's eXIf chunk.
+EXIF_MARKERS = (b"Exif\x00\x00", b"eXIf")
+EXIF_SEARCH_BYTES = 128 * 1024
+
+_heif_registered = False
+
+
+def register_heif() -> None:
+    """Teach Pillow HEIC/HEIF once, on first need (pillow-heif loads libheif)."""
+    global _heif_registered
+    if not _heif_registered:
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+        _heif_registered = True
+
+
+def sendable(data: bytes, name: str) -> tuple[bytes, dict[str, Any]]:
+    """The bytes to send for a file read as ``data`` (``name`` tells RAW files apart),
+    and notes for its record (``converted``, ``uprighted``)."""
+    if api.sniff_format(data[:16]) is not None:
+        return _upright_if_needed(data) if may_be_turned(data) else (data, {})
+    if os.path.splitext(name)[1].lower() in RAW:
+        preview = largest_jpeg_preview(data)
+        if preview is None:
+            raise InputError(codes.IMAGE_FORMAT, "camera RAW file without a readable JPEG preview")
+        sent, notes = _upright_if_needed(preview)
+        return sent, {"converted": {"from": "RAW", "to": "JPEG (embedded preview)"}, **notes}
+    return _convert(data)
+
+
+def needs_work(data: bytes) -> bool:
+    """Whether ``sendable`` has anything to do: the common JPEG without EXIF is sent as is,
+    with no thread hop and no decoding."""
+    return api.sniff_format(data[:16]) is None or may_be_turned(data)
+
+
+def may_be_turned(data: bytes) -> bool:
+    return any(data.find(marker, 0, EXIF_SEARCH_BYTES) >= 0 for marker in EXIF_MARKERS)
+
+
+def _upright_if_needed(data: bytes) -> tuple[bytes, dict[str, Any]]:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            orientation = orientation_of(image)
+            if orientation == UPRIGHT:
+                return data, {}
+            turned = upright(image.convert("RGB"), orientation)
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        return data, {}  # let the service judge the bytes as they are
+    return _jpeg(turned), {"uprighted": {"orientation": orientation}}
+
+
+def _convert(data: bytes) -> tuple[bytes, dict[str, Any]]:
+    register_heif()
+    try:
+        with Image.open(io.BytesIO(data), formats=CONVERTIBLE_FORMATS) as image:
+            source_format = image.format or "?"
+            orientation = orientation_of(image)
+            turned = upright(image.convert("RGB"), orientation)
+    except Image.DecompressionBombError:
+        raise InputError(codes.IMAGE_TOO_LARGE, "image dimensions exceed the pixel limit") from None
+    except Exception:  # Pillow and libheif raise a grab-bag for unreadable files
+        raise InputError(codes.IMAGE_FORMAT, "not an image format batchtag can send or convert") from None
+    notes: dict[str, Any] = {"converted": {"from": source_format, "to": "JPEG"}}
+    if orientation != UPRIGHT:
+        notes["uprighted"] = {"orientation": orientation}
+    return _jpeg(turned), notes
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=JPEG_QUALITY)
+    return out.getvalue()
