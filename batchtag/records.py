@@ -82,15 +82,15 @@ class Record:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Record:
         known = ("key", "source", "status", "code", "message", "tags", "attempts")
-        extra = {k: v for k, v in data.items() if k not in (*known, "file", "settings")}
-        facts = data.get("file")
-        settings = data.get("settings")
-        return cls(
-            **{k: data[k] for k in known if k in data},
-            extra=extra,
-            file=FileFacts.from_dict(facts) if isinstance(facts, dict) else None,
-            settings=Settings.from_dict(settings) if isinstance(settings, dict) else None,
-        )
+        extra = {k: v for k, v in data.items() if k not in known}
+        # Objects in our shape become FileFacts/Settings; anything else stays in extra as it is.
+        facts = FileFacts.from_dict(extra["file"]) if "file" in extra else None
+        settings = Settings.from_dict(extra["settings"]) if "settings" in extra else None
+        if facts is not None:
+            del extra["file"]
+        if settings is not None:
+            del extra["settings"]
+        return cls(**{k: data[k] for k in known if k in data}, extra=extra, file=facts, settings=settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,16 +102,27 @@ class FileFacts:
     size: int
     mtime_ns: int
     xxh3_128: str | None = None
+    more: dict[str, Any] | None = None  # fields another writer put in the object: kept
 
     def to_dict(self) -> dict[str, Any]:
-        facts: dict[str, Any] = {"size": self.size, "mtime_ns": self.mtime_ns}
+        # Others' fields first: ours end the object, where resume reads them.
+        facts: dict[str, Any] = {**(self.more or {}), "size": self.size, "mtime_ns": self.mtime_ns}
         if self.xxh3_128 is not None:
             facts["xxh3_128"] = self.xxh3_128
         return facts
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FileFacts:
-        return cls(int(data["size"]), int(data["mtime_ns"]), data.get("xxh3_128"))
+    def from_dict(cls, data: Any) -> FileFacts | None:
+        """Facts from a record's ``file`` object; None when it is not in our shape."""
+        if not isinstance(data, dict):
+            return None
+        size, mtime_ns, digest = data.get("size"), data.get("mtime_ns"), data.get("xxh3_128")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, mtime_ns)):
+            return None
+        if digest is not None and not isinstance(digest, str):
+            return None
+        more = {k: v for k, v in data.items() if k not in ("size", "mtime_ns", "xxh3_128")}
+        return cls(size, mtime_ns, digest, more or None)
 
     def state_bytes(self) -> bytes:
         return state_bytes(self.size, self.mtime_ns)
@@ -152,8 +163,14 @@ class Settings:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Settings:
-        return cls(str(data.get("endpoint", "")), data.get("tagger"), data.get("lang"))
+    def from_dict(cls, data: Any) -> Settings | None:
+        """Settings from a record's ``settings`` object; None when it is not in our shape."""
+        if not isinstance(data, dict) or set(data) - {"endpoint", "tagger", "lang"}:
+            return None
+        values = (data.get("endpoint"), data.get("tagger"), data.get("lang"))
+        if not isinstance(values[0], str) or not all(v is None or isinstance(v, str) for v in values[1:]):
+            return None
+        return cls(*values)
 
     def describe(self) -> str:
         return ", ".join(f"{name} {value}" for name, value in self.to_dict().items())
