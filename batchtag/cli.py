@@ -90,6 +90,11 @@ def add_run_parser(commands: Any) -> None:
     )
     p.add_argument("--tagger", choices=("model", "color"), help="embedded tagger (local endpoint only)")
     p.add_argument("--lang", choices=("zh", "en"), help="tag language of the embedded tagger (default zh)")
+    p.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run on Dask: local:N (N worker processes here) or a scheduler address tcp://HOST:PORT",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
 
 
@@ -207,6 +212,7 @@ def run_flags(args: argparse.Namespace) -> dict[str, Any]:
         "exclude",
         "include_hidden",
         "retag",
+        "cluster",
     )
     return {name: getattr(args, name) for name in names}
 

@@ -129,12 +129,14 @@ CLIENT_CODES: dict[int, CodeInfo] = {
 # no record, only on the error objects (errors.UsageError), so every error has a code.
 RUN_USAGE_ERROR = -9020  # bad settings or an unusable SOURCE argument
 RUN_OUT_ERROR = -9021  # OUT cannot be opened, locked or written
+RUN_CLUSTER_ERROR = -9022  # --cluster: the Dask scheduler cannot be reached, or went away
 
 RUN_CODES: dict[int, CodeInfo] = {
     info.code: info
     for info in (
         CodeInfo(RUN_USAGE_ERROR, "usage or configuration error", P),
         CodeInfo(RUN_OUT_ERROR, "OUT cannot be opened, locked or written", P),
+        CodeInfo(RUN_CLUSTER_ERROR, "the Dask cluster cannot be used or went away", P),
     )
 }
 

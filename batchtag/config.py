@@ -14,7 +14,7 @@ from batchtag.records import Settings
 
 LOCAL = "local"
 ENV_PREFIX = "BATCHTAG_"
-ENV_FIELDS = ("appid", "secret_id", "secret_key", "bucket", "endpoint")
+ENV_FIELDS = ("appid", "secret_id", "secret_key", "bucket", "endpoint", "cluster")
 
 
 @dataclass
@@ -39,6 +39,7 @@ class RunConfig:
     exclude: list[str] = field(default_factory=list)  # globs the directory walk leaves out
     include_hidden: bool = False  # walk hidden and system folders too
     retag: bool = False  # redo items whose records were made with other settings
+    cluster: str | None = None  # "local:N" or a Dask scheduler address (see cluster.py)
 
     @property
     def is_local(self) -> bool:
@@ -68,6 +69,13 @@ class RunConfig:
             raise ConfigError("--tagger must be model or color")
         if self.lang not in ("zh", "en"):
             raise ConfigError("--lang must be zh or en")
+        if self.cluster:
+            from batchtag.cluster import ClusterError, parse_cluster_address
+
+            try:
+                parse_cluster_address(self.cluster)
+            except ClusterError as exc:
+                raise ConfigError(str(exc)) from None
         if not self.is_local:
             missing = [name for name in ("appid", "secret_id", "secret_key") if not getattr(self, name)]
             if missing:
@@ -148,6 +156,8 @@ def coerce_types(config: RunConfig) -> RunConfig:
         config.sources = [config.sources]
     if isinstance(config.exclude, str):
         config.exclude = [config.exclude]
+    if config.cluster is not None:
+        config.cluster = str(config.cluster) or None
     for name in ("appid", "secret_id", "secret_key", "bucket", "endpoint", "out"):
         value = getattr(config, name)
         if not isinstance(value, str):

@@ -8,7 +8,9 @@ hold a secret.
     ├── UsageError                the run cannot start or go on: one line on stderr, exit 2
     │   ├── ConfigError           bad settings (config.py)
     │   ├── SourceError           a SOURCE argument that cannot be read (sources.py)
-    │   └── SinkError             OUT cannot be opened, locked or written (sink.py)
+    │   ├── SinkError             OUT cannot be opened, locked or written (sink.py)
+    │   └── ClusterError          --cluster: the cluster cannot be used or failed (cluster/)
+    │       └── SchedulerLost     the Dask scheduler went away mid-run; a rerun resumes
     ├── ItemError                 one item failed: it gets an error record, the run goes on
     │   ├── InputError            missing, unreadable, not an image; no request spent (payload.py)
     │   └── ApiFailure            one attempt at the API failed: API code, HTTP status or
@@ -60,6 +62,16 @@ class SinkError(UsageError):
     """OUT cannot be opened, locked or written: the run stops (exit 2), what is written stays."""
 
     run_code = codes.RUN_OUT_ERROR
+
+
+class ClusterError(UsageError):
+    """The Dask cluster cannot be reached or used: one line, exit 2; OUT keeps what was written."""
+
+    run_code = codes.RUN_CLUSTER_ERROR
+
+
+class SchedulerLost(ClusterError):
+    """The scheduler went away mid-run: nothing left to clean up on the cluster."""
 
 
 # --- one item ------------------------------------------------------------------------------

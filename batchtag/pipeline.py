@@ -186,11 +186,16 @@ class Run:
 
     # -- the whole run ----------------------------------------------------------------------
 
+    def start_workers(self) -> list[asyncio.Task[None]]:
+        """The stages between the producer's queue and the writer's results: here the
+        preparers and senders; a cluster driver puts its dispatcher in their place."""
+        tasks = [asyncio.create_task(self.prepare(), name=f"prepare-{i}") for i in range(self.preparers)]
+        tasks += [asyncio.create_task(self.send(), name=f"send-{i}") for i in range(self.config.concurrency)]
+        return tasks
+
     async def execute(self) -> Summary:
         started = time.monotonic()
-        tasks = [asyncio.create_task(self.produce(), name="producer")]
-        tasks += [asyncio.create_task(self.prepare(), name=f"prepare-{i}") for i in range(self.preparers)]
-        tasks += [asyncio.create_task(self.send(), name=f"send-{i}") for i in range(self.config.concurrency)]
+        tasks = [asyncio.create_task(self.produce(), name="producer"), *self.start_workers()]
         writer = asyncio.create_task(self.write(), name="writer")
         writer.add_done_callback(lambda t: _cancel_on_failure(t, tasks))
         try:
@@ -268,26 +273,42 @@ async def run_batch(config: RunConfig, progress: bool | None = None) -> Summary:
         check_source(source)
     bar = Progress(config.progress if progress is None else progress)
     try:
-        async with (
-            opened_out(config) as (sink, checkpoint),
-            api_endpoint(config) as (endpoint, credentials),
-            open_tag_client(
-                endpoint,
-                credentials,
-                config.bucket,
-                AdaptiveRateLimiter(config.qps),
-                RetryPolicy(retries=config.retries),
-                config.concurrency,
-                config.timeout,
-            ) as client,
-        ):
-            summary = await Run(config, sink, checkpoint, client, bar).execute()
+        async with opened_out(config) as (sink, checkpoint):
+            if config.cluster:
+                from batchtag.cluster.driver import run_on_cluster
+
+                summary = await run_on_cluster(config, sink, checkpoint, bar)
+            else:
+                async with open_client(config) as client:
+                    summary = await Run(config, sink, checkpoint, client, bar).execute()
     finally:
         bar.close()
     summary.wall_s = time.monotonic() - started  # start-up (model load, resume scan) included
     if config.summary_json:
         summary.write_json(config.summary_json)
     return summary
+
+
+@contextlib.asynccontextmanager
+async def open_client(
+    config: RunConfig, limiter: AdaptiveRateLimiter | None = None
+) -> AsyncIterator[TagClient]:
+    """The run's one client against its endpoint (the embedded server started first when
+    there is none); a cluster worker opens one a process, with its own limiter, and shares
+    it between its chunks."""
+    async with (
+        api_endpoint(config) as (endpoint, credentials),
+        open_tag_client(
+            endpoint,
+            credentials,
+            config.bucket,
+            limiter or AdaptiveRateLimiter(config.qps),
+            RetryPolicy(retries=config.retries),
+            config.concurrency,
+            config.timeout,
+        ) as client,
+    ):
+        yield client
 
 
 def run(config: RunConfig, progress: bool | None = None) -> Summary:

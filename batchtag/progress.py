@@ -38,6 +38,7 @@ class Summary:
     left_out: LeftOut = field(default_factory=LeftOut)  # what the walk did not take
     wall_s: float = 0.0
     interrupted: bool = False
+    workers: Counter[str] = field(default_factory=Counter)  # records per cluster worker (--cluster)
 
     def count(self, record: Record) -> None:
         self.done += 1
@@ -97,6 +98,9 @@ class Summary:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["by_code"] = {str(code): n for code, n in sorted(self.by_code.items())}
         data["left_out"] = self.left_out.to_dict()
+        data["workers"] = dict(sorted(self.workers.items()))
+        if not self.workers:
+            del data["workers"]
         data["items_per_s"] = round(self.items_per_s, 2)
         data["requests_per_s"] = round(self.attempts / self.wall_s, 2) if self.wall_s > 0 else 0.0
         data["exit_code"] = self.exit_code

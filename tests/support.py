@@ -264,12 +264,19 @@ class Spawner:
         module: str = "batchtag",
         **kwargs: Any,
     ) -> Proc:
+        """`python -m batchtag ARGS...` (or another ``module``) in a subprocess."""
+        return self.start_program(batchtag_command(*args, module=module), name=name, env=env, **kwargs)
+
+    def start_program(
+        self, argv: list[Any], name: str = "proc", env: dict[str, str] | None = None, **kwargs: Any
+    ) -> Proc:
+        """Any program (``argv``), e.g. the `dask` CLI."""
         index = len(self.started)
         out = self.workdir / f"{name}-{index}.out"
         err = self.workdir / f"{name}-{index}.err"
         with open(out, "wb") as stdout, open(err, "wb") as stderr:
             popen = subprocess.Popen(
-                batchtag_command(*args, module=module),
+                [str(a) for a in argv],
                 stdout=stdout,
                 stderr=stderr,
                 stdin=subprocess.DEVNULL,

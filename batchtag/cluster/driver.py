@@ -1,0 +1,347 @@
+"""The driver of a ``--cluster`` run: the local pipeline with its middle stage on Dask.
+
+The driver is a ``Run`` whose producer (walk, skip what OUT holds, drop repeats) and
+writer (the one sink, the summary, the bar) are the local ones; between them, instead of
+preparers and senders, one dispatcher cuts the queue into chunks and submits them. At
+most ``WINDOW_PER_THREAD`` chunks a worker thread are in flight, so the driver holds a
+bounded number of items whatever the input size.
+
+Faults: Dask reruns the chunk of a worker that died; every record is checked against
+the keys already written, so a chunk that ran twice can never put a key in OUT twice. A
+chunk that killed workers ``distributed.scheduler.allowed-failures`` times gets error
+records (``--retry-errors`` tries it again). Losing the scheduler stops the run
+(ClusterError, exit 2); what was written stays, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from distributed import Client, KilledWorker, LocalCluster
+from distributed.client import FutureCancelledError
+
+from batchtag import codes
+from batchtag.cluster import ClusterAddress, ClusterError, SchedulerLost, parse_cluster_address
+from batchtag.cluster.worker import (
+    ChunkResult,
+    TaggerPlugin,
+    plugin_name,
+    relay_share,
+    relay_slowdown,
+    slowdown_topic,
+    tag_chunk,
+)
+from batchtag.config import RunConfig
+from batchtag.keyset import KeySet
+from batchtag.pipeline import STOP, Run
+from batchtag.progress import Progress, Summary
+from batchtag.records import Record
+from batchtag.resume import Checkpoint
+from batchtag.sink import ResultSink
+from batchtag.sources import Item
+
+log = logging.getLogger("batchtag")
+
+CHUNK_ITEMS = 64  # ~1-2 s of one embedded worker: small loss when a worker dies, low task overhead
+WINDOW_PER_THREAD = 2  # chunks in flight a worker thread: one running, one waiting
+LOCAL_THREADS = 2  # chunks a local:N worker runs at once (one's tail overlaps the next)
+WORKERS_TIMEOUT_S = 60.0
+WATCH_INTERVAL_S = 1.0
+CLOSE_TIMEOUT_S = 10.0
+LOST_CLOSE_TIMEOUT_S = 1.0
+RELAY_COOLDOWN_S = 1.0  # the limiter's own cooldown: one relayed slow-down a second at most
+
+ChunkTask = Callable[[str, list[Item]], ChunkResult]
+
+
+async def run_on_cluster(
+    config: RunConfig,
+    sink: ResultSink,
+    checkpoint: Checkpoint,
+    progress: Progress,
+    task: ChunkTask = tag_chunk,
+) -> Summary:
+    """The run of ``run_batch`` with its items tagged on ``config.cluster``.
+
+    ``task`` turns a chunk into records on a worker; the benchmark passes one that answers
+    at once, to measure what one driver can take."""
+    address = parse_cluster_address(config.cluster or "")
+    run_id = uuid.uuid4().hex[:12]
+    quiet_dask(config)
+    async with connect(address) as client:
+        threads = await wait_for_workers(client, address)
+        async with tagger_on_every_worker(client, config, run_id, len(threads)):
+            driver = ClusterDriver(config, sink, checkpoint, progress, client, run_id, task)
+            driver.window.limit = window_for(threads)
+            return await driver.execute()
+
+
+def quiet_dask(config: RunConfig) -> None:
+    """Dask logs worker deaths and reconnects at WARNING; the run reports what matters
+    itself (one line on failure), so Dask speaks only with -v."""
+    if not logging.getLogger("batchtag").isEnabledFor(logging.INFO):
+        dask_loggers = [
+            name for name in logging.root.manager.loggerDict if name.startswith(("distributed", "dask"))
+        ]
+        for name in ["distributed", "dask", *dask_loggers]:  # Dask gives some of them levels of their own
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+@contextlib.asynccontextmanager
+async def connect(address: ClusterAddress) -> AsyncIterator[Client]:
+    """A client of the scheduler; for local:N, a LocalCluster started here and stopped after."""
+    cluster = None
+    try:
+        if address.local_workers:
+            cluster = await LocalCluster(
+                n_workers=address.local_workers,
+                threads_per_worker=LOCAL_THREADS,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                # no dashboard; its bare HTTP server (health checks) on a free loopback port
+                scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+                silence_logs=logging.CRITICAL,
+                asynchronous=True,
+            )
+            client = await Client(cluster, asynchronous=True)
+        else:
+            # How long to keep trying: Dask's own setting, distributed.comm.timeouts.connect
+            # (DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT), 30 s by default.
+            client = await Client(address.scheduler, asynchronous=True)
+    except (OSError, TimeoutError) as exc:
+        if cluster is not None:
+            await close_quietly(cluster.close())
+        raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    timeout = CLOSE_TIMEOUT_S
+    try:
+        yield client
+    except SchedulerLost:
+        timeout = LOST_CLOSE_TIMEOUT_S  # nobody to say goodbye to
+        raise
+    finally:
+        await close_quietly(client.close(timeout=timeout), timeout)
+        if cluster is not None:
+            await close_quietly(cluster.close(timeout=timeout), timeout)
+
+
+async def close_quietly(closing: Any, timeout: float = CLOSE_TIMEOUT_S) -> None:
+    """Closing after the scheduler went away can hang or raise; the run's result is set."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(closing, timeout)
+
+
+async def wait_for_workers(client: Client, address: ClusterAddress) -> dict[str, int]:
+    """The workers' thread counts, once there is at least one worker."""
+    try:
+        await client.wait_for_workers(1, timeout=WORKERS_TIMEOUT_S)
+    except TimeoutError:
+        raise ClusterError(
+            f"no Dask worker joined {address} within {WORKERS_TIMEOUT_S:.0f} s (start some with: dask worker {address})"
+        ) from None
+    return await client.nthreads()
+
+
+def window_for(threads: dict[str, int]) -> int:
+    return max(2, WINDOW_PER_THREAD * sum(threads.values()))
+
+
+@contextlib.asynccontextmanager
+async def tagger_on_every_worker(
+    client: Client, config: RunConfig, run_id: str, workers: int
+) -> AsyncIterator[None]:
+    """Each worker process sets up its client (and loads the embedded tagger) once for the
+    run; torn down after it, so long-lived workers do not keep the model."""
+    share = config.qps / workers if config.qps else None
+    try:
+        await client.register_plugin(TaggerPlugin(config, run_id, share), name=plugin_name(run_id))
+    except OSError:
+        raise SchedulerLost(f"lost the Dask scheduler at {config.cluster} while the workers set up") from None
+    except Exception as exc:
+        raise ClusterError(f"a Dask worker could not set up batchtag: {type(exc).__name__}: {exc}") from None
+    try:
+        yield
+    except SchedulerLost:
+        raise
+    except BaseException:
+        await close_quietly(client.unregister_worker_plugin(plugin_name(run_id)))
+        raise
+    else:
+        await close_quietly(client.unregister_worker_plugin(plugin_name(run_id)))
+
+
+class Window:
+    """At most ``limit`` chunks in flight; the limit follows the cluster's size."""
+
+    def __init__(self, limit: int = 2) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._changed = asyncio.Condition()
+
+    async def enter(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < self.limit)
+            self.in_flight += 1
+
+    async def leave(self) -> None:
+        async with self._changed:
+            self.in_flight -= 1
+            self._changed.notify_all()
+
+    async def resize(self, limit: int) -> None:
+        async with self._changed:
+            self.limit = limit
+            self._changed.notify_all()
+
+
+class ClusterDriver(Run):
+    def __init__(
+        self,
+        config: RunConfig,
+        sink: ResultSink,
+        checkpoint: Checkpoint,
+        progress: Progress,
+        client: Client,
+        run_id: str,
+        task: ChunkTask,
+    ) -> None:
+        super().__init__(config, sink, checkpoint, None, progress)  # type: ignore[arg-type]
+        self.preparers = 1  # the producer's STOP goes to the one dispatcher
+        self.queue = asyncio.Queue(maxsize=2 * CHUNK_ITEMS)  # a whole chunk can wait for a free slot
+        self.dask = client
+        self.run_id = run_id
+        self.task = task
+        self.window = Window()
+        self.written = KeySet()  # keys sent to the writer by this run
+        self._chunks = 0
+        self._futures: set[Any] = set()  # submitted, not yet returned: cancelled if the run stops
+        self._last_relay = -1e9
+
+    def start_workers(self) -> list[asyncio.Task[None]]:
+        return [asyncio.create_task(self.dispatch(), name="dispatch")]
+
+    async def dispatch(self) -> None:
+        """Chunks out, records back, until the producer is done and every chunk is in."""
+        self.dask.subscribe_topic(slowdown_topic(self.run_id), self.relay_slowdown)
+        watcher = asyncio.create_task(self.watch_workers(), name="watch-workers")
+        try:
+            async with asyncio.TaskGroup() as chunks:
+                while True:
+                    await self.window.enter()  # the queue fills meanwhile: full chunks when busy
+                    chunk = await self.take_chunk()
+                    if not chunk:
+                        await self.window.leave()
+                        break
+                    chunks.create_task(self.run_chunk(chunk))
+        except BaseExceptionGroup as group:
+            raise first_cluster_error(group) from None
+        finally:
+            watcher.cancel()
+            if self._futures:  # interrupted or failed: the cluster drops the rest of the work
+                await close_quietly(self.dask.cancel(list(self._futures)))
+            with contextlib.suppress(Exception):
+                self.dask.unsubscribe_topic(slowdown_topic(self.run_id))
+
+    async def take_chunk(self) -> list[Item]:
+        """Up to CHUNK_ITEMS new items; fewer when a worker is free and the producer
+        pauses (a slow walk must not leave workers idle); empty at the end."""
+        chunk: list[Item] = []
+        while len(chunk) < CHUNK_ITEMS:
+            if chunk and self.queue.empty():
+                break
+            item = await self.queue.get()
+            if item is STOP:
+                self.queue.put_nowait(STOP)  # seen again by the next call: the end
+                break
+            chunk.append(item)
+        return chunk
+
+    async def run_chunk(self, items: list[Item]) -> None:
+        try:
+            result = await self.tag_remotely(items)
+            fresh = [record for record in result.records if self.written.add(record.key)]
+            if len(fresh) < len(result.records):
+                log.info("%d records of a rerun chunk were already written", len(result.records) - len(fresh))
+            self.summary.workers[result.worker] += len(fresh)
+            for record in fresh:
+                self.results.put_nowait(record)
+        finally:
+            await self.window.leave()
+
+    async def tag_remotely(self, items: list[Item]) -> ChunkResult:
+        self._chunks += 1
+        future = self.dask.submit(
+            self.task, self.run_id, items, key=f"batchtag-{self.run_id}-{self._chunks}", pure=False
+        )
+        self._futures.add(future)
+        try:
+            return await future
+        except (FutureCancelledError, OSError):  # OSError: CommClosedError, the connection is gone
+            raise SchedulerLost(
+                f"lost the Dask scheduler at {self.config.cluster}; the records received so far are in "
+                f"{self.config.out}, rerun to resume"
+            ) from None
+        except KilledWorker as exc:
+            log.warning("%s", exc)
+            return ChunkResult("(lost)", [worker_died_record(item) for item in items])
+        except Exception as exc:
+            raise ClusterError(f"a Dask worker failed a chunk: {type(exc).__name__}: {exc}") from None
+        finally:
+            self._futures.discard(future)
+
+    async def watch_workers(self) -> None:
+        """Follow the cluster's size: the window, and each worker's share of --qps."""
+        workers = -1
+        while True:
+            try:
+                threads = await self.dask.nthreads()
+            except Exception:
+                return  # the scheduler is gone: the chunks report it
+            if len(threads) != workers and threads:
+                workers = len(threads)
+                await self.window.resize(window_for(threads))
+                if self.config.qps:
+                    await self.broadcast(relay_share, self.run_id, self.config.qps / workers)
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    async def relay_slowdown(self, event: Any) -> None:
+        """A worker was rate-limited (code 15): the quota is the whole cluster's, so every
+        worker slows down, not just the one that was told."""
+        now = time.monotonic()
+        if now - self._last_relay < RELAY_COOLDOWN_S:
+            return
+        self._last_relay = now
+        log.info("rate-limited on a worker: every worker slows down")
+        await self.broadcast(relay_slowdown, self.run_id)
+
+    async def broadcast(self, function: Any, *args: Any) -> None:
+        with contextlib.suppress(Exception):
+            await self.dask.run(function, *args, wait=False)
+
+
+def worker_died_record(item: Item) -> Record:
+    return Record(
+        item.key,
+        item.kind,
+        "error",
+        codes.CLIENT_INTERNAL_ERROR,
+        "Dask workers died running this item's chunk; rerun with --retry-errors",
+        [],
+        0,
+    )
+
+
+def first_cluster_error(group: BaseExceptionGroup) -> BaseException:
+    """TaskGroup wraps a chunk's failure; the run reports the first one, as itself."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return first_cluster_error(exc)
+        if isinstance(exc, ClusterError):
+            return exc
+    return group.exceptions[0]

@@ -1,0 +1,280 @@
+"""`batchtag run --cluster` end to end: real Dask clusters (a LocalCluster, and a scheduler
+and workers started with the `dask` CLI), real `batchtag run` subprocesses, real signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchtag import codes
+from batchtag.cluster import ClusterError, parse_cluster_address
+from batchtag.cluster.driver import run_on_cluster
+from batchtag.cluster.worker import ChunkResult
+from batchtag.config import ConfigError, RunConfig, build_config
+from batchtag.progress import Progress
+from batchtag.records import Record
+from batchtag.sink import open_sink
+from tests.support import (
+    Proc,
+    Spawner,
+    free_port,
+    line_count,
+    read_out,
+    run_cli,
+    run_flags,
+    server_stats,
+    tiny_jpegs,
+    wait_until,
+    write_credentials,
+)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "photos"
+DASK = str(Path(sys.executable).parent / "dask")
+
+
+def start_dask(spawner: Spawner, tmp_path: Path, workers: list[str]) -> tuple[str, dict[str, Proc]]:
+    """A `dask scheduler` and `dask worker`s as separate processes on loopback, no
+    dashboards; returns the scheduler address once every worker has joined."""
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler = spawn_dask(
+        spawner,
+        "scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--no-dashboard",
+        "--dashboard-address",  # its plain HTTP server (health checks) still listens
+        "127.0.0.1:0",
+        "--scheduler-file",
+        scheduler_file,
+    )
+    wait_until(scheduler_file.exists, 90, "the scheduler file", alive=scheduler)
+    wait_until(lambda: "address" in scheduler_file.read_text(), 90, "the scheduler address", alive=scheduler)
+    address = json.loads(scheduler_file.read_text())["address"]
+    started = {}
+    for name in workers:
+        started[name] = spawn_dask(
+            spawner,
+            "worker",
+            address,
+            "--host",
+            "127.0.0.1",
+            "--no-nanny",
+            "--nthreads",
+            "1",
+            "--no-dashboard",
+            "--dashboard-address",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            "--local-directory",
+            tmp_path / f"dask-{name}",
+        )
+    from distributed import Client
+
+    with Client(address, timeout=60) as client:
+        client.wait_for_workers(len(workers), timeout=120)
+    return address, started
+
+
+def spawn_dask(spawner: Spawner, *args) -> Proc:
+    return spawner.start_program([DASK, *args], name=f"dask-{args[0]}")
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def test_cluster_addresses_are_checked_before_anything_starts():
+    assert parse_cluster_address("local:3").local_workers == 3
+    assert parse_cluster_address("tcp://10.0.0.5:8786").scheduler == "tcp://10.0.0.5:8786"
+    for bad in ("local:0", "local:x", "10.0.0.5:8786", "tcp://host", "http://host:8786"):
+        with pytest.raises(ClusterError):
+            parse_cluster_address(bad)
+    with pytest.raises(ConfigError, match="local:N"):
+        build_config({"sources": ["a"], "out": "o.jsonl", "cluster": "local:none"})
+
+
+def test_cluster_comes_from_flag_environment_or_toml(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('cluster = "local:4"\n')
+    base = {"sources": ["a"], "out": "o.jsonl"}
+    assert build_config(base, str(toml)).cluster == "local:4"
+    env = {"BATCHTAG_CLUSTER": "tcp://127.0.0.1:8786"}
+    assert build_config(base, str(toml), environ=env).cluster == "tcp://127.0.0.1:8786"
+    assert build_config({**base, "cluster": "local:2"}, str(toml), environ=env).cluster == "local:2"
+
+
+def test_unreachable_scheduler_is_one_line_and_exit_2(tmp_path):
+    result = run_cli(
+        "run",
+        EXAMPLES,
+        "-o",
+        tmp_path / "out.jsonl",
+        "--cluster",
+        f"tcp://127.0.0.1:{free_port()}",
+        env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("batchtag: error: cannot reach the Dask scheduler")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+
+def test_local_cluster_with_the_embedded_model_matches_a_plain_run(tmp_path):
+    """local:2, the real model loaded in each worker process: the same records as a plain
+    run (same format, same tags, the same error record for a file no worker can read),
+    per-worker counts in the summary. (Resume under --cluster: the Ctrl-C test.)"""
+    manifest = tmp_path / "more.txt"
+    manifest.write_text(f"{tmp_path / 'not-there.jpg'}\n")
+    plain, clustered = tmp_path / "plain.jsonl", tmp_path / "cluster.jsonl"
+    summary_json = tmp_path / "summary.json"
+    sources = [EXAMPLES, manifest]
+    assert run_cli("run", *sources, "-o", plain, "--lang", "en").returncode == 1
+    result = run_cli(
+        "run",
+        *sources,
+        "-o",
+        clustered,
+        "--lang",
+        "en",
+        "--cluster",
+        "local:2",
+        "--summary-json",
+        summary_json,
+    )
+    assert result.returncode == 1, result.stderr
+    expected = read_out(plain).by_key()
+    got = read_out(clustered).by_key()
+    assert sorted(got) == sorted(expected) and len(got) >= 8
+    for key, record in got.items():
+        assert record["tags"] or record["status"] == "error", key
+        record.pop("elapsed_ms", None), expected[key].pop("elapsed_ms", None)
+        assert record == expected[key]
+    missing = got[str(tmp_path / "not-there.jpg")]
+    assert missing["status"] == "error" and missing["message"] == "file not found"
+    summary = json.loads(summary_json.read_text())
+    assert summary["ok"] == len(got) - 1 and sum(summary["workers"].values()) == len(got)
+
+
+def test_dask_cli_cluster_loses_a_worker_mid_run_and_every_key_is_written_once(spawner, tmp_path):
+    """A scheduler and two workers from the `dask` CLI; one worker is SIGKILLed once
+    records have started to arrive. Its chunks are rerun elsewhere: exit 0, every key
+    exactly once, every item ok."""
+    keys = tiny_jpegs(tmp_path / "photos", 320)
+    _, url = spawner.serve(write_credentials(tmp_path / "creds.json"), "--inject-latency-ms", "20")
+    address, workers = start_dask(spawner, tmp_path, ["w1", "w2"])
+    out, summary_json = tmp_path / "out.jsonl", tmp_path / "summary.json"
+    run = spawner.start(
+        "run",
+        tmp_path / "photos",
+        "-o",
+        out,
+        *run_flags(url),
+        "--concurrency",
+        "2",
+        "--cluster",
+        address,
+        "--summary-json",
+        summary_json,
+        name="run",
+    )
+    wait_until(lambda: line_count(out) > 0, 120, "the first records", alive=run)
+    workers["w1"].popen.send_signal(signal.SIGKILL)
+    workers["w1"].wait(timeout=30)
+    assert line_count(out) < len(keys), "the run ended before the worker was killed"
+    assert run.wait(timeout=180) == 0, run.stderr()
+    records = read_out(out)  # also checks that no key is there twice
+    assert sorted(records.keys) == keys
+    assert all(r["status"] == "ok" and r["code"] == codes.OK for r in records.records)
+    summary = json.loads(summary_json.read_text())
+    assert sum(summary["workers"].values()) == len(keys) and summary["workers"]["w2"] > 0
+
+
+def test_the_cluster_as_a_whole_keeps_to_qps(spawner, tmp_path):
+    """Two workers against a server whose quota is exactly --qps: each worker paces at
+    its share, so the server refuses nothing (two workers at the full rate each would
+    be refused about half the time)."""
+    qps = 30
+    keys = tiny_jpegs(tmp_path / "photos", 120)
+    _, url = spawner.serve(write_credentials(tmp_path / "creds.json"), "--qps-limit", qps)
+    out = tmp_path / "out.jsonl"
+    result = run_cli(
+        "run",
+        tmp_path / "photos",
+        "-o",
+        out,
+        *run_flags(url),
+        "--concurrency",
+        "4",
+        "--qps",
+        qps,
+        "--cluster",
+        "local:2",
+        "--summary-json",
+        tmp_path / "summary.json",
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    records = read_out(out)
+    assert sorted(records.keys) == keys and all(r["attempts"] == 1 for r in records.records)
+    responses = server_stats(url)["responses"]
+    assert responses.get(str(codes.RATE_LIMITED), 0) == 0 and responses.get("0") == len(keys)
+    assert len(json.loads((tmp_path / "summary.json").read_text())["workers"]) == 2
+
+
+def answer_twice(run_id: str, items: list) -> ChunkResult:
+    """A worker task whose chunk reports every record twice, as a chunk that ran twice could."""
+    from distributed import get_worker
+
+    records = [
+        Record(i.key, i.kind, "ok", 0, "success", [{"tag_name": "x", "tag_confidence": 1}], 1) for i in items
+    ]
+    return ChunkResult(str(get_worker().name), records + records)
+
+
+async def test_the_driver_writes_each_key_once_whatever_the_workers_send(tmp_path):
+    keys = tiny_jpegs(tmp_path / "photos", 150)
+    out = tmp_path / "out.jsonl"
+    config = RunConfig(sources=[str(tmp_path / "photos")], out=str(out), cluster="local:1", tagger="color")
+    sink, checkpoint = open_sink(config.out)
+    try:
+        summary = await run_on_cluster(config, sink, checkpoint, Progress(False), task=answer_twice)
+    finally:
+        await sink.close()
+    assert sorted(read_out(out).keys) == keys  # read_out fails on a key written twice
+    assert summary.done == len(keys) and sum(summary.workers.values()) == len(keys)
+
+
+def test_ctrl_c_stops_the_cluster_run_and_a_rerun_finishes_it(spawner, tmp_path):
+    """SIGINT once records arrive: exit 130 with what was received written; the rerun does
+    the rest, each key once."""
+    keys = tiny_jpegs(tmp_path / "photos", 400)
+    _, url = spawner.serve(write_credentials(tmp_path / "creds.json"), "--inject-latency-ms", "20")
+    out = tmp_path / "out.jsonl"
+    flags = [
+        "run",
+        tmp_path / "photos",
+        "-o",
+        out,
+        *run_flags(url),
+        "--concurrency",
+        "2",
+        "--cluster",
+        "local:1",
+    ]
+    run = spawner.start(*flags, name="run")
+    wait_until(lambda: line_count(out) > 0, 120, "the first records", alive=run)
+    run.signal(signal.SIGINT)
+    assert run.wait(timeout=120) == 130, run.stderr()
+    first = read_out(out).keys
+    assert 0 < len(first) < len(keys)
+    again = run_cli(*flags, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert sorted(read_out(out).keys) == keys
