@@ -23,6 +23,7 @@ SECTIONS = {
     "scale": "bench.s4_scale",
     "model": "bench.s5_model",
     "peers": "bench.s6_peers",
+    "cluster": "bench.s7_cluster",
 }
 
 
