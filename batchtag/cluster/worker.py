@@ -83,13 +83,19 @@ class ClusterLimiter(AdaptiveRateLimiter):
 
 
 class RecordList:
-    """The sink of a chunk: records stay in memory and go back to the driver."""
+    """The sink of a chunk: records stay in memory and go back to the driver. Offsets are
+    list positions, so copies of identical bytes within a chunk are still sent once."""
 
     def __init__(self) -> None:
         self.records: list[Record] = []
 
-    async def write(self, records: list[Record]) -> None:
+    async def write(self, records: list[Record]) -> list[int]:
+        start = len(self.records)
         self.records.extend(records)
+        return list(range(start, len(self.records)))
+
+    def read_record_at(self, offset: int) -> Record | None:
+        return self.records[offset] if 0 <= offset < len(self.records) else None
 
 
 class ChunkRun(Run):
