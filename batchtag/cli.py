@@ -1,7 +1,8 @@
 """The command line: ``batchtag run``, ``serve``, ``export`` and ``report``, a thin layer over the API.
 
-Exit statuses come from one table, ``errors.EXIT_STATUS`` (README.md, "Exit status"):
-usage and configuration errors are one line on stderr, never a traceback.
+Exit statuses come from one table, ``errors.EXIT_STATUS`` (README.md, "Exit status",
+and ``batchtag run --help``): errors are one line on stderr, never a traceback; Ctrl-C and
+SIGTERM mean 130 from start-up to exit (interrupts.py).
 """
 
 from __future__ import annotations
@@ -10,20 +11,35 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from batchtag import __version__
 from batchtag.errors import EXIT_STATUS, Outcome, UsageError, exit_status
 from batchtag.export.commands import add_export_parser, add_report_parser, command_export, command_report
+from batchtag.interrupts import EXIT_INTERRUPTED, INTERRUPTS
 
 if TYPE_CHECKING:
     from batchtag.config import RunConfig
     from batchtag.progress import Summary
 
 EXIT_USAGE = EXIT_STATUS[UsageError]
+
+
+def exit_status_help() -> str:
+    """The exit statuses for ``run --help``, from the one table."""
+    lines = ["exit status:"]
+    for what, status in sorted(EXIT_STATUS.items(), key=lambda row: row[1]):
+        if isinstance(what, Outcome):
+            lines.append(f"  {status:<4} {what.value}")
+        elif what is UsageError:
+            lines.append(
+                f"  {status:<4} usage or configuration error, OUT unusable, credentials refused or "
+                "the endpoint unreachable: one line on stderr"
+            )
+    return "\n".join(lines)
+
 
 log = logging.getLogger("batchtag")
 
@@ -38,6 +54,8 @@ def add_run_parser(commands: Any) -> None:
         "run",
         help="tag images from directories, files and manifests",
         description="Tag every image in SOURCE... into OUT (JSONL), resumably.",
+        epilog=exit_status_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "sources",
@@ -48,14 +66,30 @@ def add_run_parser(commands: Any) -> None:
     p.add_argument("-o", "--out", required=True, help="results JSONL; also the resume checkpoint")
     p.add_argument("--config", help="TOML file with settings (flags and environment win)")
     p.add_argument("--endpoint", help="API base URL, or 'local' (default) for the embedded tagger")
-    p.add_argument("--appid")
-    p.add_argument("--secret-id")
-    p.add_argument("--secret-key")
-    p.add_argument("--bucket")
+    p.add_argument("--appid", help="env BATCHTAG_APPID")
+    p.add_argument("--secret-id", help="env BATCHTAG_SECRET_ID")
+    p.add_argument(
+        "--secret-key",
+        help="visible to other users in `ps`: prefer env BATCHTAG_SECRET_KEY or --secret-key-file",
+    )
+    p.add_argument(
+        "--secret-key-file",
+        metavar="FILE",
+        help="read the secret key from FILE, which only its owner may read (chmod 600); "
+        "env BATCHTAG_SECRET_KEY_FILE",
+    )
+    p.add_argument("--bucket", help="env BATCHTAG_BUCKET")
     p.add_argument("--concurrency", type=int, help="requests in flight (default 16)")
     p.add_argument("--qps", type=float, help="requests started per second, at most (default: no limit)")
     p.add_argument("--retries", type=int, help="extra attempts for transient failures (default 5)")
     p.add_argument("--timeout", type=float, help="seconds per request (default 30)")
+    p.add_argument(
+        "--outage-wait",
+        type=float,
+        metavar="S",
+        help="an endpoint that answered and then went away is probed this long before the "
+        "run stops with exit 2 (default 300); one that never answered stops it at once",
+    )
     p.add_argument(
         "--no-progress",
         dest="progress",
@@ -63,7 +97,9 @@ def add_run_parser(commands: Any) -> None:
         const=False,
         help="no progress bar (also automatic when stderr is not a terminal)",
     )
-    p.add_argument("--summary-json", help="also write the end-of-run summary as JSON here")
+    p.add_argument(
+        "--summary-json", metavar="PATH", help="also write the end-of-run summary as JSON here ('-': stdout)"
+    )
     p.add_argument(
         "--retry-errors",
         action="store_true",
@@ -199,11 +235,13 @@ def run_flags(args: argparse.Namespace) -> dict[str, Any]:
         "appid",
         "secret_id",
         "secret_key",
+        "secret_key_file",
         "bucket",
         "concurrency",
         "qps",
         "retries",
         "timeout",
+        "outage_wait",
         "progress",
         "summary_json",
         "retry_errors",
@@ -217,16 +255,6 @@ def run_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
-def interrupt(signum: int, frame: object) -> NoReturn:
-    raise KeyboardInterrupt
-
-
-def interrupt_until_the_loop_runs() -> None:
-    """SIGTERM during start-up (imports, resume scan) exits 130 like Ctrl-C, not -15;
-    nothing has been written yet, so there is nothing to flush."""
-    signal.signal(signal.SIGTERM, interrupt)
-
-
 async def run_until_signalled(config: RunConfig) -> Summary:
     """Ctrl-C and SIGTERM cancel the run, which flushes finished records and stops."""
     from batchtag.pipeline import run_batch
@@ -234,26 +262,42 @@ async def run_until_signalled(config: RunConfig) -> Summary:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
-    return await run_batch(config)
+    INTERRUPTS.running(lambda: loop.call_soon_threadsafe(task.cancel))
+    try:
+        return await run_batch(config)
+    finally:
+        INTERRUPTS.running(None)
+
+
+def run_in_a_new_loop(config: RunConfig) -> Summary:
+    """``asyncio.run`` without its last step when interrupted: it would wait for worker
+    threads that may be stuck in a read (the exit is bounded in interrupts.py instead)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(run_until_signalled(config))
+    finally:
+        try:
+            if not INTERRUPTS.signalled:
+                loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
 
 
 def command_run(args: argparse.Namespace) -> int:
-    # Imported here, after the early SIGTERM handler: numpy and aiohttp take a while to load.
+    # Imported here, after the signal handlers: numpy and aiohttp take a while to load.
     try:
         from batchtag.config import build_config
 
         config = build_config(run_flags(args), args.config)
-        summary = asyncio.run(run_until_signalled(config))
+        summary = run_in_a_new_loop(config)
+        print(summary.render(), file=sys.stderr)
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("batchtag: interrupted", file=sys.stderr)
         return exit_status(Outcome.INTERRUPTED)
     except UsageError as exc:
         print(f"batchtag: error: {exc.message}", file=sys.stderr)
         return exit_status(exc)
-    print(summary.render(), file=sys.stderr)
-    return summary.exit_code
+    return exit_status(Outcome.INTERRUPTED) if INTERRUPTS.signalled else summary.exit_code
 
 
 def command_serve(args: argparse.Namespace) -> int:
@@ -296,19 +340,26 @@ def command_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    interrupt_until_the_loop_runs()
-    args = make_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-        format="batchtag: %(levelname)s: %(message)s",
-    )
-    if args.command == "run":
-        return command_run(args)
-    if args.command == "export":
-        return command_export(args)
-    if args.command == "report":
-        return command_report(args)
-    return command_serve(args)
+    INTERRUPTS.install()
+    try:
+        args = make_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+            format="batchtag: %(levelname)s: %(message)s",
+        )
+        commands = {"run": command_run, "export": command_export, "report": command_report}
+        code = commands.get(args.command, command_serve)(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except KeyboardInterrupt:
+        print("batchtag: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    INTERRUPTS.finishing()
+    if INTERRUPTS.signalled:
+        # Records are flushed and the summary printed: do not wait for worker threads a
+        # stuck read may hold (the interpreter would join them at exit).
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ with exponential backoff and jitter (tenacity), permanent ones end the item at o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +22,12 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
+    stop_any,
     wait_exponential_jitter,
 )
 
 from batchtag import api, codes, signing
-from batchtag.errors import ApiFailure
+from batchtag.errors import ApiFailure, CredentialsRefused, EndpointUnreachable
 from batchtag.ratelimit import AdaptiveRateLimiter
 
 
@@ -38,6 +41,62 @@ class RetryPolicy:
     jitter_s: float = 0.5
 
 
+CONNECT_TIMEOUT_S = 10.0
+STARTUP_WAIT_S = 30.0  # an endpoint that has never answered: the run stops after this at most
+PROBE_FIRST_WAIT_S = 1.0  # during an outage each sender probes again after this, doubling ...
+PROBE_MAX_WAIT_S = 15.0  # ... up to this
+
+
+@dataclass
+class EndpointHealth:
+    """Whether the endpoint answers at all, shared by every sender: it tells "this item
+    failed" from "the service is not there". Any HTTP answer counts; only failures to
+    connect (refused, no route, DNS, connect timeout) count against it."""
+
+    name: str  # scheme://host:port only: messages never carry userinfo or paths
+    outage_wait_s: float = 300.0  # answered before, silent now: probe this long, then stop
+    startup_wait_s: float = STARTUP_WAIT_S
+    clock: Callable[[], float] = time.monotonic
+    answered: bool = False
+    first_try: float | None = None
+    down_since: float | None = None
+    last_error: str = ""
+
+    def trying(self) -> None:
+        if self.first_try is None:
+            self.first_try = self.clock()
+
+    def on_answer(self) -> None:
+        self.answered = True
+        self.down_since = None
+
+    def on_unreachable(self, why: str) -> None:
+        self.last_error = why
+        if self.down_since is None:
+            self.down_since = self.clock()
+
+    def never_answered_too_long(self) -> bool:
+        return (
+            not self.answered
+            and self.down_since is not None
+            and self.first_try is not None
+            and self.clock() - self.first_try >= self.startup_wait_s
+        )
+
+    def outage_too_long(self) -> bool:
+        return self.down_since is not None and self.clock() - self.down_since >= self.outage_wait_s
+
+    def error(self) -> EndpointUnreachable:
+        if not self.answered:
+            return EndpointUnreachable(
+                f"{self.name} does not answer ({self.last_error}): check --endpoint and the network"
+            )
+        return EndpointUnreachable(
+            f"{self.name} stopped answering ({self.last_error}) and was not back within "
+            f"{self.outage_wait_s:g} s (outage-wait); finished records are in OUT: rerun to go on"
+        )
+
+
 @dataclass
 class Answer:
     """How an item ended at the API: tags or the last failure, and the attempts it took."""
@@ -47,6 +106,7 @@ class Answer:
     tags: list[dict[str, Any]] = field(default_factory=list)
     attempts: int = 1
     http_status: int | None = None
+    unreachable: bool = False
 
     @property
     def ok(self) -> bool:
@@ -93,6 +153,7 @@ class TagClient:
         bucket: str = "",
         limiter: AdaptiveRateLimiter | None = None,
         policy: RetryPolicy | None = None,
+        health: EndpointHealth | None = None,
     ) -> None:
         self._session = session
         self._url = api.detect_url(endpoint)
@@ -101,13 +162,34 @@ class TagClient:
         self._limiter = limiter or AdaptiveRateLimiter(None)
         self.appid = credentials.appid
         self.policy = policy or RetryPolicy()
+        self.health = health or EndpointHealth(endpoint)
 
     async def detect(self, body: bytes) -> Answer:
-        """Tag one image (the JSON ``body``); never raises for API or network failures."""
+        """Tag one image (the JSON ``body``). API and network failures of the item come
+        back as an Answer; RunStopped when the failure is not the item's: credentials
+        refused, or an endpoint that never answered or stays away past outage-wait."""
+        answer = await self._attempts(body, self.policy.retries)
+        probe_wait = PROBE_FIRST_WAIT_S
+        while answer.unreachable and self.health.answered and not self.health.outage_too_long():
+            # An outage, not this item's fault: probe with backoff until the endpoint is
+            # back (another sender's answer counts) or outage-wait has passed.
+            await asyncio.sleep(probe_wait)
+            probe_wait = min(probe_wait * 2, PROBE_MAX_WAIT_S)
+            probe = await self._attempts(body, 0)
+            probe.attempts += answer.attempts
+            answer = probe
+        if codes.stops_run(answer.code):
+            raise CredentialsRefused(answer.code, answer.message)
+        if answer.unreachable:
+            raise self.health.error()
+        return answer
+
+    async def _attempts(self, body: bytes, retries: int) -> Answer:
+        """One attempt plus up to ``retries`` more for transient failures."""
         attempts = 0
         retrying = AsyncRetrying(
             retry=retry_if_exception(lambda exc: isinstance(exc, ApiFailure) and exc.transient),
-            stop=stop_after_attempt(self.policy.retries + 1),
+            stop=stop_any(stop_after_attempt(retries + 1), self._gave_up_on_endpoint),
             wait=wait_exponential_jitter(
                 multiplier=self.policy.initial_wait_s, max=self.policy.max_wait_s, jitter=self.policy.jitter_s
             ),
@@ -120,9 +202,20 @@ class TagClient:
                     attempts += 1
                     tags = await self._attempt(body)
         except ApiFailure as failure:
-            return Answer(failure.code, failure.message, attempts=attempts, http_status=failure.http_status)
+            return Answer(
+                failure.code,
+                failure.message,
+                attempts=attempts,
+                http_status=failure.http_status,
+                unreachable=failure.unreachable,
+            )
         self._limiter.on_success()
         return Answer(codes.OK, "success", tags, attempts=attempts, http_status=200)
+
+    def _gave_up_on_endpoint(self, state: RetryCallState) -> bool:
+        """Stop retrying an item once an endpoint that never answered has had its chance
+        (a host that drops packets makes each attempt wait for the connect timeout)."""
+        return self.health.never_answered_too_long()
 
     def _slow_down_if_limited(self, state: RetryCallState) -> None:
         failure = state.outcome.exception() if state.outcome else None
@@ -135,10 +228,22 @@ class TagClient:
             "Content-Type": "application/json",
             "Authorization": signing.sign(self._credentials, self._bucket),
         }
+        self.health.trying()
         try:
             async with self._session.post(self._url, data=body, headers=headers) as response:
+                self.health.on_answer()
                 payload = await response.read()
                 status = response.status
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            why = (
+                "connection timed out" if isinstance(exc, TimeoutError) else "connection refused or no route"
+            )
+            if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error and exc.os_error.strerror:
+                why = exc.os_error.strerror.lower()
+            self.health.on_unreachable(why)
+            raise ApiFailure(
+                codes.CLIENT_TRANSPORT_ERROR, f"connection failed: {why}", unreachable=True
+            ) from None
         except TimeoutError:
             raise ApiFailure(codes.CLIENT_TIMEOUT, "request timed out") from None
         except aiohttp.ClientError as exc:
@@ -157,10 +262,12 @@ async def open_tag_client(
     policy: RetryPolicy,
     concurrency: int,
     timeout_s: float,
+    health: EndpointHealth | None = None,
 ) -> AsyncIterator[TagClient]:
     """A TagClient on its own session: one connection per request in flight, at most, and
-    ``timeout_s`` for each whole request."""
+    ``timeout_s`` for each whole request (connecting: ``CONNECT_TIMEOUT_S`` at most, so a
+    host that drops packets does not hold each attempt for the whole timeout)."""
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, CONNECT_TIMEOUT_S))
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        yield TagClient(session, endpoint, credentials, bucket, limiter, policy)
+        yield TagClient(session, endpoint, credentials, bucket, limiter, policy, health)

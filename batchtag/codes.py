@@ -24,6 +24,13 @@ class CodeInfo:
     code: int
     message: str
     retry: Retry
+    # An answer about the credentials or the account, not the item: every other request
+    # would get it too, so the run stops at once (exit 2) with ``fix`` as the advice.
+    fix: str = ""
+
+    @property
+    def stops_run(self) -> bool:
+        return bool(self.fix)
 
 
 OK = 0
@@ -61,25 +68,29 @@ URL_PROHIBITED = -5062
 
 T, P = Retry.TRANSIENT, Retry.PERMANENT
 
+_KEY = "check that the secret key (BATCHTAG_SECRET_KEY or --secret-key-file) belongs to --secret-id"
+_SIGNATURE = "the signature did not reach the service intact: a proxy in between, or a client bug"
+_BUCKET = "check --bucket (BATCHTAG_BUCKET): it must exist and belong to --appid"
+
 API_CODES: dict[int, CodeInfo] = {
     info.code: info
     for info in (
         CodeInfo(OK, "success", P),
         CodeInfo(BAD_REQUEST, "bad request", P),
-        CodeInfo(SIGNATURE_EMPTY, "signature empty", P),
-        CodeInfo(SIGNATURE_MALFORMED, "signature malformed", P),
-        CodeInfo(SIGNATURE_MISMATCH, "appid/bucket/url mismatch with the signature", P),
+        CodeInfo(SIGNATURE_EMPTY, "signature empty", P, _SIGNATURE),
+        CodeInfo(SIGNATURE_MALFORMED, "signature malformed", P, _SIGNATURE),
+        CodeInfo(SIGNATURE_MISMATCH, "appid/bucket/url mismatch with the signature", P, _BUCKET),
         CodeInfo(7, "signature encode failed", T),
         CodeInfo(8, "signature decode failed", T),
         # The client signs every attempt afresh, so an expired signature is worth one more go.
         CodeInfo(SIGNATURE_EXPIRED, "signature expired", T),
-        CodeInfo(APPID_UNKNOWN, "appid does not exist", P),
-        CodeInfo(SECRET_ID_UNKNOWN, "secret id does not exist", P),
-        CodeInfo(APPID_MISMATCH, "appid mismatch", P),
+        CodeInfo(APPID_UNKNOWN, "appid does not exist", P, "check --appid (BATCHTAG_APPID)"),
+        CodeInfo(SECRET_ID_UNKNOWN, "secret id does not exist", P, "check --secret-id (BATCHTAG_SECRET_ID)"),
+        CodeInfo(APPID_MISMATCH, "appid mismatch", P, "check that --appid is the account of --secret-id"),
         CodeInfo(REPLAY, "replay attack", T),
-        CodeInfo(SIGNATURE_FAILED, "signature check failed", P),
+        CodeInfo(SIGNATURE_FAILED, "signature check failed", P, _KEY),
         CodeInfo(RATE_LIMITED, "too many requests: rate limit hit", T),
-        CodeInfo(BUCKET_UNKNOWN, "bucket does not exist", P),
+        CodeInfo(BUCKET_UNKNOWN, "bucket does not exist", P, _BUCKET),
         CodeInfo(URL_EMPTY, "url empty", P),
         CodeInfo(NO_SOURCE, "neither image nor url", P),
         CodeInfo(IMAGE_TOO_LARGE, "image too large", P),
@@ -130,6 +141,8 @@ CLIENT_CODES: dict[int, CodeInfo] = {
 RUN_USAGE_ERROR = -9020  # bad settings or an unusable SOURCE argument
 RUN_OUT_ERROR = -9021  # OUT cannot be opened, locked or written
 RUN_CLUSTER_ERROR = -9022  # --cluster: the Dask scheduler cannot be reached, or went away
+RUN_CREDENTIALS_REFUSED = -9023  # the service refused the credentials or the account
+RUN_ENDPOINT_UNREACHABLE = -9024  # the endpoint did not answer (at all, or again in time)
 
 RUN_CODES: dict[int, CodeInfo] = {
     info.code: info
@@ -137,6 +150,8 @@ RUN_CODES: dict[int, CodeInfo] = {
         CodeInfo(RUN_USAGE_ERROR, "usage or configuration error", P),
         CodeInfo(RUN_OUT_ERROR, "OUT cannot be opened, locked or written", P),
         CodeInfo(RUN_CLUSTER_ERROR, "the Dask cluster cannot be used or went away", P),
+        CodeInfo(RUN_CREDENTIALS_REFUSED, "credentials refused by the service", P),
+        CodeInfo(RUN_ENDPOINT_UNREACHABLE, "the endpoint does not answer", P),
     )
 }
 
@@ -157,6 +172,12 @@ def message(code: int) -> str:
 
 def is_transient(code: int) -> bool:
     return describe(code).retry is Retry.TRANSIENT
+
+
+def stops_run(code: int) -> bool:
+    """An answer about the credentials or the account: the run stops instead of writing it
+    as every item's record."""
+    return describe(code).stops_run
 
 
 def is_transient_http(status: int) -> bool:

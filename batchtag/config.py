@@ -1,8 +1,14 @@
-"""Run settings: one dataclass, filled from flags > environment > --config TOML > defaults."""
+"""Run settings: one dataclass, filled from flags > environment > --config TOML > defaults.
+
+Error messages name a setting and where it came from, never its value: values include
+secrets, and an endpoint can carry a password.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -14,7 +20,8 @@ from batchtag.records import Settings
 
 LOCAL = "local"
 ENV_PREFIX = "BATCHTAG_"
-ENV_FIELDS = ("appid", "secret_id", "secret_key", "bucket", "endpoint", "cluster")
+ENV_FIELDS = ("appid", "secret_id", "secret_key", "secret_key_file", "bucket", "endpoint", "cluster")
+MAX_FILE_BYTES = 200 * 1024 * 1024  # larger files are refused unread (default of max_file_bytes)
 
 
 @dataclass
@@ -25,6 +32,7 @@ class RunConfig:
     appid: str = ""
     secret_id: str = ""
     secret_key: str = field(default="", repr=False)  # never printed
+    secret_key_file: str = ""  # where the secret key is read from, unseen by `ps`
     bucket: str = ""
     concurrency: int = 16
     qps: float | None = None
@@ -40,6 +48,8 @@ class RunConfig:
     include_hidden: bool = False  # walk hidden and system folders too
     retag: bool = False  # redo items whose records were made with other settings
     cluster: str | None = None  # "local:N" or a Dask scheduler address (see cluster.py)
+    max_file_bytes: int = MAX_FILE_BYTES
+    outage_wait: float = 300.0  # an endpoint that answered, then went away: probe this long
 
     @property
     def is_local(self) -> bool:
@@ -51,6 +61,11 @@ class RunConfig:
         if self.is_local:
             return Settings(LOCAL, self.tagger, self.lang)
         return Settings(public_endpoint(self.endpoint))
+
+    @property
+    def endpoint_name(self) -> str:
+        """The endpoint fit for messages: scheme, host and port only."""
+        return public_url(self.endpoint)
 
     def validate(self) -> RunConfig:
         if not self.sources:
@@ -76,15 +91,21 @@ class RunConfig:
                 parse_cluster_address(self.cluster)
             except ClusterError as exc:
                 raise ConfigError(str(exc)) from None
+        if self.outage_wait < 0:
+            raise ConfigError("--outage-wait must be 0 or more")
+        if self.max_file_bytes < 1:
+            raise ConfigError("max-file-bytes must be positive")
+        if self.secret_key_file and not self.secret_key:
+            self.secret_key = read_secret_key_file(self.secret_key_file)
         if not self.is_local:
+            check_endpoint(self.endpoint)
             missing = [name for name in ("appid", "secret_id", "secret_key") if not getattr(self, name)]
             if missing:
                 flags = ", ".join("--" + m.replace("_", "-") for m in missing)
                 raise ConfigError(
-                    f"--endpoint {self.endpoint} needs {flags} (or BATCHTAG_* environment variables)"
+                    f"a remote --endpoint needs {flags} (or BATCHTAG_* environment variables; "
+                    "the secret key also from --secret-key-file)"
                 )
-            if not self.endpoint.startswith(("http://", "https://")):
-                raise ConfigError("--endpoint must be an http:// or https:// URL, or 'local'")
         return self
 
 
@@ -96,6 +117,51 @@ def public_endpoint(endpoint: str) -> str:
         host = f"[{host}]"
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
+
+
+def check_endpoint(endpoint: str) -> None:
+    """An http(s) URL with a host and no user name or password in it."""
+    try:
+        parts = urlsplit(endpoint)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError("--endpoint is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("--endpoint must be an http:// or https:// URL, or 'local'")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            "--endpoint must not contain a user name or password (user:password@host); "
+            "give credentials with --appid, --secret-id and --secret-key-file or BATCHTAG_SECRET_KEY"
+        )
+
+
+def public_url(endpoint: str) -> str:
+    """scheme://host[:port] of ``endpoint``: no userinfo, path or query in messages."""
+    try:
+        parts = urlsplit(endpoint)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "the endpoint"
+    host = parts.hostname or "?"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{port}"
+
+
+def is_plain_http_to_another_host(endpoint: str) -> bool:
+    """Plain http beyond this machine: a v1 signature is reusable until it expires, so it
+    should not travel in clear text."""
+    try:
+        parts = urlsplit(endpoint)
+    except ValueError:
+        return False
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    if parts.hostname == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return True
 
 
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
@@ -114,7 +180,46 @@ def read_toml(path: str) -> dict[str, Any]:
     unknown = sorted(set(settings) - FIELD_NAMES)
     if unknown:
         raise ConfigError(f"--config {path}: unknown setting(s): {', '.join(unknown)}")
+    for name, value in settings.items():
+        settings[name] = typed_value(name, value, f"--config {path}")
     return settings
+
+
+INT_FIELDS = ("concurrency", "retries", "max_image_bytes", "max_file_bytes")
+FLOAT_FIELDS = ("qps", "timeout", "outage_wait")
+BOOL_FIELDS = ("progress", "retry_errors", "include_hidden", "retag")
+TEXT_OR_NUMBER_FIELDS = ("appid", "secret_id", "bucket")  # an appid is naturally written as a number
+
+
+def typed_value(name: str, value: Any, origin: str) -> Any:
+    """``value`` as the type of setting ``name``; a ConfigError naming the setting and
+    ``origin`` (never the value) when it cannot be."""
+
+    def wrong(kind: str) -> ConfigError:
+        return ConfigError(f"{origin}: setting '{name.replace('_', '-')}' must be {kind}")
+
+    if name in INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("a whole number")
+        return value
+    if name in FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong("a number")
+        return float(value)
+    if name in BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if name in ("sources", "exclude"):
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise wrong("a path or a list of paths")
+        return values
+    if name in TEXT_OR_NUMBER_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise wrong("a string")
+    return value
 
 
 def read_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -130,11 +235,14 @@ def build_config(
     flags: dict[str, Any], config_path: str | None = None, environ: dict[str, str] | None = None
 ) -> RunConfig:
     """Merge the layers; ``flags`` holds only options the user actually gave."""
+    layers = [
+        read_toml(config_path) if config_path else {},
+        read_env(environ),
+        {k: v for k, v in flags.items() if v is not None},
+    ]
     merged: dict[str, Any] = {}
-    if config_path:
-        merged.update(read_toml(config_path))
-    merged.update(read_env(environ))
-    merged.update({k: v for k, v in flags.items() if v is not None})
+    for layer in layers:
+        merged.update(secret_key_source(layer, merged))
     try:
         config = RunConfig(**merged)
     except TypeError as exc:
@@ -142,16 +250,44 @@ def build_config(
     return coerce_types(config).validate()
 
 
-def coerce_types(config: RunConfig) -> RunConfig:
-    """TOML and environment values arrive as whatever the user typed; check them once."""
+def secret_key_source(layer: dict[str, Any], below: dict[str, Any]) -> dict[str, Any]:
+    """A layer that gives the secret key one way overrides the other way in the layers
+    below it (a --secret-key flag beats BATCHTAG_SECRET_KEY_FILE, and so on)."""
+    if layer.get("secret_key") and layer.get("secret_key_file"):
+        raise ConfigError("give the secret key once: --secret-key or --secret-key-file, not both")
+    if layer.get("secret_key"):
+        below.pop("secret_key_file", None)
+    if layer.get("secret_key_file"):
+        below.pop("secret_key", None)
+    return layer
+
+
+def read_secret_key_file(path: str) -> str:
+    """The key from a file only its owner can read (as ssh insists for private keys)."""
     try:
-        config.concurrency = int(config.concurrency)
-        config.retries = int(config.retries)
-        config.timeout = float(config.timeout)
-        config.max_image_bytes = int(config.max_image_bytes)
-        config.qps = None if config.qps in (None, 0) else float(config.qps)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad setting value: {exc}") from None
+        with open(path, encoding="utf-8") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise ConfigError(f"--secret-key-file {path}: not a regular file")
+            if mode & 0o077:
+                raise ConfigError(
+                    f"--secret-key-file {path}: readable by others (mode {stat.S_IMODE(mode):o}); "
+                    f"chmod 600 {path}"
+                )
+            key = handle.read(4096).strip()
+    except OSError as exc:
+        raise ConfigError(f"--secret-key-file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--secret-key-file {path}: not UTF-8 text") from None
+    if not key or "\n" in key:
+        raise ConfigError(f"--secret-key-file {path}: must hold the key alone, on one line")
+    return key
+
+
+def coerce_types(config: RunConfig) -> RunConfig:
+    """Flags arrive typed by argparse and TOML values are checked in ``read_toml``; the
+    environment gives strings. Normalise what is left."""
+    config.qps = None if config.qps in (None, 0) else float(config.qps)
     if isinstance(config.sources, str):
         config.sources = [config.sources]
     if isinstance(config.exclude, str):

@@ -8,7 +8,11 @@ hold a secret.
     ├── UsageError                the run cannot start or go on: one line on stderr, exit 2
     │   ├── ConfigError           bad settings (config.py)
     │   ├── SourceError           a SOURCE argument that cannot be read (sources.py)
-    │   ├── SinkError             OUT cannot be opened, locked or written (sink.py)
+    │   ├── SinkError             OUT cannot be opened, locked, written, or is not ours (sink.py)
+    │   ├── SummaryError          --summary-json cannot be written (progress.py)
+    │   ├── RunStopped            not the item's failure: every request would fail alike (client.py)
+    │   │   ├── CredentialsRefused    an answer about the credentials or the account
+    │   │   └── EndpointUnreachable   no answer at all, or none again within --outage-wait
     │   └── ClusterError          --cluster: the cluster cannot be used or failed (cluster/)
     │       └── SchedulerLost     the Dask scheduler went away mid-run; a rerun resumes
     ├── ItemError                 one item failed: it gets an error record, the run goes on
@@ -64,6 +68,34 @@ class SinkError(UsageError):
     run_code = codes.RUN_OUT_ERROR
 
 
+class SummaryError(UsageError):
+    """--summary-json cannot be written: one line, exit 2 (records are not affected)."""
+
+
+class RunStopped(UsageError):
+    """Every request would fail the same way, so the run stops (exit 2) with one line
+    instead of writing an error record for each item; items in flight get no record."""
+
+
+class CredentialsRefused(RunStopped):
+    """The service answered with a code about the credentials or the account (codes.py
+    marks them with the setting to check)."""
+
+    run_code = codes.RUN_CREDENTIALS_REFUSED
+
+    def __init__(self, api_code: int, message: str) -> None:
+        super().__init__(
+            f"the service refused the credentials (code {api_code}: {message}); {codes.describe(api_code).fix}"
+        )
+        self.api_code = api_code
+
+
+class EndpointUnreachable(RunStopped):
+    """The endpoint never answered, or went away and was not back within --outage-wait."""
+
+    run_code = codes.RUN_ENDPOINT_UNREACHABLE
+
+
 class ClusterError(UsageError):
     """The Dask cluster cannot be reached or used: one line, exit 2; OUT keeps what was written."""
 
@@ -89,9 +121,12 @@ class InputError(ItemError):
 class ApiFailure(ItemError):
     """One attempt failed: an API error code, an HTTP status, or a transport problem."""
 
-    def __init__(self, code: int, message: str, http_status: int | None = None) -> None:
+    def __init__(
+        self, code: int, message: str, http_status: int | None = None, unreachable: bool = False
+    ) -> None:
         super().__init__(code, message)
         self.http_status = http_status
+        self.unreachable = unreachable  # no connection at all: says nothing about the item
 
     @property
     def transient(self) -> bool:
@@ -143,8 +178,9 @@ def api_message(code: int, detail: str = "") -> str:
 class Outcome(Enum):
     """How a run that was not stopped by an error ended."""
 
-    ALL_OK = "every item ok, including those done by earlier runs"
-    SOME_FAILED = "finished, and some items have error records"
+    ALL_OK = "every item this run did is ok, or there was nothing new to do"
+    SOME_FAILED = "finished, and some of this run's items have error records"
+    NO_ITEMS = "the sources held no items at all (an empty folder, a disk that did not mount)"
     INTERRUPTED = "interrupted (Ctrl-C, SIGTERM) after writing every finished record"
 
 
@@ -152,6 +188,7 @@ EXIT_STATUS: dict[Outcome | type[BaseException], int] = {
     Outcome.ALL_OK: 0,
     Outcome.SOME_FAILED: 1,
     UsageError: 2,  # also argparse's own usage errors (cli.Parser)
+    Outcome.NO_ITEMS: 3,
     Outcome.INTERRUPTED: 130,
     KeyboardInterrupt: 130,  # a signal before the event loop runs
 }

@@ -7,6 +7,10 @@ with a permanent error (missing, unreadable, empty, not an image) are caught her
 cost no request or quota. Formats the API does not take are converted and turned images
 made upright (``formats``); an image over the API's size limit is downscaled and
 re-encoded as JPEG instead of failing with code 20.
+
+Only regular files are read: a FIFO, a device or a socket named ``*.jpg`` (a symlink to
+``/dev/zero``, say) gets an error record without being read or blocking, and a file over
+``max_file_bytes`` (config ``max-file-bytes``) is refused before a byte is read.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import asyncio
 import base64
 import io
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +28,7 @@ import aiofiles
 from PIL import Image, UnidentifiedImageError
 
 from batchtag import api, codes
+from batchtag.config import MAX_FILE_BYTES
 from batchtag.errors import InputError
 from batchtag.formats import needs_work, sendable
 from batchtag.records import FileFacts, content_hash
@@ -46,10 +53,44 @@ def body_bytes(appid: str, bucket: str, source_field: str, value: bytes) -> byte
     return prefix + b',"' + source_field.encode() + b'":"' + value + b'"}'
 
 
-async def read_file(path: str) -> bytes:
+FILE_KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def open_regular_file(path: str, flags: int) -> int:
+    """An ``opener`` for ``open``: refuses anything but a regular file before opening it
+    (opening a FIFO blocks, opening some devices has effects), and opens without blocking."""
+    kind = stat.S_IFMT(os.stat(path).st_mode)
+    if kind == stat.S_IFDIR:
+        raise IsADirectoryError
+    if kind != stat.S_IFREG:
+        raise InputError(codes.CLIENT_INPUT_ERROR, f"not a regular file: {FILE_KINDS.get(kind, 'special')}")
+    return os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY)
+
+
+def too_large(size: int, cap: int) -> InputError:
+    return InputError(
+        codes.CLIENT_INPUT_ERROR,
+        f"file too large: {size:,} bytes, over the {cap:,}-byte cap (max-file-bytes)",
+    )
+
+
+async def read_file(path: str, max_file_bytes: int = MAX_FILE_BYTES) -> bytes:
     try:
-        async with aiofiles.open(path, "rb") as handle:
-            return await handle.read()
+        async with aiofiles.open(path, "rb", opener=open_regular_file) as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):  # swapped for something else since the check
+                raise InputError(codes.CLIENT_INPUT_ERROR, "not a regular file")
+            if info.st_size > max_file_bytes:
+                raise too_large(info.st_size, max_file_bytes)
+            data = await handle.read(max_file_bytes + 1)
+            if len(data) > max_file_bytes:  # it grew while we read
+                raise too_large(len(data), max_file_bytes)
+            return data
     except FileNotFoundError:
         raise InputError(codes.CLIENT_INPUT_ERROR, "file not found") from None
     except IsADirectoryError:
@@ -70,10 +111,10 @@ class FileRead:
     facts: FileFacts | None
 
 
-async def read_image(item: Item) -> FileRead:
+async def read_image(item: Item, max_file_bytes: int = MAX_FILE_BYTES) -> FileRead:
     """Read a file item and hash its bytes (XXH3-128, ~13 GB/s: off the loop only for big
     files). The facts carry the walker's stat, taken before the read."""
-    data = await read_file(item.location)
+    data = await read_file(item.location, max_file_bytes)
     digest = (
         content_hash(data) if len(data) <= HASH_INLINE_BYTES else await asyncio.to_thread(content_hash, data)
     )
@@ -129,12 +170,16 @@ def url_payload(item: Item, appid: str, bucket: str) -> Payload:
 
 
 async def build_payload(
-    item: Item, appid: str, bucket: str, max_image_bytes: int = api.MAX_IMAGE_BYTES
+    item: Item,
+    appid: str,
+    bucket: str,
+    max_image_bytes: int = api.MAX_IMAGE_BYTES,
+    max_file_bytes: int = MAX_FILE_BYTES,
 ) -> Payload:
     """The request body for an item (URL or file), in one step."""
     if item.kind == "url":
         return url_payload(item, appid, bucket)
-    read = await read_image(item)
+    read = await read_image(item, max_file_bytes)
     return await image_payload(read.data, item.location, appid, bucket, max_image_bytes)
 
 

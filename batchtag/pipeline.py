@@ -21,23 +21,24 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from batchtag import codes, records
-from batchtag.client import RetryPolicy, TagClient, open_tag_client
-from batchtag.config import RunConfig
+from batchtag.client import EndpointHealth, RetryPolicy, TagClient, open_tag_client
+from batchtag.config import RunConfig, is_plain_http_to_another_host, public_url
 from batchtag.dedupe import FOLLOW, Dedupe
-from batchtag.errors import ConfigError, InputError
+from batchtag.errors import ConfigError, InputError, RunStopped
 from batchtag.excludes import WalkRules
 from batchtag.payload import Payload, build_payload, image_payload, read_image
-from batchtag.progress import Progress, Summary
+from batchtag.progress import Progress, Summary, check_summary_path
 from batchtag.ratelimit import AdaptiveRateLimiter
 from batchtag.records import Record, Settings
 from batchtag.resume import Checkpoint, ResumeFilter, Skipped
 from batchtag.signing import Credentials
-from batchtag.sink import ResultSink, open_sink
+from batchtag.sink import ResultSink, open_sink, refuse_out_among_sources
 from batchtag.sources import Item, Walk, check_source, iter_items
 
 log = logging.getLogger("batchtag")
 
 CHUNK = 2048  # items pulled from the (blocking) source walker per thread hop
+WARNINGS_SHOWN = 5  # then only a count, at the end
 STOP = None
 
 
@@ -73,7 +74,13 @@ class Run:
 
     def warn(self, message: str) -> None:
         self.summary.warnings += 1
-        log.warning("%s", message)
+        if self.summary.warnings <= WARNINGS_SHOWN:
+            log.warning("%s", message)
+
+    def report_hidden_warnings(self) -> None:
+        hidden = self.summary.warnings - WARNINGS_SHOWN
+        if hidden > 0:
+            log.warning("%d more warnings like these not shown", hidden)
 
     # -- producer: the one walk of the sources ------------------------------------------------
 
@@ -85,6 +92,7 @@ class Run:
         while (chunk := await loop.run_in_executor(self._walker, self.next_chunk, iterator)) is not None:
             fresh, skipped = chunk
             self.summary.skip(skipped)
+            self.summary.found += len(fresh)
             found += len(fresh)
             for item in fresh:
                 await self.queue.put(item)
@@ -124,7 +132,7 @@ class Run:
         try:
             if item.kind != "file":
                 return item, await build_payload(item, self.client.appid, self.config.bucket)
-            read = await read_image(item)
+            read = await read_image(item, self.config.max_file_bytes)
             facts = read.facts or facts
             if facts is not None and facts.xxh3_128 is not None:
                 claim = self.dedupe.claim(item, facts)
@@ -148,6 +156,8 @@ class Run:
             started = time.monotonic()
             try:
                 answer = await self.client.detect(payload.body)
+            except RunStopped:
+                raise  # credentials refused or no endpoint: no record, the whole run stops
             except Exception as exc:  # a bug must cost one item, not the run
                 await self.results.put(records.internal_error_record(item, exc))
                 continue
@@ -210,6 +220,9 @@ class Run:
             await writer  # drains every finished record; raises SinkError if OUT failed
             self._walker.shutdown(wait=False, cancel_futures=True)
             self.summary.wall_s = time.monotonic() - started
+            self.report_hidden_warnings()
+        if self.summary.found == 0 and not self.summary.interrupted:
+            log.warning("no items found in %s", " ".join(self.config.sources))
         return self.summary
 
 
@@ -271,6 +284,15 @@ async def run_batch(config: RunConfig, progress: bool | None = None) -> Summary:
     config.validate()
     for source in config.sources:
         check_source(source)
+    if config.summary_json:
+        check_summary_path(config.summary_json)
+    refuse_out_among_sources(config.out, config.sources)
+    if not config.is_local and is_plain_http_to_another_host(config.endpoint):
+        log.warning(
+            "%s is plain http: each request's signature travels in clear text and can be replayed "
+            "until it expires; use https",
+            config.endpoint_name,
+        )
     bar = Progress(config.progress if progress is None else progress)
     try:
         async with opened_out(config) as (sink, checkpoint):
@@ -281,6 +303,8 @@ async def run_batch(config: RunConfig, progress: bool | None = None) -> Summary:
             else:
                 async with open_client(config) as client:
                     summary = await Run(config, sink, checkpoint, client, bar).execute()
+            summary.broken_lines = checkpoint.bad_lines
+            summary.previous_errors = checkpoint.error_records - checkpoint.transient_errors
     finally:
         bar.close()
     summary.wall_s = time.monotonic() - started  # start-up (model load, resume scan) included
@@ -306,6 +330,7 @@ async def open_client(
             RetryPolicy(retries=config.retries),
             config.concurrency,
             config.timeout,
+            EndpointHealth(public_url(endpoint), outage_wait_s=config.outage_wait),
         ) as client,
     ):
         yield client

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -11,10 +12,24 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from batchtag import codes
-from batchtag.errors import Outcome, exit_status
+from batchtag.errors import Outcome, SummaryError, exit_status
 from batchtag.excludes import LeftOut
 from batchtag.records import Record
 from batchtag.resume import Skipped
+
+
+def check_summary_path(path: str) -> None:
+    """Refuse an unusable --summary-json before any work is done (and again, for real, at
+    the end: see ``Summary.write_json``)."""
+    if path == "-":
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SummaryError(f"--summary-json {path}: is a directory")
+    if not os.path.isdir(directory):
+        raise SummaryError(f"--summary-json {path}: its folder does not exist")
+    if not os.access(path if os.path.exists(path) else directory, os.W_OK):
+        raise SummaryError(f"--summary-json {path}: permission denied")
 
 
 @dataclass
@@ -26,9 +41,11 @@ class Summary:
     by_code: Counter[int] = field(default_factory=Counter)
     attempts: int = 0  # requests sent, retries included
     resized: int = 0
+    found: int = 0  # items the sources gave, done before or not
     skipped_done: int = 0  # already in OUT from an earlier run
-    previous_errors: int = 0  # ... of which ended in error
+    previous_errors: int = 0  # error records from earlier runs that OUT still holds
     duplicates: int = 0  # repeated keys in the sources, done once
+    broken_lines: int = 0  # lines in OUT that are not complete records (their items redone)
     warnings: int = 0  # skipped symlink loops and the like
     changed: int = 0  # files whose size or mtime differ from their record: done again
     retagged: int = 0  # items whose record was made with other settings (--retag)
@@ -74,8 +91,8 @@ class Summary:
 
     def skip(self, skipped: Skipped) -> None:
         """Count what the resume filter passed over (called on the event loop)."""
+        self.found += skipped.done + skipped.duplicates
         self.skipped_done += skipped.done
-        self.previous_errors += skipped.previous_errors
         self.duplicates += skipped.duplicates
         self.changed += skipped.changed
         self.retagged += skipped.retagged
@@ -86,9 +103,12 @@ class Summary:
 
     @property
     def outcome(self) -> Outcome:
+        """This run's outcome: errors left by earlier runs are reported, not held against it."""
         if self.interrupted:
             return Outcome.INTERRUPTED
-        return Outcome.SOME_FAILED if self.errors or self.previous_errors else Outcome.ALL_OK
+        if self.found == 0:
+            return Outcome.NO_ITEMS
+        return Outcome.SOME_FAILED if self.errors else Outcome.ALL_OK
 
     @property
     def exit_code(self) -> int:
@@ -107,9 +127,17 @@ class Summary:
         return data
 
     def write_json(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, indent=2)
-            handle.write("\n")
+        """``-`` is standard output; SummaryError when ``path`` cannot be written."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path == "-":
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        try:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        except OSError as exc:
+            raise SummaryError(f"--summary-json {path}: {exc.strerror or exc}") from None
 
     def render(self) -> str:
         """The one-screen end-of-run report."""
@@ -124,14 +152,19 @@ class Summary:
         for code, n in sorted(failures.items(), key=lambda kv: -kv[1])[:10]:
             lines.append(f"    code {code:>6}  {n:>8,}  {codes.message(code)}")
         if self.skipped_done:
+            lines.append(f"  skipped    {self.skipped_done:>10,}  already in OUT")
+        if self.previous_errors:
             lines.append(
-                f"  skipped    {self.skipped_done:>10,}  already in OUT"
-                + (
-                    f" ({self.previous_errors:,} of them errors: rerun with --retry-errors)"
-                    if self.previous_errors
-                    else ""
-                )
+                f"  old errors {self.previous_errors:>10,}  error records from earlier runs in OUT "
+                "(redo them with --retry-errors)"
             )
+        if self.broken_lines:
+            lines.append(
+                f"  broken     {self.broken_lines:>10,}  lines in OUT that are not complete records "
+                "(kept; their items done again)"
+            )
+        if self.found == 0 and not self.interrupted:
+            lines.append(f"  no items found in the sources (exit status {exit_status(Outcome.NO_ITEMS)})")
         if self.duplicates:
             lines.append(f"  duplicate  {self.duplicates:>10,}  repeated in the sources, done once")
         if self.resized:

@@ -7,13 +7,15 @@ without parsing whole records; a record's ``file`` facts and ``settings`` are al
 last two fields, so resume finds them from the end of the line (``scan_lines``).
 
 OUT may hold several records for one key (a changed file tagged again, ``--retag``): the
-last complete one is valid. ``iter_valid_records`` is how every reader sees OUT.
+last complete one is valid. ``iter_valid_records`` is how every reader sees OUT. A line counts
+only when it is a complete record: resume and readers agree on which items are done.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from array import array
@@ -249,6 +251,8 @@ def stat_facts(item: ItemLike) -> FileFacts | None:
 KEY_START = b'{"key":"'
 KEY_END = b'","source":"'
 STATUS_ERROR = (b'file","status":"error"', b'url","status":"error"')
+# An ok record in our layout: the status, then the code (the fields ``parse_record`` needs).
+STATUS_OK_CODE = (b'file","status":"ok","code":', b'url","status":"ok","code":')
 
 
 def read_key_bytes_and_status(line: bytes) -> tuple[bytes, Status | None]:
@@ -284,6 +288,31 @@ def read_key_and_status(line: str) -> tuple[str, Status | None]:
     if not isinstance(data, dict) or not isinstance(data.get("key"), str):
         raise ValueError("not a batchtag record")
     return data["key"], data.get("status")
+
+
+def looks_complete(line: bytes) -> bool:
+    """The cheap test resume applies to every line: a line our writer wrote whole starts
+    with ``{"key":"``, holds no second record, ends with ``}`` and a newline, and closes
+    every brace it opens.
+
+    A record cut by a crash and followed by more output fails it (its top-level brace is
+    still open, or a second ``{"key":"`` follows on the same line); ``{"key":"`` cannot
+    occur inside a JSON string, where quotes are escaped. Braces inside strings (a file
+    name with ``{``) can make a complete line fail it, never pass: such lines go to
+    ``parse_record``, which decides exactly. What it cannot see is a cut line whose
+    strings hold exactly the closing braces the cut removed.
+    """
+    return (
+        line.startswith(KEY_START)
+        and line.endswith(b"}\n")
+        and line.find(KEY_START, 1) < 0
+        and line.count(b"{") == line.count(b"}")
+    )
+
+
+def key_bytes(key: str) -> bytes:
+    """A key as the bytes its fingerprint is taken of (surrogate escapes passed through)."""
+    return key.encode("utf-8", "surrogatepass")
 
 
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -364,18 +393,38 @@ class NotAResultsFile(UsageError):
     """A file given as OUT that does not start with a batchtag record."""
 
 
+HEAD_BYTES = 1 << 20  # a first line longer than this is not one of our records
+
+
+def is_record_prefix(data: bytes) -> bool:
+    """Whether ``data`` can be the beginning of a line our writer wrote."""
+    head = data[: len(KEY_START)]
+    return bool(head) and KEY_START.startswith(head) if len(head) < len(KEY_START) else head == KEY_START
+
+
+def is_results_head(head: bytes, size: int) -> bool:
+    """Whether a file of ``size`` bytes that starts with ``head`` (its first HEAD_BYTES)
+    is a batchtag results file: empty, its first line a record in our layout or any valid
+    record, or nothing but the start of one (the first write, cut by a crash). The one
+    test for readers (``check_results_file``) and the writer (``sink``)."""
+    if size == 0:
+        return True
+    newline = head.find(b"\n")
+    if newline < 0:
+        return size <= len(head) and is_record_prefix(head)
+    first = head[: newline + 1]
+    return first.startswith(KEY_START) or parse_record(first) is not None
+
+
 def check_results_file(path: str) -> None:
     """Readers that take OUT from a user call this first: an empty file is fine, a file
     whose first line is not a record (a photo, someone's notes) is NotAResultsFile, and a
     missing or unreadable one raises OSError."""
     with open(path, "rb") as handle:
-        first = handle.readline(1 << 20)  # a photo given by mistake has no newline to stop at
-    if not first:
-        return
-    try:
-        read_key_bytes_and_status(first)  # the first line may be torn, but its key reads
-    except ValueError:
-        raise NotAResultsFile(f"{path} is not a batchtag results file") from None
+        head = handle.read(HEAD_BYTES)
+        size = os.fstat(handle.fileno()).st_size
+    if not is_results_head(head, size):
+        raise NotAResultsFile(f"{path} is not a batchtag results file")
 
 
 # --- the resume scan: key, status, file facts and settings of every line, from its bytes ------
@@ -388,7 +437,8 @@ SAME_SETTINGS, OTHER_SETTINGS, NO_SETTINGS = 0, 1, 2
 @dataclass
 class LineScan:
     """Per line of OUT (in order): key fingerprint, state fingerprint (key plus size and
-    mtime, see ``state_fingerprint``), relation to the settings * 2 + is_error; and for ok
+    mtime, see ``state_fingerprint``), relation to the settings * 4 + is_transient_error * 2
+    + is_error (broken lines are not in them at all); and for ok
     lines made with the same settings and carrying a content hash, its first 64 bits and
     the line's byte offset."""
 
@@ -418,8 +468,10 @@ def scan_lines(
 ) -> LineScan:
     """One pass over OUT's lines, reading only what resume needs, straight from the bytes.
 
-    This loop is the whole cost of resuming a million records, so the common line (our
-    layout, no escapes in the key, the current settings) is handled inline. ``settings``
+    Only complete records count: a line cut short or holding two records is reported to
+    ``on_bad_line`` and left out, so its item is done again. This loop is the whole cost
+    of resuming a million records, so the common line (our layout, no escapes in the
+    key, status ok, the current settings) is handled inline. ``settings``
     None means "any settings are the same". Gives up (``stopped``) soon after ``stop`` is
     set, checking every ``check_every`` lines.
     """
@@ -438,18 +490,26 @@ def scan_lines(
             break
         end = line.find(key_end, start_len) if line.startswith(start) else -1
         key = line[start_len:end] if end > 0 else b"\\"
-        if b"\\" in key:
-            try:
-                key, status = read_key_bytes_and_status(line)
-            except ValueError:
+        transient = False
+        if (  # looks_complete, inlined, and an ok record with its code in our layout
+            b"\\" not in key
+            and line.endswith(b"}\n")
+            and line.find(start, 1) < 0
+            and line.count(b"{") == line.count(b"}")
+            and line.startswith(STATUS_OK_CODE, end + end_len)
+        ):
+            is_error = False
+            is_file = line.startswith(b"f", end + end_len)  # "file", not "url": facts to read
+        else:  # escaped keys, error records, anything odd: decided by the full parse
+            record = parse_record(line) if line.endswith(b"\n") else None
+            if record is None:  # cut short, two records run together, not a record
                 if on_bad_line is not None:
                     on_bad_line(number)
                 continue
-            is_error = status == "error"
-            is_file = FILE_OPEN in line
-        else:
-            is_error = line.startswith(STATUS_ERROR, end + end_len)
-            is_file = line.startswith(b"f", end + end_len)  # "file", not "url": facts to read
+            key = key_bytes(record.key)
+            is_error = not record.ok
+            transient = is_error and codes.is_transient(record.code)
+            is_file = record.source == "file"
         key_fp = xxhash.xxh3_64_intdigest(key)  # = keyset.fingerprint_bytes, inline for speed
         if tail is not None and line.endswith(tail):
             relation, facts_end = SAME_SETTINGS, len(line) - tail_len
@@ -472,7 +532,7 @@ def scan_lines(
                 scan.content_offsets.append(line_at)
         keys.append(key_fp)
         states.append(state_fp)
-        flags.append(relation * 2 + is_error)
+        flags.append(relation * 4 + transient * 2 + is_error)
     return scan
 
 

@@ -46,6 +46,7 @@ from batchtag.sources import Item
 log = logging.getLogger("batchtag")
 
 STOP_CHECK_EVERY = 65_536  # lines between two looks at the stop flag (well under 0.1 s)
+BAD_LINES_SHOWN = 3  # line numbers named in the one warning about broken lines
 
 
 class ScanStopped(Exception):
@@ -63,8 +64,10 @@ class Checkpoint:
     records: int = 0  # valid records (one per key)
     lines: int = 0
     error_records: int = 0
+    transient_errors: int = 0  # error records a rerun does again without being asked
     torn_bytes: int = 0  # cut off the end of OUT: a record half-written by a crash
-    bad_lines: int = 0
+    bad_lines: int = 0  # lines that are not complete records, kept as they are
+    bad_line_numbers: list[int] = field(default_factory=list)  # the first few, for the warning
 
     def to_do(self, key_fps: np.ndarray, state_fps: np.ndarray) -> np.ndarray:
         """Which items still need work: not unchanged by state, nor (for items without a
@@ -84,7 +87,8 @@ def read_checkpoint(
 
     def bad_line(number: int) -> None:
         checkpoint.bad_lines += 1
-        log.warning("%s:%d is not a record; ignored", path, number)
+        if len(checkpoint.bad_line_numbers) < BAD_LINES_SHOWN:
+            checkpoint.bad_line_numbers.append(number)
 
     with open(path, "rb") as handle:
         scan = scan_lines(handle, settings, bad_line, stop, STOP_CHECK_EVERY)
@@ -126,14 +130,16 @@ def reduce_scan(checkpoint: Checkpoint, scan: LineScan) -> None:
     del ordered, last
     flag = np.frombuffer(scan.flags, dtype=np.uint8)[winners]
     is_error = (flag & 1).astype(bool)
-    same = (flag >> 1) != OTHER_SETTINGS
+    transient = (flag & 2).astype(bool)  # a timeout, code 15, a 503: done again, unasked
+    same = (flag >> 2) != OTHER_SETTINGS
     del flag
     checkpoint.records = len(done)
     checkpoint.error_records = int(is_error.sum())
+    checkpoint.transient_errors = int(transient.sum())
     checkpoint.errors = KeySet.from_sorted_unique(done[is_error])
     checkpoint.other_settings = KeySet.from_sorted_unique(done[~same])
     checkpoint.done = KeySet.from_sorted_unique(done)
-    unchanged = as_uint64(scan.states)[winners[same]]
+    unchanged = as_uint64(scan.states)[winners[same & ~transient]]
     unchanged.sort()
     checkpoint.unchanged = KeySet.from_sorted_unique(unchanged)
 
@@ -143,7 +149,6 @@ class Skipped:
     """Items of one chunk that were not passed on."""
 
     done: int = 0  # already in OUT from an earlier run
-    previous_errors: int = 0  # ... of which ended in error
     duplicates: int = 0  # repeated keys in the sources, done once
     changed: int = 0  # files whose size or mtime differ from their record: done again
     retagged: int = 0  # records made with other settings, done again (--retag)
@@ -199,5 +204,6 @@ class ResumeFilter:
         known = self._checkpoint.done.contains_many(fingerprints)
         if known.any():
             other = self._checkpoint.other_settings.contains_many(fingerprints[known])
+            retried = self._checkpoint.errors.contains_many(fingerprints[known])  # transient
             skipped.retagged += int(other.sum())
-            skipped.changed += int((~other).sum())
+            skipped.changed += int((~other & ~retried).sum())

@@ -1,86 +1,176 @@
 """The sink: the only code that touches OUT, which is both the results and the checkpoint.
 
-A record is appended once its item is final, so "has a record in OUT" is exactly "done":
-a rerun skips those keys and nothing is written twice. Each batch of records goes to the
-kernel in one write, so SIGKILL can lose only the items still in flight; a crash in the
-middle of a write leaves at most one torn last line, which the next run cuts off (the
-item it belonged to is simply done again). An advisory lock on OUT stops two runs from
-appending to the same file.
+A record is appended once its item is final, so "has a complete record in OUT" is exactly
+"done": a rerun skips those keys and nothing is written twice. Each batch of records goes
+to the kernel in one write, so SIGKILL can lose only the items still in flight; a crash in
+the middle of a write leaves at most one torn last line, which the next run cuts off (the
+item it belonged to is simply done again). Lines elsewhere that are not complete records
+are never touched: they are counted, reported, and their items done again. An advisory
+lock on OUT stops two runs from appending to the same file.
+
+OUT is written only when it is recognisably ours (missing, empty, or its first line is a
+record), so a slip such as ``-o holiday.jpg`` costs nothing but an error message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
 import os
-import tempfile
+import secrets
+import stat
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from batchtag.errors import SinkError
-from batchtag.records import Record, Settings, read_key_bytes_and_status, valid_line_mask
+from batchtag.records import (
+    HEAD_BYTES,
+    KEY_START,
+    Record,
+    Settings,
+    is_record_prefix,
+    is_results_head,
+    parse_record,
+    read_key_bytes_and_status,
+    valid_line_mask,
+)
 from batchtag.resume import Checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 FSYNC_INTERVAL_S = 2.0
+LOCK_TRIES = 5  # OUT replaced between our open and our lock this often: give up
 
 
-def repair_torn_tail(handle: BinaryIO) -> int:
-    """Cut OUT back to its last complete line; the number of bytes removed."""
-    size = handle.seek(0, os.SEEK_END)
+def check_results_file(handle: BinaryIO, path: str) -> None:
+    """Refuse (SinkError) an OUT that is not a batchtag results file
+    (``records.is_results_head``). Reads, never writes."""
+    fd = handle.fileno()
+    size = os.fstat(fd).st_size
+    if not is_results_head(os.pread(fd, min(size, HEAD_BYTES), 0), size):
+        raise SinkError(
+            f"{path} exists and is not a batchtag results file (its first line is not a record); "
+            "it was left untouched: give -o a new file or an earlier OUT"
+        )
+
+
+def repair_torn_tail(handle: BinaryIO, path: str = "OUT") -> int:
+    """Cut OUT back to its last complete line; the number of bytes removed. Only the start
+    of a record is ever cut: other trailing bytes mean the file is not (only) ours."""
+    fd = handle.fileno()
+    size = os.fstat(fd).st_size
     if size == 0:
         return 0
     chunk = 65_536
     position = size
+    keep = 0
     while position > 0:
         start = max(0, position - chunk)
-        handle.seek(start)
-        block = handle.read(position - start)
-        newline = block.rfind(b"\n")
+        newline = os.pread(fd, position - start, start).rfind(b"\n")
         if newline >= 0:
             keep = start + newline + 1
             break
         position = start
-    else:
-        keep = 0
-    if keep < size:
-        handle.truncate(keep)
+    if keep == size:
+        return 0
+    if not is_record_prefix(os.pread(fd, len(KEY_START), keep)):
+        raise SinkError(
+            f"{path} ends with {size - keep} bytes that are not the start of a record; it was left untouched"
+        )
+    os.ftruncate(fd, keep)
     return size - keep
 
 
-def drop_error_records(path: str) -> int:
-    """Rewrite OUT with only the valid record of each key, less the errors, atomically
-    (temp file, fsync, rename), so ``--retry-errors`` can do those items again and OUT
-    holds one record a key afterwards. Returns how many error records were dropped."""
-    if not os.path.exists(path):
-        return 0
+def temp_prefix(path: str) -> str:
+    """Our rewrite temp files for ``path``: recognisable, so a crash's leftovers can go."""
+    return f".{os.path.basename(path)}.batchtag-rewrite-"
+
+
+def remove_stale_temps(path: str) -> int:
+    """Delete rewrite temp files a crashed run left beside OUT (we hold OUT's lock, so no
+    live run is writing one). Returns how many went."""
     directory = os.path.dirname(os.path.abspath(path))
+    prefix = temp_prefix(path)
+    removed = 0
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False):
+                        os.unlink(entry.path)
+                        removed += 1
+    return removed
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def copy_without_errors(path: str, source_fd: int, target_fd: int) -> int:
+    """Copy OUT's lines to ``target_fd``: each key's valid record unless it is an error,
+    and every line that is not a record, as it was (only a torn last line is ever cut);
+    records superseded by a later one of their key go. Returns the errors dropped."""
     dropped = 0
+    pending: list[bytes] = []
+    size = 0
     valid = valid_line_mask(path)
-    fd, temp = tempfile.mkstemp(prefix=".batchtag-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
-            for index, raw in enumerate(source):
-                if index >= len(valid) or not valid[index]:
-                    continue  # superseded by a later record of its key, or not a record
-                _, status = read_key_bytes_and_status(raw)
-                if status == "error":
+    with os.fdopen(os.dup(source_fd), "rb") as source:
+        source.seek(0)
+        for index, line in enumerate(source):
+            if index < len(valid) and valid[index]:
+                if read_key_bytes_and_status(line)[1] == "error":
                     dropped += 1
-                else:
-                    out.write(raw)
-            out.flush()
-            os.fsync(out.fileno())
+                    continue
+            elif parse_record(line) is not None:
+                continue  # superseded by a later record of its key
+            pending.append(line)
+            size += len(line)
+            if size >= 1 << 20:
+                write_all(target_fd, b"".join(pending))
+                pending, size = [], 0
+    write_all(target_fd, b"".join(pending))
+    return dropped
+
+
+def rewrite_without_errors(path: str, handle: BinaryIO) -> tuple[BinaryIO, int]:
+    """``--retry-errors``: replace OUT with a copy without its error records
+    (``copy_without_errors``), atomically (temp file, fsync, rename), keeping OUT's mode
+    and owner. The copy is locked before the rename, so no other run can slip in between;
+    it is returned as the new handle. Returns it and the number of errors dropped."""
+    directory = os.path.dirname(os.path.abspath(path))
+    info = os.fstat(handle.fileno())
+    temp = os.path.join(directory, f"{temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+    try:
+        fd = os.open(temp, flags, 0o600)
+    except OSError as exc:
+        raise SinkError(f"cannot rewrite {path}: no new file in its folder ({exc.strerror or exc})") from None
+    new = open(fd, "ab+", buffering=0)  # noqa: SIM115 - becomes the sink's handle
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.fchmod(fd, stat.S_IMODE(info.st_mode))
+        with contextlib.suppress(OSError):  # only root may give a file away
+            os.fchown(fd, info.st_uid, info.st_gid)
+        dropped = copy_without_errors(path, handle.fileno(), fd)
+        os.fsync(fd)
         os.replace(temp, path)
         fsync_directory(directory)
-    except BaseException:
-        if os.path.exists(temp):
+    except BaseException as exc:
+        new.close()
+        with contextlib.suppress(OSError):
             os.unlink(temp)
+        if isinstance(exc, OSError):
+            raise SinkError(f"cannot rewrite {path}: {exc.strerror or exc}") from None
         raise
-    return dropped
+    handle.close()
+    return new, dropped
 
 
 def fsync_directory(directory: str) -> None:
@@ -92,12 +182,17 @@ def fsync_directory(directory: str) -> None:
 
 
 class ResultSink:
-    """Appends records to OUT; open with ``open_sink``."""
+    """Appends records to OUT; open with ``open_sink``.
+
+    Writes run in the sink's own thread, never queued behind file reads or image decoding
+    in the shared pool: on Ctrl-C the finished records go out at once.
+    """
 
     def __init__(self, path: str, handle: BinaryIO) -> None:
         self.path = path
         self._handle = handle
         self._last_fsync = time.monotonic()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchtag-sink")
         self.written = 0
         self.size = os.fstat(handle.fileno()).st_size  # where the next record starts
 
@@ -112,7 +207,9 @@ class ResultSink:
             offsets.append(self.size)
             self.size += len(line)
         try:
-            await asyncio.to_thread(self._write_through, b"".join(lines))
+            await asyncio.get_running_loop().run_in_executor(
+                self._thread, self._write_through, b"".join(lines)
+            )
         except OSError as exc:
             raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self.written += len(records)
@@ -138,21 +235,37 @@ class ResultSink:
             return None
 
     def _write_through(self, data: bytes) -> None:
-        view = memoryview(data)
         fd = self._handle.fileno()
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         if time.monotonic() - self._last_fsync >= FSYNC_INTERVAL_S:
             os.fsync(fd)
             self._last_fsync = time.monotonic()
 
     async def close(self) -> None:
         try:
-            await asyncio.to_thread(os.fsync, self._handle.fileno())
+            await asyncio.get_running_loop().run_in_executor(self._thread, os.fsync, self._handle.fileno())
         except OSError as exc:
-            log.warning("fsync of %s failed: %s", self.path, exc)
+            log.warning("fsync of %s failed: %s", self.path, exc.strerror or exc)
         finally:
             self._handle.close()
+            self._thread.shutdown(wait=False)
+
+
+def refuse_out_among_sources(path: str, sources: list[str]) -> None:
+    """OUT given again as a SOURCE (``batchtag run *.jsonl -o tags.jsonl``, run twice) would
+    read its own records as a manifest while appending to it, without end."""
+    try:
+        out = os.stat(path)
+    except OSError:
+        return
+    for source in sources:
+        try:
+            info = os.fstat(0) if source == "-" else os.stat(source)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) == (out.st_dev, out.st_ino):
+            name = "standard input" if source == "-" else source
+            raise SinkError(f"OUT {path} is also a SOURCE ({name}); give -o another file")
 
 
 def open_sink(
@@ -161,7 +274,8 @@ def open_sink(
     stop: threading.Event | None = None,
     settings: Settings | None = None,
 ) -> tuple[ResultSink, Checkpoint]:
-    """Lock OUT, repair a torn tail, optionally drop error records, read the checkpoint.
+    """Lock OUT, check it is ours, repair a torn tail, with ``retry_errors`` drop the error
+    records, read the checkpoint (errors that may pass are done again by resume).
 
     Blocking (a million records take seconds): run it in a thread, and set ``stop`` to
     abandon the checkpoint scan (it raises ``resume.ScanStopped``, OUT is closed).
@@ -169,20 +283,15 @@ def open_sink(
     if os.path.exists(path) and not os.path.isfile(path):
         kind = "Is a directory" if os.path.isdir(path) else "not a regular file"
         raise SinkError(f"cannot use {path}: {kind} (OUT is appended to and read back as the checkpoint)")
+    handle = open_locked(path)
     try:
-        handle = open(path, "ab+", buffering=0)  # noqa: SIM115 - owned by ResultSink
-    except OSError as exc:
-        raise SinkError(f"cannot open {path}: {exc.strerror or exc}") from None
-    try:
-        lock(handle, path)
-        torn = repair_torn_tail(handle)
+        check_results_file(handle, path)
+        torn = repair_torn_tail(handle, path)
         if torn:
             log.warning("%s ended with a torn record (%d bytes, from a crash); cut it off", path, torn)
+        remove_stale_temps(path)
         if retry_errors:
-            dropped = drop_error_records(path)
-            handle.close()  # the old inode was replaced: reopen and lock the new file
-            handle = open(path, "ab+", buffering=0)  # noqa: SIM115
-            lock(handle, path)
+            handle, dropped = rewrite_without_errors(path, handle)
             if dropped:
                 log.info("--retry-errors: %d error records removed from %s, to be done again", dropped, path)
         checkpoint = read_checkpoint(path, stop, settings)
@@ -190,7 +299,47 @@ def open_sink(
     except BaseException:
         handle.close()
         raise
+    if checkpoint.bad_lines:
+        shown = ", ".join(map(str, checkpoint.bad_line_numbers))
+        more = ", ..." if checkpoint.bad_lines > len(checkpoint.bad_line_numbers) else ""
+        log.warning(
+            "%s: %d line(s) are not complete records (line %s%s); kept as they are, their items "
+            "will be done again",
+            path,
+            checkpoint.bad_lines,
+            shown,
+            more,
+        )
     return ResultSink(path, handle), checkpoint
+
+
+def open_locked(path: str) -> BinaryIO:
+    """OUT opened for appending and locked, and still the file at ``path`` once locked: a
+    run that opened OUT just before another's --retry-errors rename would otherwise lock
+    the old, deleted file and write its records there."""
+    for _ in range(LOCK_TRIES):
+        try:
+            handle = open(path, "ab+", buffering=0)  # noqa: SIM115 - owned by ResultSink
+        except OSError as exc:
+            raise SinkError(f"cannot open {path}: {exc.strerror or exc}") from None
+        try:
+            lock(handle, path)
+            if is_at_path(handle, path):
+                return handle
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()
+    raise SinkError(f"{path} keeps being replaced by another program; try again")
+
+
+def is_at_path(handle: BinaryIO, path: str) -> bool:
+    try:
+        here = os.stat(path)
+    except OSError:
+        return False
+    mine = os.fstat(handle.fileno())
+    return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def lock(handle: BinaryIO, path: str) -> None:

@@ -181,6 +181,34 @@ def run_cli(*args: Any, timeout: float = 120, env: dict[str, str] | None = None,
     )
 
 
+LOCAL_RUN = ["--tagger", "color", "--no-progress"]  # the embedded server, the cheap tagger
+NO_ENV_ENDPOINT = {"BATCHTAG_ENDPOINT": ""}
+
+
+def run_local(*args: Any, **kwargs: Any):
+    """`batchtag run ARGS` against the embedded server with the color tagger, to completion."""
+    return run_cli("run", *args, *LOCAL_RUN, env=NO_ENV_ENDPOINT, **kwargs)
+
+
+def assert_refused(result: Any, *words: str) -> None:
+    """The CLI error contract: exit 2, one line on stderr naming ``words``, no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a SIGTERM handler yet (SigCgt in /proc): a readiness
+    signal that needs no help from the program."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.status, response.read()
@@ -279,7 +307,7 @@ class Spawner:
                 [str(a) for a in argv],
                 stdout=stdout,
                 stderr=stderr,
-                stdin=subprocess.DEVNULL,
+                stdin=kwargs.pop("stdin", subprocess.DEVNULL),
                 env={**os.environ, **(env or {})},
                 **kwargs,
             )

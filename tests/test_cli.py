@@ -124,7 +124,7 @@ def test_secrets_never_appear_in_output_records_summary_or_errors(tmp_path, serv
     out, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
     runs = [
         run_cli("run", tmp_path / "in", "-o", out, "--summary-json", summary, "-v", *server_args),
-        # a wrong key: every request refused, error records and messages everywhere
+        # a wrong key: the run stops at the first answer, with one line that names the setting
         run_cli(
             "run",
             tmp_path / "in",
@@ -153,8 +153,9 @@ def test_secrets_never_appear_in_output_records_summary_or_errors(tmp_path, serv
     ]
     for text in texts:
         assert SECRET_KEY not in text
-    assert runs[1].returncode == 1
-    assert {r["code"] for r in load_records(tmp_path / "out2.jsonl")} >= {codes.SIGNATURE_FAILED}
+    assert runs[1].returncode == 2  # refused credentials stop the run: one line, no records
+    assert f"code {codes.SIGNATURE_FAILED}" in runs[1].stderr
+    assert codes.SIGNATURE_FAILED not in {r["code"] for r in load_records(tmp_path / "out2.jsonl")}
 
 
 def test_embedded_local_server_with_zero_setup(tmp_path):

@@ -10,7 +10,7 @@ from aioresponses import aioresponses
 
 from batchtag import codes
 from batchtag.api import DETECT_PATH
-from batchtag.client import RetryPolicy, TagClient
+from batchtag.client import CredentialsRefused, RetryPolicy, TagClient
 from batchtag.ratelimit import AdaptiveRateLimiter
 from batchtag.signing import verify
 from tests.support import CREDENTIALS as CREDS
@@ -22,6 +22,9 @@ FAST = RetryPolicy(retries=3, initial_wait_s=0.001, max_wait_s=0.002, jitter_s=0
 # What each API code should do to a client, written out independently of codes.py so a
 # change to the table shows up here as a deliberate decision.
 TRANSIENT_API_CODES = {7, 8, 9, 13, 15, 200, 201, 202, 203, -1308, -1403, -1506, -1507}
+# Answers about the credentials or the account (signature, appid, secret id, bucket): the
+# run stops instead of recording them for every item.
+RUN_STOPPING_API_CODES = {4, 5, 6, 10, 11, 12, 14, 16}
 
 
 def answer(code, tags=None):
@@ -42,9 +45,17 @@ def client_for(session, policy=FAST, limiter=None):
 async def test_every_api_code_follows_the_retry_table(session, code):
     with aioresponses() as mocked:
         mocked.post(URL, payload=answer(code), repeat=True)
-        result = await client_for(session).detect(b"{}")
+        if code in RUN_STOPPING_API_CODES:
+            with pytest.raises(CredentialsRefused, match=f"code {code}"):
+                await client_for(session).detect(b"{}")
+        else:
+            result = await client_for(session).detect(b"{}")
         calls = len(mocked.requests[("POST", aiohttp.client.URL(URL))])
     assert codes.is_transient(code) == (code in TRANSIENT_API_CODES)
+    assert codes.stops_run(code) == (code in RUN_STOPPING_API_CODES)
+    if code in RUN_STOPPING_API_CODES:
+        assert calls == 1
+        return
     assert result.code == code and result.message == codes.message(code)
     expected = FAST.retries + 1 if code in TRANSIENT_API_CODES else 1
     assert calls == expected == result.attempts

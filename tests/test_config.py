@@ -43,14 +43,18 @@ def test_shipped_configs_load(path):
     [
         ("concurency = 3", "unknown setting"),
         ("qps = [", "not valid TOML"),
-        ("retries = 'many'", "bad setting value"),
+        ("retries = 'many'", "setting 'retries' must be a whole number"),
+        ("progress = 'many'", "setting 'progress' must be true or false"),
+        ("secret-id = ['many']", "setting 'secret-id' must be a string"),
     ],
 )
 def test_bad_config_files_are_clear_errors(tmp_path, text, message):
     toml = tmp_path / "c.toml"
     toml.write_text(text)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as error:
         build_config(BASE, str(toml), {})
+    assert "many" not in str(error.value)  # the setting and the file are named, never the value
+    assert str(toml) in str(error.value)
 
 
 def test_secret_key_is_not_in_the_config_repr():
@@ -62,7 +66,7 @@ def test_settings_in_records_name_the_endpoint_without_credentials_or_query():
     remote = build_config(
         {
             **BASE,
-            "endpoint": "https://user:pw@Service.Example:8443/base/?token=t#x",
+            "endpoint": "https://Service.Example:8443/base/?token=t#x",  # (userinfo is refused)
             "appid": "1",
             "secret_id": "a",
             "secret_key": "b",

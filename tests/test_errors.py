@@ -45,6 +45,9 @@ def test_the_docstring_draws_the_real_tree():
         errors.ConfigError("bad"),
         errors.SourceError("bad"),
         errors.SinkError("bad"),
+        errors.SummaryError("bad"),
+        errors.CredentialsRefused(codes.SIGNATURE_FAILED, "signature check failed"),
+        errors.EndpointUnreachable("bad"),
         errors.InputError(codes.CLIENT_INPUT_ERROR, "file not found"),
         errors.ApiFailure(codes.CLIENT_HTTP_ERROR, "HTTP 503", 503),
         errors.ApiError(codes.IMAGE_TOO_LARGE, "request body over 16 bytes"),
@@ -64,16 +67,21 @@ def test_api_error_answers_with_the_tables_message_then_the_detail():
 
 
 def test_exit_statuses_come_from_the_table():
-    assert [errors.exit_status(o) for o in errors.Outcome] == [0, 1, 130]
+    assert [errors.exit_status(o) for o in errors.Outcome] == [0, 1, 3, 130]
     assert errors.exit_status(errors.SinkError("x")) == errors.exit_status(errors.ConfigError) == 2
+    assert errors.exit_status(errors.SummaryError("x")) == 2
+    assert errors.exit_status(errors.CredentialsRefused(codes.SIGNATURE_FAILED, "m")) == 2
+    assert errors.exit_status(errors.EndpointUnreachable("x")) == 2
     assert errors.exit_status(KeyboardInterrupt()) == 130
     with pytest.raises(KeyError):
         errors.exit_status(ValueError("a bug is not given a status"))
 
 
 def test_summary_outcome_decides_its_exit_code():
-    assert Summary().exit_code == 0
-    assert Summary(previous_errors=1).outcome is errors.Outcome.SOME_FAILED
+    assert Summary().exit_code == 3  # no items found
+    assert Summary(found=1).exit_code == 0
+    assert Summary(found=1, previous_errors=1).outcome is errors.Outcome.ALL_OK  # this run's outcome
+    assert Summary(found=1, errors=1).outcome is errors.Outcome.SOME_FAILED
     assert Summary(errors=1, interrupted=True).exit_code == 130
 
 

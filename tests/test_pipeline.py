@@ -7,6 +7,7 @@ import os
 import pytest
 
 from batchtag import codes, run_batch
+from batchtag.client import CredentialsRefused
 from batchtag.records import load_records
 from tests.support import encode_image, noisy_jpeg, run_config, with_comment
 
@@ -162,19 +163,29 @@ async def test_oversized_image_is_downscaled_not_refused(serve, creds, tmp_path)
     assert resized["from_size"] == [400, 300] and resized["to_size"][0] < 400
 
 
-async def test_retry_errors_redoes_failures_without_duplicates(serve, creds, tmp_path):
+async def test_transient_errors_are_redone_by_a_plain_rerun_permanent_ones_with_retry_errors(
+    serve, creds, tmp_path
+):
     flaky = await serve(inject_error_rate=1.0)
     paths = make_tree(tmp_path / "photos", 8)
     out = tmp_path / "out.jsonl"
     first = await run_batch(run_config(flaky, creds, [tmp_path / "photos"], out, retries=0))
     assert first.errors == 8 and first.exit_code == 1
+    assert all(codes.is_transient(r["code"]) for r in load_records(out))
     healthy = await serve()
     plain_rerun = await run_batch(run_config(healthy, creds, [tmp_path / "photos"], out))
-    assert plain_rerun.done == 0 and plain_rerun.previous_errors == 8 and plain_rerun.exit_code == 1
+    assert plain_rerun.done == 8 and plain_rerun.ok == 8 and plain_rerun.exit_code == 0
+
+    broken = tmp_path / "photos" / "late.jpg"
+    broken.write_text("not yet an image")  # a permanent error (-1400)
+    assert (await run_batch(run_config(healthy, creds, [tmp_path / "photos"], out))).exit_code == 1
+    write_jpeg(broken)
+    plain_rerun = await run_batch(run_config(healthy, creds, [tmp_path / "photos"], out))
+    assert plain_rerun.done == 0 and plain_rerun.previous_errors == 1 and plain_rerun.exit_code == 0
     retried = await run_batch(run_config(healthy, creds, [tmp_path / "photos"], out, retry_errors=True))
     records = load_records(out)
-    assert retried.ok == 8 and retried.exit_code == 0
-    assert sorted(r["key"] for r in records) == sorted(str(p) for p in paths)
+    assert retried.ok == 1 and retried.exit_code == 0
+    assert sorted(r["key"] for r in records) == sorted([*map(str, paths), str(broken)])
     assert all(r["status"] == "ok" for r in records)
 
 
@@ -191,13 +202,26 @@ async def test_transient_faults_are_retried_until_ok(serve, creds, tmp_path):
 
 async def test_permanent_errors_are_not_retried(serve, creds, tmp_path):
     server = await serve()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        path = write_jpeg(folder / f"{name}.jpg")
+        path.write_bytes(path.read_bytes()[:60])  # a JPEG by its first bytes, cut short
+    out = tmp_path / "out.jsonl"
+    await run_batch(run_config(server, creds, [folder], out))
+    records = load_records(out)
+    assert [r["code"] for r in records] == [codes.IMAGE_DECODE_FAILED] * 3
+    assert all(r["attempts"] == 1 for r in records)
+
+
+async def test_refused_credentials_raise_instead_of_a_record_per_item(serve, creds, tmp_path):
+    server = await serve()
     wrong = type(creds)(creds.appid, creds.secret_id, "wrong-secret")
     make_tree(tmp_path / "photos", 3)
     out = tmp_path / "out.jsonl"
-    await run_batch(run_config(server, wrong, [tmp_path / "photos"], out))
-    records = load_records(out)
-    assert [r["code"] for r in records] == [codes.SIGNATURE_FAILED] * 3
-    assert all(r["attempts"] == 1 for r in records)
+    with pytest.raises(CredentialsRefused, match="code 14"):
+        await run_batch(run_config(server, wrong, [tmp_path / "photos"], out))
+    assert load_records(out) == []
 
 
 async def test_server_quota_slows_the_client_and_everything_still_ends_ok(serve, creds, tmp_path):

@@ -56,19 +56,27 @@ def test_byte_key_reader_agrees_with_the_string_reader():
             assert read_key_bytes_and_status(line) == (key.encode("utf-8", "surrogatepass"), status)
 
 
-def test_fast_scan_yields_key_bytes_and_error_flag_and_reports_bad_lines():
+def test_fast_scan_yields_key_bytes_and_error_code_and_reports_bad_lines():
+    whole = record("/e").to_line()
     lines = [
         record("/a").to_line(),
         b"not json\n",
         record("/b\\c", "error").to_line(),  # escaped key: the general path
-        b'{"status": "error", "key": "/d"}\n',  # another layout: still read
+        b'{"status": "error", "key": "/d", "source": "url", "code": 15, "message": "m"}\n',
         b"[1]\n",
+        whole[: whole.index(b"}") + 1] + b"\n",  # cut after a tag: starts and ends like a record
+        whole[:30] + whole,  # a torn record, then a whole one on the same line
+        whole[:-1] + record("/f").to_line(),  # two whole records on one line
+        b'{"status": "ok", "key": "/g"}\n',  # no source, code, message: not a record
+        b'{"key":"/i","source":"file","status":"ok"}\n',  # our layout, but no code or message
+        record("/h{odd}").to_line(),  # braces in the key: decided by the full parse
     ]
     bad = []
     scan = scan_lines(lines, None, bad.append)
-    assert list(scan.keys) == [fingerprint(k) for k in ("/a", "/b\\c", "/d")]
-    assert [flag & 1 for flag in scan.flags] == [0, 1, 1]  # the error bit
-    assert bad == [2, 5]
+    assert list(scan.keys) == [fingerprint(k) for k in ("/a", "/b\\c", "/d", "/h{odd}")]
+    assert [flag & 1 for flag in scan.flags] == [0, 1, 1, 0]  # the error bit
+    assert [flag >> 1 & 1 for flag in scan.flags] == [0, 0, 1, 0]  # transient (code 15), redone
+    assert bad == [2, 5, 6, 7, 8, 9, 10]
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ def test_filter_returns_fresh_items_and_what_it_skipped(tmp_path):
     chunk = [item(k) for k in ("/new", "/done-ok", "/done-error", "/new", "/other")]
     fresh, skipped = resume.new_items(chunk)
     assert [i.key for i in fresh] == ["/new", "/other"]
-    assert skipped == Skipped(done=2, previous_errors=1, duplicates=1)
+    assert skipped == Skipped(done=2, duplicates=1)  # old errors: counted from the checkpoint
     again, skipped = resume.new_items([item("/other"), item("/third")])  # seen in an earlier chunk
     assert [i.key for i in again] == ["/third"] and skipped == Skipped(duplicates=1)
     assert resume.new_items([]) == ([], Skipped())
