@@ -8,7 +8,7 @@ import pytest
 
 from batchtag import codes, run_batch
 from batchtag.client import CredentialsRefused
-from batchtag.records import load_records
+from batchtag.records import iter_valid_records, load_records
 from tests.support import encode_image, noisy_jpeg, run_config, with_comment
 
 
@@ -177,16 +177,15 @@ async def test_transient_errors_are_redone_by_a_plain_rerun_permanent_ones_with_
     assert plain_rerun.done == 8 and plain_rerun.ok == 8 and plain_rerun.exit_code == 0
 
     broken = tmp_path / "photos" / "late.jpg"
-    broken.write_text("not yet an image")  # a permanent error (-1400)
+    broken.write_text("not an image")  # a permanent error (-1400), the file unchanged after
     assert (await run_batch(run_config(healthy, creds, [tmp_path / "photos"], out))).exit_code == 1
-    write_jpeg(broken)
     plain_rerun = await run_batch(run_config(healthy, creds, [tmp_path / "photos"], out))
     assert plain_rerun.done == 0 and plain_rerun.previous_errors == 1 and plain_rerun.exit_code == 0
     retried = await run_batch(run_config(healthy, creds, [tmp_path / "photos"], out, retry_errors=True))
-    records = load_records(out)
-    assert retried.ok == 1 and retried.exit_code == 0
-    assert sorted(r["key"] for r in records) == sorted([*map(str, paths), str(broken)])
-    assert all(r["status"] == "ok" for r in records)
+    assert (retried.done, retried.errors) == (1, 1)  # done again, and still failing
+    valid = {r.key: r for r in iter_valid_records(str(out))}
+    assert sorted(valid) == sorted([*map(str, paths), str(broken)])
+    assert [key for key, r in valid.items() if not r.ok] == [str(broken)]
 
 
 async def test_transient_faults_are_retried_until_ok(serve, creds, tmp_path):
@@ -202,15 +201,12 @@ async def test_transient_faults_are_retried_until_ok(serve, creds, tmp_path):
 
 async def test_permanent_errors_are_not_retried(serve, creds, tmp_path):
     server = await serve()
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for name in ("a", "b", "c"):
-        path = write_jpeg(folder / f"{name}.jpg")
-        path.write_bytes(path.read_bytes()[:60])  # a JPEG by its first bytes, cut short
+    manifest = tmp_path / "urls.txt"  # loopback URLs: the server refuses them (permanent)
+    manifest.write_text("".join(f"http://127.0.0.1:9/{name}.jpg\n" for name in "abc"))
     out = tmp_path / "out.jsonl"
-    await run_batch(run_config(server, creds, [folder], out))
+    await run_batch(run_config(server, creds, [manifest], out))
     records = load_records(out)
-    assert [r["code"] for r in records] == [codes.IMAGE_DECODE_FAILED] * 3
+    assert [r["code"] for r in records] == [codes.URL_FORMAT] * 3
     assert all(r["attempts"] == 1 for r in records)
 
 
