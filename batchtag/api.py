@@ -4,7 +4,6 @@ from __future__ import annotations
 
 DETECT_PATH = "/v1/detection/imagetag_detect"
 HEALTH_PATH = "/healthz"
-DEFAULT_HOST = "service.image.myqcloud.com"
 
 # The largest image (decoded file bytes) the service accepts; bigger ones get code 20.
 # The client downscales above it rather than spending a request on a certain failure.

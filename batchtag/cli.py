@@ -19,6 +19,7 @@ from batchtag import __version__
 from batchtag.errors import EXIT_STATUS, Outcome, UsageError, exit_status
 from batchtag.export.commands import add_export_parser, add_report_parser, command_export, command_report
 from batchtag.interrupts import EXIT_INTERRUPTED, INTERRUPTS
+from batchtag.taggers import LANGS, TAGGERS
 
 if TYPE_CHECKING:
     from batchtag.config import RunConfig
@@ -124,8 +125,8 @@ def add_run_parser(commands: Any) -> None:
         default=None,
         help="redo, into the same OUT, items whose records were made with another endpoint, tagger or lang",
     )
-    p.add_argument("--tagger", choices=("model", "color"), help="embedded tagger (local endpoint only)")
-    p.add_argument("--lang", choices=("zh", "en"), help="tag language of the embedded tagger (default zh)")
+    p.add_argument("--tagger", choices=TAGGERS, help="embedded tagger (local endpoint only)")
+    p.add_argument("--lang", choices=LANGS, help="tag language of the embedded tagger (default zh)")
     p.add_argument(
         "--cluster",
         metavar="ADDRESS",
@@ -142,8 +143,8 @@ def add_serve_parser(commands: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--tagger", choices=("model", "color"), default="model")
-    p.add_argument("--lang", choices=("zh", "en"), default="zh")
+    p.add_argument("--tagger", choices=TAGGERS, default="model")
+    p.add_argument("--lang", choices=LANGS, default="zh")
     p.add_argument(
         "--no-faces",
         dest="faces",

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ class RetryPolicy:
     initial_wait_s: float = 0.2
     max_wait_s: float = 20.0
     jitter_s: float = 0.5
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # between attempts; tests pass a fake
 
 
 CONNECT_TIMEOUT_S = 10.0
@@ -150,18 +151,18 @@ class TagClient:
         session: aiohttp.ClientSession,
         endpoint: str,
         credentials: signing.Credentials,
-        bucket: str = "",
-        limiter: AdaptiveRateLimiter | None = None,
-        policy: RetryPolicy | None = None,
+        bucket: str,
+        limiter: AdaptiveRateLimiter,
+        policy: RetryPolicy,
         health: EndpointHealth | None = None,
     ) -> None:
         self._session = session
         self._url = api.detect_url(endpoint)
         self._credentials = credentials
         self._bucket = bucket
-        self._limiter = limiter or AdaptiveRateLimiter(None)
+        self._limiter = limiter  # shared by every worker: the run's pacing is global
         self.appid = credentials.appid
-        self.policy = policy or RetryPolicy()
+        self.policy = policy
         self.health = health or EndpointHealth(endpoint)
 
     async def detect(self, body: bytes) -> Answer:
@@ -194,6 +195,7 @@ class TagClient:
                 multiplier=self.policy.initial_wait_s, max=self.policy.max_wait_s, jitter=self.policy.jitter_s
             ),
             before_sleep=self._slow_down_if_limited,
+            sleep=self.policy.sleep,
             reraise=True,
         )
         try:

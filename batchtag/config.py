@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from batchtag import api
 from batchtag.errors import ConfigError
 from batchtag.records import Settings
+from batchtag.taggers import LANGS, TAGGERS
 
 LOCAL = "local"
 ENV_PREFIX = "BATCHTAG_"
@@ -80,10 +81,10 @@ class RunConfig:
             raise ConfigError("--retries must be 0 or more")
         if self.timeout <= 0:
             raise ConfigError("--timeout must be positive")
-        if self.tagger not in ("model", "color"):
-            raise ConfigError("--tagger must be model or color")
-        if self.lang not in ("zh", "en"):
-            raise ConfigError("--lang must be zh or en")
+        if self.tagger not in TAGGERS:
+            raise ConfigError(f"--tagger must be one of {', '.join(TAGGERS)}")
+        if self.lang not in LANGS:
+            raise ConfigError(f"--lang must be one of {', '.join(LANGS)}")
         if self.cluster:
             from batchtag.cluster import ClusterError, parse_cluster_address
 

@@ -32,7 +32,7 @@ from batchtag.ratelimit import AdaptiveRateLimiter
 from batchtag.records import Record, Settings
 from batchtag.resume import Checkpoint, ResumeFilter, Skipped
 from batchtag.signing import Credentials
-from batchtag.sink import ResultSink, open_sink, refuse_out_among_sources
+from batchtag.sink import ResultSink, Writer, open_sink, refuse_out_among_sources
 from batchtag.sources import Item, Walk, check_source, iter_items
 
 log = logging.getLogger("batchtag")
@@ -244,13 +244,17 @@ def api_endpoint(config: RunConfig) -> contextlib.AbstractAsyncContextManager[tu
 
 
 @contextlib.asynccontextmanager
-async def opened_out(config: RunConfig) -> AsyncIterator[tuple[ResultSink, Checkpoint]]:
+async def opened_out(
+    config: RunConfig, writer: Writer | None
+) -> AsyncIterator[tuple[ResultSink, Checkpoint]]:
     """OUT locked and scanned off the event loop, so Ctrl-C during a long resume scan stops
     it within a moment instead of after the whole file; closed (fsync) at the end."""
     stop = threading.Event()
     settings = config.settings()
     try:
-        sink, checkpoint = await asyncio.to_thread(open_sink, config.out, config.retry_errors, stop, settings)
+        sink, checkpoint = await asyncio.to_thread(
+            open_sink, config.out, config.retry_errors, stop, settings, writer
+        )
     except asyncio.CancelledError:
         stop.set()  # the scan thread raises ScanStopped, closes OUT and ends
         raise
@@ -273,11 +277,14 @@ def refuse_other_settings(checkpoint: Checkpoint, settings: Settings, out: str) 
     )
 
 
-async def run_batch(config: RunConfig, progress: bool | None = None) -> Summary:
+async def run_batch(
+    config: RunConfig, progress: bool | None = None, *, writer: Writer | None = None
+) -> Summary:
     """Tag every item of ``config.sources`` into ``config.out``; resumable, see sink.py.
 
     Raises ConfigError or SourceError for unusable settings and SinkError when OUT cannot
-    be written (all UsageError, errors.py). Interrupting the task (cancel) flushes finished
+    be written (all UsageError, errors.py); ``writer`` replaces the disk (tests of a full
+    disk). Interrupting the task (cancel) flushes finished
     records, then returns a summary with ``interrupted`` set.
     """
     started = time.monotonic()
@@ -295,7 +302,7 @@ async def run_batch(config: RunConfig, progress: bool | None = None) -> Summary:
         )
     bar = Progress(config.progress if progress is None else progress)
     try:
-        async with opened_out(config) as (sink, checkpoint):
+        async with opened_out(config, writer) as (sink, checkpoint):
             if config.cluster:
                 from batchtag.cluster.driver import run_on_cluster
 

@@ -11,9 +11,10 @@ additively while answers are good, like TCP congestion control.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from dataclasses import dataclass
+
+from batchtag.clock import SYSTEM_CLOCK, Clock
 
 
 @dataclass
@@ -27,16 +28,19 @@ class AimdPolicy:
 
 
 class AdaptiveRateLimiter:
-    def __init__(self, max_rate: float | None, policy: AimdPolicy | None = None) -> None:
+    def __init__(
+        self, max_rate: float | None, policy: AimdPolicy | None = None, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         if max_rate is not None and max_rate <= 0:
             raise ValueError("rate must be positive")
         self.max_rate = max_rate
         self.policy = policy or AimdPolicy()
+        self.clock = clock
         self.rate: float | None = max_rate  # None: unlimited until the server objects
         self._ceiling = max_rate
         self._next_start = 0.0
         self._last_decrease = -1e9
-        self._last_increase = time.monotonic()
+        self._last_increase = clock.monotonic()
         self._lock = asyncio.Lock()
         self._recent_starts: deque[float] = deque()
         self.decreases = 0
@@ -44,13 +48,13 @@ class AdaptiveRateLimiter:
     async def acquire(self) -> None:
         """Wait for this request's turn; returns at its start time."""
         async with self._lock:
-            now = time.monotonic()
+            now = self.clock.monotonic()
             if self.rate is not None:
                 interval = 1.0 / self.rate
                 start_at = max(self._next_start, self._window_opens())
                 if start_at > now:
-                    await asyncio.sleep(start_at - now)
-                    now = time.monotonic()
+                    await self.clock.sleep(start_at - now)
+                    now = self.clock.monotonic()
                 # asyncio oversleeps by ~1 ms; scheduling from the wake-up time would lose that
                 # on every request (5% at 50/s). Keep to the schedule unless far behind it.
                 on_schedule = now - start_at < interval / 2
@@ -75,7 +79,7 @@ class AdaptiveRateLimiter:
         return float(len(self._recent_starts))
 
     def on_rate_limited(self) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - self._last_decrease < self.policy.cooldown_s:
             return
         current = self.rate if self.rate is not None else max(self.observed_rate(), 1.0)
@@ -88,7 +92,7 @@ class AdaptiveRateLimiter:
     def on_success(self) -> None:
         if self.rate is None or self._ceiling is None:
             return
-        now = time.monotonic()
+        now = self.clock.monotonic()
         elapsed = now - self._last_increase
         self._last_increase = now
         target = self.max_rate if self.max_rate is not None else self._ceiling * 2

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import secrets
@@ -25,7 +24,7 @@ import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from batchtag.errors import SinkError
 from batchtag.records import (
@@ -45,6 +44,26 @@ log = logging.getLogger(__name__)
 
 FSYNC_INTERVAL_S = 2.0
 LOCK_TRIES = 5  # OUT replaced between our open and our lock this often: give up
+
+
+class Writer(Protocol):
+    """How bytes reach OUT's file descriptor: the real disk, or a test's failing one."""
+
+    def write(self, fd: int, data: memoryview) -> int:
+        """Write some of ``data``; how many bytes went (a short write is allowed)."""
+        ...
+
+    def fsync(self, fd: int) -> None: ...
+
+
+class OsWriter:
+    """The real disk: ``os.write`` and ``os.fsync``."""
+
+    def write(self, fd: int, data: memoryview) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
 
 
 def check_results_file(handle: BinaryIO, path: str) -> None:
@@ -107,10 +126,12 @@ def remove_stale_temps(path: str) -> int:
     return removed
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes, writer: Writer | None = None) -> None:
+    """All of ``data``, however short each write is."""
+    writer = writer or OsWriter()
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        view = view[writer.write(fd, view) :]
 
 
 def copy_without_errors(path: str, source_fd: int, target_fd: int) -> int:
@@ -188,12 +209,12 @@ class ResultSink:
     in the shared pool: on Ctrl-C the finished records go out at once.
     """
 
-    def __init__(self, path: str, handle: BinaryIO) -> None:
+    def __init__(self, path: str, handle: BinaryIO, writer: Writer | None = None) -> None:
         self.path = path
         self._handle = handle
+        self._writer = writer or OsWriter()
         self._last_fsync = time.monotonic()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchtag-sink")
-        self.written = 0
         self.size = os.fstat(handle.fileno()).st_size  # where the next record starts
 
     async def write(self, records: list[Record]) -> list[int]:
@@ -212,7 +233,6 @@ class ResultSink:
             )
         except OSError as exc:
             raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}") from None
-        self.written += len(records)
         return offsets
 
     def read_record_at(self, offset: int) -> Record | None:
@@ -229,21 +249,20 @@ class ResultSink:
                 break
             chunks.append(chunk)
             position += len(chunk)
-        try:
-            return Record.from_dict(json.loads(b"".join(chunks)))
-        except (ValueError, TypeError, KeyError):
-            return None
+        return parse_record(b"".join(chunks))
 
     def _write_through(self, data: bytes) -> None:
         fd = self._handle.fileno()
-        write_all(fd, data)
+        write_all(fd, data, self._writer)
         if time.monotonic() - self._last_fsync >= FSYNC_INTERVAL_S:
-            os.fsync(fd)
+            self._writer.fsync(fd)
             self._last_fsync = time.monotonic()
 
     async def close(self) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(self._thread, os.fsync, self._handle.fileno())
+            await asyncio.get_running_loop().run_in_executor(
+                self._thread, self._writer.fsync, self._handle.fileno()
+            )
         except OSError as exc:
             log.warning("fsync of %s failed: %s", self.path, exc.strerror or exc)
         finally:
@@ -273,6 +292,7 @@ def open_sink(
     retry_errors: bool = False,
     stop: threading.Event | None = None,
     settings: Settings | None = None,
+    writer: Writer | None = None,
 ) -> tuple[ResultSink, Checkpoint]:
     """Lock OUT, check it is ours, repair a torn tail, with ``retry_errors`` drop the error
     records, read the checkpoint (errors that may pass are done again by resume).
@@ -310,7 +330,7 @@ def open_sink(
             shown,
             more,
         )
-    return ResultSink(path, handle), checkpoint
+    return ResultSink(path, handle, writer), checkpoint
 
 
 def open_locked(path: str) -> BinaryIO:

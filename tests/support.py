@@ -9,10 +9,12 @@ This module imports no pytest, so the benchmarks can use it too.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import io
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -97,8 +99,6 @@ def encode_image(fmt: str = "JPEG", size: tuple[int, int] = (64, 48), color: Any
 
 def noisy_jpeg(size: tuple[int, int], seed: int = 7) -> bytes:
     """A real JPEG that does not compress (random pixels): for size limits and resizing."""
-    import random
-
     pixels = random.Random(seed).randbytes(size[0] * size[1] * 3)
     buffer = io.BytesIO()
     Image.frombytes("RGB", size, pixels).save(buffer, "JPEG", quality=95)
@@ -405,14 +405,37 @@ def requests_seen(stats: dict[str, Any]) -> int:
     return sum(stats["responses"].values()) + faults["http_503"] + faults["drop"]
 
 
-# --- a disk that fills up -------------------------------------------------------------------
+# --- time and a disk, passed in ----------------------------------------------------------------
+
+
+class FakeClock:
+    """Virtual time for the rate limiter and the retry policy (batchtag.clock.Clock):
+    ``sleep`` moves the clock on at once, plus up to ``oversleep`` seconds of
+    deterministic jitter as a real event loop's timer adds, and records what was asked."""
+
+    def __init__(self, start: float = 1000.0, oversleep: float = 0.0, seed: int = 0) -> None:
+        self.now = start
+        self.oversleep = oversleep
+        self.slept: list[float] = []
+        self._jitter = random.Random(seed)
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += max(0.0, seconds) + self._jitter.uniform(0.0, self.oversleep)
+        await asyncio.sleep(0)  # still a suspension point, as the real sleep is
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class FullDisk:
-    """Stands in for the ``os`` module inside ``batchtag.sink`` (everything else is the real
-    ``os``): writes go through until ``records`` complete lines plus ``extra`` bytes of the
-    next one are on disk, as a filling disk gives a short write, then every write fails
-    with ENOSPC."""
+    """A ``sink.Writer`` for a disk that fills up: writes go through until ``records``
+    complete lines plus ``extra`` bytes of the next one are on disk, as a filling disk
+    gives a short write, then every write fails with ENOSPC. Pass it to
+    ``run_batch(..., writer=)``."""
 
     def __init__(self, records: int, extra: int = 0) -> None:
         self.records = records
@@ -422,8 +445,8 @@ class FullDisk:
         self.refused = 0
         self.extra_left = 0
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(os, name)
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
 
     def write(self, fd: int, data: Any) -> int:
         data = bytes(data)

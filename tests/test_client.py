@@ -2,7 +2,7 @@
 tested against the real server in test_pipeline.py)."""
 
 import itertools
-import time
+from dataclasses import replace
 
 import aiohttp
 import pytest
@@ -14,6 +14,7 @@ from batchtag.client import CredentialsRefused, RetryPolicy, TagClient
 from batchtag.ratelimit import AdaptiveRateLimiter
 from batchtag.signing import verify
 from tests.support import CREDENTIALS as CREDS
+from tests.support import FakeClock
 
 ENDPOINT = "http://tagger.test"
 URL = ENDPOINT + DETECT_PATH
@@ -37,19 +38,30 @@ async def session():
         yield s
 
 
-def client_for(session, policy=FAST, limiter=None):
-    return TagClient(session, ENDPOINT, CREDS, "bkt", limiter, policy)
+@pytest.fixture
+def clock():
+    """Virtual time for the client's limiter and backoff: no test here waits for real."""
+    return FakeClock()
+
+
+@pytest.fixture
+def client_for(session, clock):
+    def make(policy=FAST, limiter=None):
+        limiter = limiter or AdaptiveRateLimiter(None, clock=clock)
+        return TagClient(session, ENDPOINT, CREDS, "bkt", limiter, replace(policy, sleep=clock.sleep))
+
+    return make
 
 
 @pytest.mark.parametrize("code", sorted(c for c in codes.API_CODES if c != codes.OK))
-async def test_every_api_code_follows_the_retry_table(session, code):
+async def test_every_api_code_follows_the_retry_table(client_for, code):
     with aioresponses() as mocked:
         mocked.post(URL, payload=answer(code), repeat=True)
         if code in RUN_STOPPING_API_CODES:
             with pytest.raises(CredentialsRefused, match=f"code {code}"):
-                await client_for(session).detect(b"{}")
+                await client_for().detect(b"{}")
         else:
-            result = await client_for(session).detect(b"{}")
+            result = await client_for().detect(b"{}")
         calls = len(mocked.requests[("POST", aiohttp.client.URL(URL))])
     assert codes.is_transient(code) == (code in TRANSIENT_API_CODES)
     assert codes.stops_run(code) == (code in RUN_STOPPING_API_CODES)
@@ -77,21 +89,21 @@ async def test_every_api_code_follows_the_retry_table(session, code):
         (413, False),
     ],
 )
-async def test_plain_http_errors_without_json(session, status, transient):
+async def test_plain_http_errors_without_json(client_for, status, transient):
     with aioresponses() as mocked:
         mocked.post(URL, status=status, body="<html>oops</html>", repeat=True)
-        result = await client_for(session).detect(b"{}")
+        result = await client_for().detect(b"{}")
     assert result.code == codes.CLIENT_HTTP_ERROR and result.http_status == status
     assert result.attempts == (FAST.retries + 1 if transient else 1)
 
 
-async def test_transient_then_success_records_attempts(session):
+async def test_transient_then_success_records_attempts(client_for):
     with aioresponses() as mocked:
         mocked.post(URL, status=503, body="busy")
         mocked.post(URL, payload=answer(203))
         mocked.post(URL, exception=aiohttp.ServerDisconnectedError())
         mocked.post(URL, payload=answer(0, [{"tag_name": "猫", "tag_confidence": 91}]))
-        result = await client_for(session).detect(b"{}")
+        result = await client_for().detect(b"{}")
     assert result.ok and result.attempts == 4
     assert result.tags == [{"tag_name": "猫", "tag_confidence": 91}]
 
@@ -103,38 +115,47 @@ async def test_transient_then_success_records_attempts(session):
         (aiohttp.ClientConnectionError("refused"), codes.CLIENT_TRANSPORT_ERROR),
     ],
 )
-async def test_transport_failures_are_retried(session, exc, code):
+async def test_transport_failures_are_retried(client_for, exc, code):
     with aioresponses() as mocked:
         mocked.post(URL, exception=exc, repeat=True)
-        result = await client_for(session).detect(b"{}")
+        result = await client_for().detect(b"{}")
     assert result.code == code and result.attempts == FAST.retries + 1
 
 
-async def test_a_200_that_is_not_the_api_json_is_retried(session):
+async def test_a_200_that_is_not_the_api_json_is_retried(client_for):
     with aioresponses() as mocked:
         mocked.post(URL, status=200, body="not json")
         mocked.post(URL, payload=answer(0))
-        result = await client_for(session).detect(b"{}")
+        result = await client_for().detect(b"{}")
     assert result.ok and result.attempts == 2
 
 
-async def test_backoff_actually_waits(session):
+async def test_backoff_waits_exponentially_between_attempts(client_for, clock):
     policy = RetryPolicy(retries=3, initial_wait_s=0.1, max_wait_s=1.0, jitter_s=0.0)
     stamps = []
 
     def record(url, **kwargs):
-        stamps.append(time.monotonic())
+        stamps.append(clock.monotonic())
 
     with aioresponses() as mocked:
         mocked.post(URL, payload=answer(203), repeat=True, callback=record)
-        await client_for(session, policy).detect(b"{}")
-    gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    # exponential: about 0.1, 0.2, 0.4 s
-    assert len(gaps) == 3
-    assert gaps[0] >= 0.09 and gaps[1] >= 0.18 and gaps[2] >= 0.36
+        result = await client_for(policy).detect(b"{}")
+    assert result.attempts == 4
+    assert clock.slept == pytest.approx([0.1, 0.2, 0.4])  # exponential, through the policy's sleep
+    assert [round(b - a, 6) for a, b in itertools.pairwise(stamps)] == [0.1, 0.2, 0.4]
 
 
-async def test_each_attempt_is_signed_afresh_and_verifies(session):
+async def test_backoff_is_capped_and_jittered(client_for, clock):
+    policy = RetryPolicy(retries=4, initial_wait_s=0.5, max_wait_s=1.0, jitter_s=0.25)
+    with aioresponses() as mocked:
+        mocked.post(URL, payload=answer(203), repeat=True)
+        await client_for(policy).detect(b"{}")
+    assert len(clock.slept) == 4
+    assert all(0.5 <= wait <= 1.0 for wait in clock.slept)  # never above max_wait_s
+    assert clock.slept[0] <= 0.75  # first wait: initial plus at most the jitter
+
+
+async def test_each_attempt_is_signed_afresh_and_verifies(client_for):
     seen = []
 
     def record(url, **kwargs):
@@ -143,16 +164,32 @@ async def test_each_attempt_is_signed_afresh_and_verifies(session):
     with aioresponses() as mocked:
         mocked.post(URL, payload=answer(203), callback=record)
         mocked.post(URL, payload=answer(0), callback=record)
-        await client_for(session).detect(b"{}")
+        await client_for().detect(b"{}")
     assert len(seen) == 2 and seen[0] != seen[1]
     for auth in seen:
         assert verify(auth, CREDS.appid, "bkt", lambda k: CREDS if k == CREDS.secret_id else None)
 
 
-async def test_rate_limit_answer_slows_the_shared_limiter(session):
-    limiter = AdaptiveRateLimiter(100.0)
+async def test_rate_limit_answer_slows_the_shared_limiter(client_for, clock):
+    limiter = AdaptiveRateLimiter(100.0, clock=clock)
     with aioresponses() as mocked:
         mocked.post(URL, payload=answer(codes.RATE_LIMITED))
         mocked.post(URL, payload=answer(0))
-        result = await client_for(session, limiter=limiter).detect(b"{}")
-    assert result.ok and limiter.rate is not None and limiter.rate < 100.0 and limiter.decreases == 1
+        result = await client_for(limiter=limiter).detect(b"{}")
+    assert result.ok and limiter.decreases == 1
+    assert limiter.rate == pytest.approx(80.0, abs=0.1)  # cut by 0.8, then a hair of recovery
+
+
+@pytest.mark.parametrize(
+    "rate_limited", [{"payload": answer(codes.RATE_LIMITED)}, {"status": 429, "body": "slow down"}]
+)
+async def test_both_rate_limit_signals_make_an_unlimited_run_pace_itself(client_for, clock, rate_limited):
+    limiter = AdaptiveRateLimiter(None, clock=clock)
+    with aioresponses() as mocked:
+        mocked.post(URL, **rate_limited, repeat=True)
+        result = await client_for(limiter=limiter).detect(b"{}")
+    assert result.attempts == FAST.retries + 1
+    # every refusal after the first waits out the cooldown (paced at <= 1/s), so each one is
+    # a further decrease: 0.8, 0.64, 0.512 requests a second
+    assert limiter.decreases == FAST.retries and limiter.rate == pytest.approx(0.512)
+    assert sum(clock.slept) > 2.5  # virtual seconds of pacing the test did not wait for

@@ -12,19 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from batchtag import run_batch, sink
+from batchtag import run_batch
 from batchtag.server.app import STATE
 from batchtag.sink import SinkError
 from tests.support import FullDisk, read_out, run_cli, run_config, tiny_jpegs
 
 REPO = Path(__file__).resolve().parent.parent
 
-# `batchtag` with OUT on a disk that fills after argv[1] records (batchtag.sink sees FullDisk).
+# `batchtag` with OUT on a disk that fills after argv[1] records: the CLI's run_batch is
+# given a FullDisk writer (the sink's Writer seam; nothing else is replaced).
 FULL_DISK_CLI = """
-import sys
-from batchtag import cli, sink
+import functools, sys
+from batchtag import cli, pipeline
 from tests.support import FullDisk
-sink.os = FullDisk(int(sys.argv[1]), int(sys.argv[2]))
+disk = FullDisk(int(sys.argv[1]), int(sys.argv[2]))
+pipeline.run_batch = functools.partial(pipeline.run_batch, writer=disk)
 sys.exit(cli.main(sys.argv[3:]))
 """
 
@@ -35,16 +37,15 @@ def config_for(server, creds, sources, out, **overrides):
 
 @pytest.mark.parametrize("extra", [0, 40], ids=["at-a-record-boundary", "mid-record"])
 async def test_disk_full_stops_the_run_keeps_what_was_written_then_a_rerun_completes(
-    serve, creds, tmp_path, monkeypatch, extra
+    serve, creds, tmp_path, extra
 ):
     server = await serve(inject_latency_ms=2)
     expected = tiny_jpegs(tmp_path / "in", 200)
     out = tmp_path / "out.jsonl"
     disk = FullDisk(records=50, extra=extra)
-    monkeypatch.setattr(sink, "os", disk)
 
     with pytest.raises(SinkError, match="No space left on device"):
-        await asyncio.wait_for(run_batch(config_for(server, creds, [tmp_path / "in"], out)), 60)
+        await asyncio.wait_for(run_batch(config_for(server, creds, [tmp_path / "in"], out), writer=disk), 60)
     assert disk.full and disk.refused >= 1
     written = read_out(out, allow_torn=True)  # valid JSON lines, no key twice
     assert len(written.records) == 50
@@ -53,7 +54,7 @@ async def test_disk_full_stops_the_run_keeps_what_was_written_then_a_rerun_compl
     assert set(written.keys) <= set(expected)
     assert sum(server.app[STATE].answered.values()) < 200  # it stopped, not tagged into the void
 
-    monkeypatch.undo()  # room on the disk again
+    # room on the disk again: the real writer
     summary = await asyncio.wait_for(run_batch(config_for(server, creds, [tmp_path / "in"], out)), 60)
     assert summary.skipped_done == 50 and summary.done == 150 and summary.exit_code == 0
     final = read_out(out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import signal
+import socket
 import time
 
 import pytest
@@ -83,7 +84,9 @@ def test_server_killed_and_restarted_mid_run_every_item_ends_ok(tmp_path, spawne
     server.signal(signal.SIGKILL)
     server.wait(timeout=10)
     at_kill = line_count(out)
-    time.sleep(1.5)  # the server is down: the client retries, writes nothing
+    # The server is down: a bare socket on its port takes the client's connections and
+    # drops them. Readiness signal: 32 attempts seen, so the client is retrying, not quitting.
+    assert count_dropped_connections(port, 32, client) == 32
     assert client.poll() is None, "the client gave up while the server was down: " + client.stderr()
     assert line_count(out) - at_kill <= 16  # at most what was already answered and in the writer
     spawner.serve(credentials, "--inject-latency-ms", "5", port=port, name="serve-again")
@@ -93,6 +96,28 @@ def test_server_killed_and_restarted_mid_run_every_item_ends_ok(tmp_path, spawne
     assert sorted(result.keys) == expected
     assert all(r["status"] == "ok" for r in result.records)
     assert max(r["attempts"] for r in result.records) > 1  # the outage cost some retries
+
+
+def count_dropped_connections(port: int, wanted: int, client, timeout: float = 60.0) -> int:
+    """Listen on ``port`` in place of the dead server, accept and drop ``wanted``
+    connections (each a failed attempt for the client), and count them."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(64)
+        listener.settimeout(0.2)
+        seen = 0
+        deadline = time.monotonic() + timeout
+        while seen < wanted:
+            assert time.monotonic() < deadline, f"only {seen} attempts while the server was down"
+            assert client.poll() is None, client.stderr()
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connection.close()
+            seen += 1
+    return seen
 
 
 def png_bomb() -> bytes:

@@ -273,8 +273,11 @@ async def test_lone_request_goes_straight_through_and_arrivals_form_the_next_bat
         assert await asyncio.to_thread(tagger.started.wait, 10)
         assert tagger.batches == [[0]] and tagger.start_times[0] - sent < 0.5
         rest = [asyncio.create_task(batcher.tag(i)) for i in range(1, 7)]
-        await asyncio.sleep(0.05)  # the tagger is busy: they queue instead of starting
-        assert len(tagger.batches) == 1
+        deadline = time.monotonic() + 10
+        while batcher._queue.qsize() < 6:  # readiness: all six have arrived at the batcher
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.001)
+        assert len(tagger.batches) == 1  # the tagger is busy: they queue instead of starting
         tagger.gate.set()
         answers = await asyncio.gather(first, *rest)
         assert [tags[0]["tag_name"] for tags in answers] == [str(i) for i in range(7)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -275,6 +276,7 @@ async def test_access_log_is_one_line_a_request_without_secrets(serve, creds, ht
 
 
 async def test_a_client_that_disconnects_mid_body_is_not_an_internal_error(serve, http, caplog):
+    caplog.set_level(logging.DEBUG, logger="batchtag.server")
     server = await serve()
     host, port = server.url.removeprefix("http://").split(":")
     _reader, writer = await asyncio.open_connection(host, int(port))
@@ -285,7 +287,12 @@ async def test_a_client_that_disconnects_mid_body_is_not_an_internal_error(serve
     await writer.drain()
     writer.close()  # gone before the body is complete
     await writer.wait_closed()
-    await asyncio.sleep(0.2)
+    # Readiness signal: the handler saw the disconnect (its debug line), so any internal
+    # error it was going to log would be logged by now.
+    deadline = time.monotonic() + 10
+    while "client disconnected" not in caplog.text:
+        assert time.monotonic() < deadline, "the server never noticed the disconnect"
+        await asyncio.sleep(0.01)
     async with http.get(server.url + "/healthz") as response:
         assert response.status == 200
     assert "internal error" not in caplog.text and server.app[STATE].answered[codes.INTERNAL_UNPACK] == 0

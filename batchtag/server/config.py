@@ -48,7 +48,7 @@ class ServeConfig:
     url_max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     batch_max: int | None = None  # None: the tagger's max_batch
     # Natural batching needs no wait (batches form while the tagger is busy); > 0 holds an
-    # under-full batch back up to this long for company. 5 ms did not help the model tagger.
+    # under-full batch back up to this long for company (it did not help: bench/README.md).
     batch_wait_ms: float = 0.0
     # One INFO line per request on the "batchtag.server.access" logger (`serve -v`): method,
     # route, HTTP status, API code, ms. Never headers, query strings or bodies.

@@ -36,10 +36,6 @@ class FaultInjector:
         self._rng = rng or random.Random()
         self.counts: dict[str, int] = {fault.value: 0 for fault in Fault}
 
-    @property
-    def active(self) -> bool:
-        return self.latency_s > 0 or self.jitter_s > 0 or self.error_rate > 0
-
     async def delay(self) -> None:
         seconds = self.latency_s + (self._rng.uniform(0, self.jitter_s) if self.jitter_s else 0.0)
         if seconds > 0:

@@ -20,9 +20,10 @@ is per image (the color tagger) is cheaper without ``prepare``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
-from PIL import Image
+if TYPE_CHECKING:  # the CLI reads TAGGERS and LANGS before anything heavy is loaded
+    from PIL import Image
 
 
 class Tag(TypedDict):
@@ -50,8 +51,14 @@ def preparer(tagger: Tagger) -> Callable[[Image.Image], Any] | None:
     return prepare if callable(prepare) else None
 
 
+# The one list of each: the CLI's choices, RunConfig's and ServeConfig's checks read these.
 TAGGERS = ("model", "color")
 LANGS = ("zh", "en")
+
+
+def confidence(share: float) -> int:
+    """The API's 0..100 integer confidence of a probability or share in 0..1."""
+    return max(0, min(100, round(100.0 * share)))
 
 
 def load_tagger(name: str, lang: str = "zh", faces: bool = True) -> Tagger:

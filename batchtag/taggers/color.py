@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from batchtag.taggers import Tag
+from batchtag.taggers import Tag, confidence
 
 THUMBNAIL_SIDE = 64
 MIN_COLOR_SHARE = 0.10  # colours covering less of the image are noise, not "dominant"
@@ -68,12 +68,10 @@ HUE_BANDS = ((15, "red"), (40, "orange"), (70, "yellow"), (165, "green"), (200, 
 class ColorTagger:
     name = "color"
     input_size: int | None = THUMBNAIL_SIDE
-    # Batching saves this tagger no work (tag_batch loops, ~0.7 ms an image) and every request
-    # of a batch waits for the whole batch, so batches are kept small. Measured with wrk at
-    # 50 ms injected latency: 16 is the compromise (C=32: ~530 req/s, 4 gives ~570, 64 ~510;
-    # C=128: ~930 req/s, where 4 gives ~850 from one tagger-thread hop per 4 requests).
-    # No ``prepare``: doing the work in the decode threads left batches of ~1 (a hop per
-    # request, ~18 % less capacity) and gained nothing at C=32.
+    # Batching saves this tagger no work (tag_batch loops over the images) and every request
+    # of a batch waits for the whole batch, so batches are kept small; 16 was the best
+    # compromise measured. No ``prepare``: in the decode threads it left batches of ~1 (a
+    # thread hop per request) and cost capacity. Figures: bench/README.md, "Settings".
     max_batch = 16
 
     def __init__(self, lang: str = "zh") -> None:
@@ -123,20 +121,16 @@ def _color_shares(hsv: np.ndarray) -> dict[str, int]:
     values, counts = np.unique(names, return_counts=True)
     shares = sorted(zip(counts / names.size, values, strict=True), key=lambda item: (-item[0], item[1]))
     return {
-        str(color): _confidence(share) for share, color in shares[:MAX_COLOR_TAGS] if share >= MIN_COLOR_SHARE
+        str(color): confidence(share) for share, color in shares[:MAX_COLOR_TAGS] if share >= MIN_COLOR_SHARE
     }
 
 
 def _tone_scores(mean_luma: float, mean_saturation: float) -> dict[str, int]:
     scores: dict[str, int] = {}
     if mean_luma >= BRIGHT_LUMA:
-        scores["bright"] = _confidence(0.5 + (mean_luma - BRIGHT_LUMA) / (1 - BRIGHT_LUMA) / 2)
+        scores["bright"] = confidence(0.5 + (mean_luma - BRIGHT_LUMA) / (1 - BRIGHT_LUMA) / 2)
     elif mean_luma <= DARK_LUMA:
-        scores["dark"] = _confidence(0.5 + (DARK_LUMA - mean_luma) / DARK_LUMA / 2)
+        scores["dark"] = confidence(0.5 + (DARK_LUMA - mean_luma) / DARK_LUMA / 2)
     if mean_saturation <= GRAYSCALE_SATURATION:
-        scores["black_and_white"] = _confidence(1 - mean_saturation / GRAYSCALE_SATURATION / 2)
+        scores["black_and_white"] = confidence(1 - mean_saturation / GRAYSCALE_SATURATION / 2)
     return scores
-
-
-def _confidence(share: float) -> int:
-    return max(0, min(100, round(share * 100)))

@@ -34,6 +34,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from batchtag.taggers.rules import NUM_CLASSES  # ImageNet-1k: the class count lives with the class rules
+
 INPUT_SIZE = 224
 """Side of the square network input."""
 
@@ -44,8 +46,6 @@ decoder may reduce an image to (JPEG draft mode) without changing what the model
 MAX_RESIZED_SIDE = 8 * RESIZE_SIZE
 """Longest side the intermediate resized image may have (aspect ratios up to 8:1); beyond it
 ``preprocess`` resamples just the crop, so memory stays bounded for any input."""
-
-NUM_CLASSES = 1000
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "data" / "efficientnet_lite0.onnx"
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batchtag.taggers import LANGS, Tag
+from batchtag.taggers import LANGS, Tag, confidence
 
 NUM_CLASSES = 1000
 DEFAULT_MAX_TAGS = 10
@@ -217,11 +217,6 @@ def _category_matrix(rules: Sequence[ClassRule], categories: dict[str, Category]
     return matrix
 
 
-def _confidence(p: float) -> int:
-    """The API's 0..100 integer confidence."""
-    return max(0, min(100, round(100.0 * p)))
-
-
 # --------------------------------------------------------------------------- the rules
 
 
@@ -338,14 +333,14 @@ class LabelRules:
         p = float(label_row[best])
         if p < FALLBACK_MIN_PROB:
             return []
-        return [Tag(tag_name=self.label_names[best], tag_confidence=_confidence(p))]
+        return [Tag(tag_name=self.label_names[best], tag_confidence=confidence(p))]
 
 
 def _passing(names: Sequence[str], probs: np.ndarray, thresholds: np.ndarray) -> list[tuple[str, int]]:
     """(name, confidence) for every entry at or above its threshold, most confident first."""
     hits = np.flatnonzero(probs >= thresholds)
     hits = hits[np.argsort(-probs[hits], kind="stable")]
-    return [(names[i], _confidence(float(probs[i]))) for i in hits]
+    return [(names[i], confidence(float(probs[i]))) for i in hits]
 
 
 def _drop_duplicate_names(
