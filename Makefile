@@ -28,8 +28,9 @@ run: $(RUNTIME)
 	$(BIN)/python -m batchtag.show examples/photos-tags.jsonl
 
 # The export and report tests read sidecars back with exiftool and load the report in
-# Chromium: installed from Debian when missing and we are root (CI is); otherwise they skip.
-TEST_TOOLS := exiftool:libimage-exiftool-perl chromium:chromium
+# Chromium; the docs/api.md test runs its curl example. Installed from Debian when missing
+# and we are root (CI is); otherwise they skip.
+TEST_TOOLS := exiftool:libimage-exiftool-perl chromium:chromium curl:curl
 
 test-tools:
 	@missing=""; for pair in $(TEST_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \

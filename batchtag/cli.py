@@ -19,6 +19,7 @@ from batchtag import __version__
 from batchtag.errors import EXIT_STATUS, Outcome, UsageError, exit_status
 from batchtag.export.commands import add_export_parser, add_report_parser, command_export, command_report
 from batchtag.interrupts import EXIT_INTERRUPTED, INTERRUPTS
+from batchtag.sign_command import add_sign_parser, command_sign
 from batchtag.taggers import LANGS, TAGGERS
 
 if TYPE_CHECKING:
@@ -225,6 +226,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     add_export_parser(commands)
     add_report_parser(commands)
+    add_sign_parser(commands)
     return parser
 
 
@@ -348,7 +350,12 @@ def main(argv: list[str] | None = None) -> int:
             level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
             format="batchtag: %(levelname)s: %(message)s",
         )
-        commands = {"run": command_run, "export": command_export, "report": command_report}
+        commands = {
+            "run": command_run,
+            "export": command_export,
+            "report": command_report,
+            "sign": command_sign,
+        }
         code = commands.get(args.command, command_serve)(args)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -187,3 +187,19 @@ def is_transient_http(status: int) -> bool:
 def is_rate_limit(code: int | None = None, http_status: int | None = None) -> bool:
     """Both ways a server says "slow down": the API's code 15 and plain HTTP 429."""
     return code == RATE_LIMITED or http_status == 429
+
+
+def markdown_table() -> str:
+    """The code table as docs/api.md shows it (``python -m batchtag.codes`` prints it; a
+    test fails when the doc and this table drift apart)."""
+    rows = ["| code | message | retry | side |", "|---:|---|---|---|"]
+    sides = (("API", API_CODES), ("client", CLIENT_CODES), ("run (exit 2, no record)", RUN_CODES))
+    for side, table in sides:
+        for info in table.values():
+            retry = "-" if info.code == OK else info.retry.value
+            rows.append(f"| {info.code} | {info.message} | {retry} | {side} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

@@ -11,7 +11,7 @@ from batchtag.signing import Credentials, SignatureError, parse_plain, plain_tex
 
 CREDS = Credentials("1000001", "AKIDmO5cPW3LDGJsarDEDcQ1FprZVC1opgqX", "test-secret-key-0123456789abcdef")
 NOW = 1469175230
-# The provider's worked example (API-NOTES.md): the plain text it signs.
+# The provider's worked example (docs/api.md describes the format): the plain text it signs.
 EXAMPLE_PLAIN = "a=1000001&b=qiniutest2&k=AKIDmO5cPW3LDGJsarDEDcQ1FprZVC1opgqX&t=1469175230&e=1469176230"
 
 
@@ -126,8 +126,8 @@ def test_credentials_repr_hides_the_key():
 
 
 # The provider's published examples (the retired 万象优图 developer manual, quoted in
-# tencentyun/qcloud-documents): a self-consistent one with its key, and API-NOTES.md's
-# example, whose key was never published, as an Authorization header.
+# tencentyun/qcloud-documents): a self-consistent one with its key, and the provider's
+# worked example above, whose key was never published, as an Authorization header.
 MANUAL = Credentials("1000027", "AKIDnX91172Bs2NK4SP9Ad9JDVYpm7Lx2Nek", "oHL5srXW3Fkn8xtugG0BDhUfOOsC9DAd")
 MANUAL_PLAIN = "a=1000027&b=test333&k=AKIDnX91172Bs2NK4SP9Ad9JDVYpm7Lx2Nek&t=1466393489&e=1466393499"
 MANUAL_SIGNATURE = (
