@@ -275,14 +275,17 @@ async def test_access_log_is_one_line_a_request_without_secrets(serve, creds, ht
         assert secret not in caplog.text
 
 
-async def test_a_client_that_disconnects_mid_body_is_not_an_internal_error(serve, http, caplog):
+async def test_a_client_that_disconnects_mid_body_is_not_an_internal_error(serve, creds, http, caplog):
     caplog.set_level(logging.DEBUG, logger="batchtag.server")
     server = await serve()
     host, port = server.url.removeprefix("http://").split(":")
     _reader, writer = await asyncio.open_connection(host, int(port))
+    # Signed, so the server goes on to read the body (an unsigned request is refused first).
+    authorization = signed_headers(creds)["Authorization"].encode()
     writer.write(
         b"POST " + DETECT_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100000\r\n\r\n" + b'{"appid": "1", "image": "AAAA'
+        b"Authorization: " + authorization + b"\r\n"
+        b"Content-Length: 100000\r\n\r\n" + b'{"appid": "' + creds.appid.encode() + b'", "image": "AAAA'
     )
     await writer.drain()
     writer.close()  # gone before the body is complete
