@@ -6,9 +6,9 @@
   /proc, its worker processes excluded), and its peak RSS (the LocalCluster scheduler
   lives in the driver process, so it is included). Goal: enough for 50 workers at 100
   images/s each, 5,000 records/s.
-* Overhead: ``--cluster local:1`` against a plain run, embedded model, same 640 px JPEGs:
-  items/s between the first and the last record (start-up excluded: LocalCluster and the
-  model load once a run) and end to end (spawn to exit). Goal >= 0.9.
+* Overhead: ``--cluster local:1`` against a plain run, embedded model, the same 600
+  distinct 640 px JPEGs: items/s from spawn to exit (start-up included), and between the
+  first and the last record. Goal >= 0.9.
 * ``local:2`` against ``local:1``: the same input. Two worker processes on 2 shared cores
   (each with the model's threads, the driver and the scheduler beside them) cannot
   double anything here; the row shows what a second process costs or gains.
@@ -163,8 +163,10 @@ def bounded_driver(ctx: Ctx, manifest: Path, seconds: float) -> dict[str, Any]:
 
 
 def overhead(ctx: Ctx, section: Section) -> None:
-    n, runs = ctx.pick(160, 1200), ctx.pick(1, 3)
-    images = image_set(ctx, "s7-640", n, (640, 480))
+    n, runs = ctx.pick(160, 600), ctx.pick(1, 3)
+    # every image distinct: copies of the same bytes would be tagged once (dedupe.py), and
+    # only a plain run sees them all (a cluster run dedupes within each chunk)
+    images = image_set(ctx, "s7-640", n, (640, 480), distinct=n)
     manifest = write_manifest(ctx.work / "s7-images.txt", images)
     modes = {"plain": (), "local:1": ("--cluster", "local:1"), "local:2": ("--cluster", "local:2")}
     measured: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
@@ -176,44 +178,48 @@ def overhead(ctx: Ctx, section: Section) -> None:
     for mode in modes:
         section.add(
             Row(
-                f"{mode}: {n:,} x 640 px, embedded model",
+                f"{mode}: {n:,} x 640 px, embedded model, spawn to exit",
                 runs,
-                steady[mode],
+                whole[mode],
                 "img/s",
-                note=f"end to end (spawn to exit, start-up included) {fmt(whole[mode])} img/s",
-                samples=[r["steady"] for r in measured[mode]],
+                note=f"between the first and the last record {fmt(steady[mode])} img/s",
+                samples=[r["whole"] for r in measured[mode]],
             )
         )
-    ratio = steady["local:1"] / steady["plain"]
+    ratio = whole["local:1"] / whole["plain"]
     section.add(
         Row(
-            "local:1 / plain, between first and last record",
+            "local:1 / plain, spawn to exit (start-up included)",
             runs,
             ratio,
             "x",
             ratio,
             f">= {OVERHEAD_GOAL}",
             ratio >= OVERHEAD_GOAL,
-            f"end to end: {whole['local:1'] / whole['plain']:.2f} (LocalCluster start-up and the model "
-            "load in the worker are paid once a run)",
+            f"between first and last record: {steady['local:1'] / steady['plain']:.2f}",
         )
     )
-    scale = steady["local:2"] / steady["local:1"]
+    scale = whole["local:2"] / whole["local:1"]
     section.add(
         Row(
-            "local:2 / local:1",
+            "local:2 / local:1, spawn to exit",
             runs,
             scale,
             "x",
             scale,
             "— (2 cores: see note)",
             None,
-            f"end to end: {whole['local:2'] / whole['local:1']:.2f}",
+            f"between first and last record: {steady['local:2'] / steady['local:1']:.2f}",
         )
     )
     section.notes.append(
+        "Judged spawn to exit, start-up included (LocalCluster, the model loaded in each worker): "
+        "the stricter figure. Between the first and the last record flatters cluster runs: records "
+        "arrive 64 at a time, so the first arrival comes late and the window is short."
+    )
+    section.notes.append(
         "local:2 vs local:1 on this 2-core machine: the model already uses both cores in one "
-        "process (intra-op threads plus decode threads), so a second worker process only adds "
+        "process (intra-op threads plus decode threads), so a second worker process mostly adds "
         "contention and a second model in memory; on separate machines each worker adds its own "
         "cores, which is what --cluster is for."
     )
