@@ -241,3 +241,10 @@ def test_broken_rules_are_refused(tmp_path: Path, text: str, message: str) -> No
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         PeopleRules.load("en", path)
+
+
+def test_detector_refuses_a_missing_model_and_zero_threads(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="export_face_model"):
+        F.FaceDetector(tmp_path / "absent.onnx")
+    with pytest.raises(ValueError, match="threads"):
+        F.FaceDetector(threads=0)

