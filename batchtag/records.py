@@ -491,11 +491,14 @@ def scan_lines(
         end = line.find(key_end, start_len) if line.startswith(start) else -1
         key = line[start_len:end] if end > 0 else b"\\"
         transient = False
+        # A line that ends with the current settings' tail ends with its record's own
+        # closing brace (``"settings"`` cannot occur inside a string), so only a line
+        # without it needs the brace count of ``looks_complete``.
+        same_tail = tail is not None and line.endswith(tail)
         if (  # looks_complete, inlined, and an ok record with its code in our layout
             b"\\" not in key
-            and line.endswith(b"}\n")
             and line.find(start, 1) < 0
-            and line.count(b"{") == line.count(b"}")
+            and (same_tail or (line.endswith(b"}\n") and line.count(b"{") == line.count(b"}")))
             and line.startswith(STATUS_OK_CODE, end + end_len)
         ):
             is_error = False
@@ -511,7 +514,7 @@ def scan_lines(
             transient = is_error and codes.is_transient(record.code)
             is_file = record.source == "file"
         key_fp = xxhash.xxh3_64_intdigest(key)  # = keyset.fingerprint_bytes, inline for speed
-        if tail is not None and line.endswith(tail):
+        if same_tail:
             relation, facts_end = SAME_SETTINGS, len(line) - tail_len
         elif (settings_at := line.rfind(SETTINGS_OPEN)) > 0:
             # Only tags can mix: an error made elsewhere is an error like any other.
