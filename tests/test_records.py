@@ -9,6 +9,7 @@ from batchtag.keyset import fingerprint
 from batchtag.records import (
     NotAResultsFile,
     Record,
+    Settings,
     check_results_file,
     iter_valid_records,
     load_records,
@@ -154,3 +155,18 @@ def test_check_results_file_refuses_what_is_not_ours_and_accepts_an_empty_or_tor
     torn.write_bytes(record("/a").to_line()[:-9])
     check_results_file(str(empty))
     check_results_file(str(torn))
+
+
+def test_scan_with_settings_still_refuses_cut_and_joined_lines():
+    settings = Settings("local", "color", "en")
+    whole = Record("/w", "file", "ok", 0, "m", [], 1, settings=settings).to_line()
+    lines = [
+        whole,
+        whole[: whole.rindex(b"}")] + b"\n",  # cut just after the settings object: no tail
+        whole[:20] + whole,  # a torn record joined to a whole one: ends with the tail
+        whole[: whole.index(b',"settings"')] + b"}\n",  # complete, without settings
+    ]
+    bad = []
+    scan = scan_lines(lines, settings, bad.append)
+    assert list(scan.keys) == [fingerprint("/w"), fingerprint("/w")]
+    assert bad == [2, 3]
