@@ -133,6 +133,13 @@ def add_run_parser(commands: Any) -> None:
         metavar="ADDRESS",
         help="run on Dask: local:N (N worker processes here) or a scheduler address tcp://HOST:PORT",
     )
+    p.add_argument(
+        "--no-faces",
+        dest="faces",
+        action="store_const",
+        const=False,
+        help="embedded model tagger without its face detector (local endpoint only)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
 
 
@@ -254,6 +261,7 @@ def run_flags(args: argparse.Namespace) -> dict[str, Any]:
         "include_hidden",
         "retag",
         "cluster",
+        "faces",
     )
     return {name: getattr(args, name) for name in names}
 

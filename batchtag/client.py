@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from tenacity import (
@@ -27,8 +27,13 @@ from tenacity import (
 )
 
 from batchtag import api, codes, signing
+from batchtag.config import LOCAL
 from batchtag.errors import ApiFailure, CredentialsRefused, EndpointUnreachable
+from batchtag.payload import Payload
 from batchtag.ratelimit import AdaptiveRateLimiter
+
+if TYPE_CHECKING:
+    from batchtag.server.embedded import EmbeddedService
 
 
 @dataclass
@@ -148,35 +153,41 @@ class TagClient:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        session: aiohttp.ClientSession | None,
         endpoint: str,
         credentials: signing.Credentials,
         bucket: str,
         limiter: AdaptiveRateLimiter,
         policy: RetryPolicy,
         health: EndpointHealth | None = None,
+        embedded: EmbeddedService | None = None,
     ) -> None:
         self._session = session
         self._url = api.detect_url(endpoint)
-        self._credentials = credentials
-        self._bucket = bucket
+        self._signatures = signing.SignatureCache(credentials, bucket)
         self._limiter = limiter  # shared by every worker: the run's pacing is global
         self.appid = credentials.appid
         self.policy = policy
         self.health = health or EndpointHealth(endpoint)
+        self._embedded = embedded
 
-    async def detect(self, body: bytes) -> Answer:
-        """Tag one image (the JSON ``body``). API and network failures of the item come
-        back as an Answer; RunStopped when the failure is not the item's: credentials
-        refused, or an endpoint that never answered or stays away past outage-wait."""
-        answer = await self._attempts(body, self.policy.retries)
+    @property
+    def wants_body(self) -> bool:
+        """HTTP needs the JSON body; the embedded tagger takes the image's bytes as they are."""
+        return self._embedded is None
+
+    async def detect(self, payload: Payload) -> Answer:
+        """Tag one image. API and network failures of the item come back as an Answer;
+        RunStopped when the failure is not the item's: credentials refused, or an endpoint
+        that never answered or stays away past outage-wait."""
+        answer = await self._attempts(payload, self.policy.retries)
         probe_wait = PROBE_FIRST_WAIT_S
         while answer.unreachable and self.health.answered and not self.health.outage_too_long():
             # An outage, not this item's fault: probe with backoff until the endpoint is
             # back (another sender's answer counts) or outage-wait has passed.
             await asyncio.sleep(probe_wait)
             probe_wait = min(probe_wait * 2, PROBE_MAX_WAIT_S)
-            probe = await self._attempts(body, 0)
+            probe = await self._attempts(payload, 0)
             probe.attempts += answer.attempts
             answer = probe
         if codes.stops_run(answer.code):
@@ -185,9 +196,29 @@ class TagClient:
             raise self.health.error()
         return answer
 
-    async def _attempts(self, body: bytes, retries: int) -> Answer:
-        """One attempt plus up to ``retries`` more for transient failures."""
+    async def _attempts(self, payload: Payload, retries: int) -> Answer:
+        """One attempt plus up to ``retries`` more for transient failures. The first runs
+        bare (nearly all succeed); a tenacity retrier is built only after it failed."""
+        try:
+            tags = await self._attempt(payload)
+        except ApiFailure as failure:
+            if not failure.transient or retries < 1:
+                return Answer(
+                    failure.code,
+                    failure.message,
+                    attempts=1,
+                    http_status=failure.http_status,
+                    unreachable=failure.unreachable,
+                )
+            return await self._retry(payload, retries, failure)
+        self._limiter.on_success()
+        return Answer(codes.OK, "success", tags, attempts=1, http_status=200)
+
+    async def _retry(self, payload: Payload, retries: int, first: ApiFailure) -> Answer:
+        """Attempts 2.. under tenacity; attempt 1 (already failed) is replayed so the waits,
+        stops and the rate-limit slow-down follow the policy as if tenacity had run it."""
         attempts = 0
+        pending: ApiFailure | None = first
         retrying = AsyncRetrying(
             retry=retry_if_exception(lambda exc: isinstance(exc, ApiFailure) and exc.transient),
             stop=stop_any(stop_after_attempt(retries + 1), self._gave_up_on_endpoint),
@@ -202,7 +233,10 @@ class TagClient:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    tags = await self._attempt(body)
+                    if pending is not None:
+                        failure, pending = pending, None
+                        raise failure
+                    tags = await self._attempt(payload)
         except ApiFailure as failure:
             return Answer(
                 failure.code,
@@ -224,17 +258,17 @@ class TagClient:
         if isinstance(failure, ApiFailure) and failure.rate_limited:
             self._limiter.on_rate_limited()
 
-    async def _attempt(self, body: bytes) -> list[dict[str, Any]]:
+    async def _attempt(self, payload: Payload) -> list[dict[str, Any]]:
         await self._limiter.acquire()
-        headers = {
-            "Content-Type": "application/json",
-            "Authorization": signing.sign(self._credentials, self._bucket),
-        }
+        if self._embedded is not None:
+            return await self._tag_embedded(payload)
+        headers = {"Content-Type": "application/json", "Authorization": self._signatures.current()}
         self.health.trying()
         try:
-            async with self._session.post(self._url, data=body, headers=headers) as response:
+            assert self._session is not None
+            async with self._session.post(self._url, data=payload.body, headers=headers) as response:
                 self.health.on_answer()
-                payload = await response.read()
+                body = await response.read()
                 status = response.status
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             why = (
@@ -252,7 +286,24 @@ class TagClient:
             raise ApiFailure(
                 codes.CLIENT_TRANSPORT_ERROR, f"connection failed: {exc or type(exc).__name__}"
             ) from None
-        return parse_answer(status, payload)
+        return parse_answer(status, body)
+
+    async def _tag_embedded(self, payload: Payload) -> list[dict[str, Any]]:
+        """The local tagger in this process: raw bytes in, the API's answer codes out."""
+        from batchtag.errors import ApiError
+
+        assert self._embedded is not None
+        try:
+            tags = await self._embedded.tag(image=payload.image, url=payload.url)
+        except ApiError as exc:
+            raise ApiFailure(exc.code, exc.message) from None
+        return clean_tags(tags)
+
+
+def embedded_client(service: EmbeddedService, limiter: AdaptiveRateLimiter, policy: RetryPolicy) -> TagClient:
+    """A TagClient for the embedded tagger: no session, no signature, no HTTP."""
+    credentials = signing.Credentials("embedded", "", "")
+    return TagClient(None, LOCAL, credentials, "", limiter, policy, embedded=service)
 
 
 @contextlib.asynccontextmanager

@@ -44,6 +44,7 @@ class RunConfig:
     retry_errors: bool = False
     tagger: str = "model"  # the embedded server's tagger (endpoint = local only)
     lang: str = "zh"
+    faces: bool = True  # the embedded model tagger's people stage (endpoint = local only)
     max_image_bytes: int = api.MAX_IMAGE_BYTES
     exclude: list[str] = field(default_factory=list)  # globs the directory walk leaves out
     include_hidden: bool = False  # walk hidden and system folders too

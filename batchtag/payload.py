@@ -41,9 +41,12 @@ RESIZE_QUALITY = 88
 
 @dataclass
 class Payload:
-    body: bytes  # the JSON request body, without signature (that goes in a header)
+    body: bytes  # the JSON request body, without signature (that goes in a header); b"" when
+    # the transport takes the source itself (the embedded tagger): then ``image`` or ``url``
     notes: dict[str, Any] = field(default_factory=dict)  # e.g. "resized", recorded with the result
     facts: FileFacts | None = None  # what the file's record will say it was made from
+    image: bytes | None = None
+    url: str | None = None
 
 
 def body_bytes(appid: str, bucket: str, source_field: str, value: bytes) -> bytes:
@@ -163,9 +166,11 @@ def shrink_to_fit(data: bytes, limit: int) -> tuple[bytes, dict[str, Any]]:
     return resized, note
 
 
-def url_payload(item: Item, appid: str, bucket: str) -> Payload:
+def url_payload(item: Item, appid: str, bucket: str, body: bool = True) -> Payload:
     if problem := url_problem(item.location):
         raise InputError(codes.URL_FORMAT, problem)
+    if not body:
+        return Payload(b"", url=item.location)
     return Payload(body_bytes(appid, bucket, "url", json.dumps(item.location)[1:-1].encode()))
 
 
@@ -175,16 +180,23 @@ async def build_payload(
     bucket: str,
     max_image_bytes: int = api.MAX_IMAGE_BYTES,
     max_file_bytes: int = MAX_FILE_BYTES,
+    body: bool = True,
 ) -> Payload:
-    """The request body for an item (URL or file), in one step."""
+    """The request for an item (URL or file), in one step; ``body=False`` leaves out the JSON
+    body (and its base64) for a transport that takes the source as it is (embedded)."""
     if item.kind == "url":
-        return url_payload(item, appid, bucket)
+        return url_payload(item, appid, bucket, body)
     read = await read_image(item, max_file_bytes)
-    return await image_payload(read.data, item.location, appid, bucket, max_image_bytes)
+    return await image_payload(read.data, item.location, appid, bucket, max_image_bytes, body)
 
 
 async def image_payload(
-    data: bytes, name: str, appid: str, bucket: str, max_image_bytes: int = api.MAX_IMAGE_BYTES
+    data: bytes,
+    name: str,
+    appid: str,
+    bucket: str,
+    max_image_bytes: int = api.MAX_IMAGE_BYTES,
+    body: bool = True,
 ) -> Payload:
     """The request body for a file's bytes: converted, upright, under the size limit."""
     if not data:
@@ -192,6 +204,8 @@ async def image_payload(
     data, notes = await make_sendable(data, name)
     if len(data) > max_image_bytes:
         data, notes["resized"] = await asyncio.to_thread(shrink_to_fit, data, max_image_bytes)
+    if not body:
+        return Payload(b"", notes, image=data)
     if len(data) <= INLINE_ENCODE_BYTES:
         encoded = base64.b64encode(data)
     else:

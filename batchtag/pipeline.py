@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from batchtag import codes, records
-from batchtag.client import EndpointHealth, RetryPolicy, TagClient, open_tag_client
+from batchtag.client import EndpointHealth, RetryPolicy, TagClient, embedded_client, open_tag_client
 from batchtag.config import RunConfig, is_plain_http_to_another_host, public_url
 from batchtag.dedupe import FOLLOW, Dedupe
 from batchtag.errors import ConfigError, InputError, RunStopped
@@ -123,6 +123,11 @@ class Run:
             for _ in range(self.config.concurrency):
                 await self.ready.put(STOP)
 
+    @property
+    def wants_body(self) -> bool:
+        """Whether the transport sends JSON bodies (HTTP) or takes the image as it is (embedded)."""
+        return self.client.wants_body
+
     async def build(self, item: Item) -> Record | tuple[Item, Payload] | None:
         """A record (an error, or tags reused from identical bytes), a payload to send, or
         None when a copy of the same bytes is in flight (its record brings this one's)."""
@@ -131,7 +136,9 @@ class Run:
         facts = records.stat_facts(item)
         try:
             if item.kind != "file":
-                return item, await build_payload(item, self.client.appid, self.config.bucket)
+                return item, await build_payload(
+                    item, self.client.appid, self.config.bucket, body=self.wants_body
+                )
             read = await read_image(item, self.config.max_file_bytes)
             facts = read.facts or facts
             if facts is not None and facts.xxh3_128 is not None:
@@ -141,7 +148,12 @@ class Run:
                 if isinstance(claim, Record):
                     return claim
             payload = await image_payload(
-                read.data, item.location, self.client.appid, self.config.bucket, self.config.max_image_bytes
+                read.data,
+                item.location,
+                self.client.appid,
+                self.config.bucket,
+                self.config.max_image_bytes,
+                body=self.wants_body,
             )
         except InputError as exc:
             return records.error_record(item, exc.code, exc.message, facts)
@@ -155,7 +167,7 @@ class Run:
             item, payload = ready
             started = time.monotonic()
             try:
-                answer = await self.client.detect(payload.body)
+                answer = await self.client.detect(payload)
             except RunStopped:
                 raise  # credentials refused or no endpoint: no record, the whole run stops
             except Exception as exc:  # a bug must cost one item, not the run
@@ -230,17 +242,6 @@ def _cancel_on_failure(writer: asyncio.Task[None], tasks: list[asyncio.Task[None
     if not writer.cancelled() and writer.exception() is not None:
         for task in tasks:
             task.cancel()
-
-
-def api_endpoint(config: RunConfig) -> contextlib.AbstractAsyncContextManager[tuple[str, Credentials]]:
-    """The endpoint and credentials to use: the configured service, or the embedded
-    tagger (server/embedded.py)."""
-    if config.is_local:
-        from batchtag.server import embedded_endpoint
-
-        return embedded_endpoint(config.tagger, config.lang)
-    credentials = Credentials(config.appid, config.secret_id, config.secret_key)
-    return contextlib.nullcontext((config.endpoint, credentials))
 
 
 @contextlib.asynccontextmanager
@@ -324,22 +325,29 @@ async def run_batch(
 async def open_client(
     config: RunConfig, limiter: AdaptiveRateLimiter | None = None
 ) -> AsyncIterator[TagClient]:
-    """The run's one client against its endpoint (the embedded server started first when
+    """The run's one client against its endpoint (the embedded tagger, in this process, when
     there is none); a cluster worker opens one a process, with its own limiter, and shares
     it between its chunks."""
-    async with (
-        api_endpoint(config) as (endpoint, credentials),
-        open_tag_client(
-            endpoint,
-            credentials,
-            config.bucket,
-            limiter or AdaptiveRateLimiter(config.qps),
-            RetryPolicy(retries=config.retries),
-            config.concurrency,
-            config.timeout,
-            EndpointHealth(public_url(endpoint), outage_wait_s=config.outage_wait),
-        ) as client,
-    ):
+    limiter = limiter or AdaptiveRateLimiter(config.qps)
+    policy = RetryPolicy(retries=config.retries)
+    if config.is_local:
+        from batchtag.server import EmbeddedService, ServeConfig
+
+        serve_config = ServeConfig(tagger=config.tagger, lang=config.lang, faces=config.faces)
+        async with EmbeddedService(serve_config) as service:
+            yield embedded_client(service, limiter, policy)
+        return
+    credentials = Credentials(config.appid, config.secret_id, config.secret_key)
+    async with open_tag_client(
+        config.endpoint,
+        credentials,
+        config.bucket,
+        limiter,
+        policy,
+        config.concurrency,
+        config.timeout,
+        EndpointHealth(public_url(config.endpoint), outage_wait_s=config.outage_wait),
+    ) as client:
         yield client
 
 

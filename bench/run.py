@@ -24,6 +24,7 @@ SECTIONS = {
     "model": "bench.s5_model",
     "peers": "bench.s6_peers",
     "cluster": "bench.s7_cluster",
+    "embedded": "bench.s8_embedded",
 }
 
 

@@ -75,7 +75,7 @@ def run(ctx: Ctx) -> Section:
                     )
                 rates.append(result.summary["requests_per_s"])
             achieved[c] = median(rates)
-            ratio = achieved[c] / ideal
+            ratio = of_wrk(achieved[c], ideal)  # the same guarded division
             section.add(
                 Row(
                     f"C={c}: batchtag req/s ({n} requests a run)",
@@ -86,13 +86,27 @@ def run(ctx: Ctx) -> Section:
                     f">= {GOAL} of ideal {fmt(ideal)}",
                     ratio >= GOAL,
                     f"wrk same C and L: {fmt(reference.rate)} req/s (p50 {fmt(reference.p50_ms)} ms); "
-                    f"batchtag/wrk = {achieved[c] / reference.rate:.3f}",
+                    f"batchtag/wrk = {of_wrk(achieved[c], reference.rate):.3f}",
                     rates,
                 )
             )
 
-    misses = [c for c in concurrencies if achieved[c] / ideal_at[c] < GOAL]
-    client_limited = [c for c in concurrencies if achieved[c] / wrk_at[c] < GOAL]
+    versus_wrk = {c: of_wrk(achieved[c], wrk_at[c]) for c in concurrencies}
+    worst = min(concurrencies, key=lambda c: versus_wrk[c])
+    section.add(
+        Row(
+            "batchtag / wrk at the same C and L, lowest over C",
+            len(concurrencies),
+            versus_wrk[worst],
+            "x",
+            versus_wrk[worst],
+            f">= {GOAL} at every C",
+            versus_wrk[worst] >= GOAL,
+            f"at C={worst}; all: " + ", ".join(f"C={c}: {versus_wrk[c]:.2f}" for c in concurrencies),
+        )
+    )
+    misses = [c for c in concurrencies if not of_wrk(achieved[c], ideal_at[c]) >= GOAL]
+    client_limited = [c for c in concurrencies if versus_wrk[c] < GOAL]
     section.notes.append(
         f"Ideal = min(C / {LATENCY_MS:g} ms, server capacity). Requests a run are sized to about "
         f"{seconds:g} s of ideal traffic (the issue's 20,000 would take 1,000 s at C=1); {repeats} runs, median."
@@ -100,7 +114,7 @@ def run(ctx: Ctx) -> Section:
     if misses:
         section.notes.append(
             f"Goal missed at C={', '.join(map(str, misses))}. wrk, with no Python client at all, gets "
-            + ", ".join(f"C={c}: {wrk_at[c] / ideal_at[c]:.2f}" for c in misses)
+            + ", ".join(f"C={c}: {of_wrk(wrk_at[c], ideal_at[c]):.2f}" for c in misses)
             + " of the same ideal, so most of the shortfall is on the server side, not in the client: "
             "every request of a batch is answered when its whole batch is done (the color tagger spends "
             "~0.9 ms an image on the one tagger thread, batches of up to 16), the server's own work per "
@@ -134,3 +148,9 @@ def run(ctx: Ctx) -> Section:
         )
     )
     return section
+
+
+def of_wrk(achieved: float, reference: float) -> float:
+    """A rate over a reference rate (wrk's, or the ideal); NaN when the reference is 0 (wrk
+    got no answer at all on an overloaded machine), so one bad sample cannot crash the section."""
+    return achieved / reference if reference > 0 else float("nan")

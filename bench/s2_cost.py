@@ -1,8 +1,10 @@
-"""Section 2: client CPU cost per request, and a profile of where it goes.
+"""Section 2: client CPU cost per request against a bare aiohttp loop, and a profile.
 
 CPU is user+sys of the ``batchtag run`` child from ``os.wait4`` (that process only),
 minus the same for a one-item run (interpreter start, imports, session set-up), divided
-by the extra requests. The server's own CPU per request is read from /proc for
+by the extra requests. The baseline, ``bench/bare_client.py`` (one session, one signature,
+``json.dumps`` of the body, the JSON answer read), is measured the same way on the same
+server right after each batchtag run. The server's own CPU per request is read from /proc for
 comparison. Then the client runs once in-process under pyinstrument; the profile text
 is saved and its samples are summed by library to say what dominates.
 """
@@ -11,24 +13,31 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     BENCH_CREDS,
+    REPO,
     Ctx,
     Row,
     Section,
+    client_env,
     fmt,
     image_set,
     median,
     run_client,
     serve,
+    wait_child,
     write_manifest,
 )
 from bench.plots import bar_plot
 
 CONCURRENCY = 64
+BARE_GOAL = 1.2  # batchtag's client CPU per request over the bare aiohttp loop's
 
 
 def run(ctx: Ctx) -> Section:
@@ -47,8 +56,8 @@ def run(ctx: Ctx) -> Section:
             size_kb = images[0].stat().st_size / 1024
             one = write_manifest(ctx.work / "s2-one.txt", images[:1])
             many = write_manifest(ctx.work / "s2-many.txt", images[:n])
-            costs, server_costs, rates = [], [], []
-            for _ in range(repeats):
+            costs, bare_costs, ratios, server_costs, rates = [], [], [], [], []
+            for _ in range(repeats):  # batchtag and the bare loop alternate on the same server
                 base = run_client(
                     ctx, [one], ctx.work / "s2-out.jsonl", server.url, "--concurrency", str(CONCURRENCY)
                 )
@@ -66,6 +75,8 @@ def run(ctx: Ctx) -> Section:
                     section.notes.append(
                         f"{label}: {full.summary['ok']} of {n} ok ({full.summary['by_code']})"
                     )
+                bare_costs.append(bare_cpu_per_request(ctx, server.url, one, many, n))
+                ratios.append(costs[-1] / bare_costs[-1])
             per_request[label] = median(costs)
             section.add(
                 Row(
@@ -78,6 +89,20 @@ def run(ctx: Ctx) -> Section:
                         f"client start-up (1-item run) {base.cpu_s * 1000:,.0f} ms CPU, subtracted"
                     ),
                     samples=costs,
+                )
+            )
+            section.add(
+                Row(
+                    f"bare aiohttp loop CPU per request, {label} JPEG (bench/bare_client.py)",
+                    repeats,
+                    median(bare_costs),
+                    "µs",
+                    median(ratios),
+                    f"batchtag / bare <= {BARE_GOAL}",
+                    median(ratios) <= BARE_GOAL,
+                    "ratio = batchtag's CPU per request over the bare loop's, each run paired with the "
+                    "batchtag run just before it; median of the pairs",
+                    bare_costs,
                 )
             )
         profile_text, by_library = profile_client(ctx, server.url, sets["10 KB"][0][: ctx.pick(200, 2000)])
@@ -102,6 +127,25 @@ def run(ctx: Ctx) -> Section:
         )
     )
     return section
+
+
+def bare_cpu_per_request(ctx: Ctx, url: str, one: Path, many: Path, n: int) -> float:
+    """CPU µs per request of bench/bare_client.py: (n-request run - 1-request run) / (n - 1)."""
+    cpu = []
+    for manifest in (one, many):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.bare_client", url, str(manifest), str(CONCURRENCY)],
+            stdout=subprocess.PIPE,
+            env=client_env(),
+            cwd=REPO,
+        )
+        _, usage = wait_child(proc, timeout_s=300)
+        assert proc.stdout is not None
+        done = json.loads(proc.stdout.read())
+        cpu.append(usage.ru_utime + usage.ru_stime)
+    if done["ok"] != n:
+        raise RuntimeError(f"bare client: {done['ok']} of {n} ok")
+    return (cpu[1] - cpu[0]) / max(1, n - 1) * 1e6
 
 
 def profile_client(ctx: Ctx, url: str, images: list[Path]) -> tuple[str, dict[str, float]]:

@@ -59,7 +59,8 @@ def make_photos(ctx: Ctx, side: int, count: int) -> list[Path]:
 
 def run(ctx: Ctx) -> Section:
     from batchtag.server.imaging import DecodeLimits, decode_image
-    from batchtag.taggers.imagenet import RESIZE_SIZE, ImageNetClassifier
+    from batchtag.taggers.imagenet import ImageNetClassifier
+    from batchtag.taggers.model import ModelTagger
 
     section = Section(
         "model", f"5. Local model (--tagger model) over HTTP vs raw batched model (batch {BATCH})"
@@ -69,7 +70,10 @@ def run(ctx: Ctx) -> Section:
         "3000 px": make_photos(ctx, 3000, ctx.pick(16, 64)),
         "640 px": make_photos(ctx, 640, ctx.pick(32, 192)),
     }
-    limits = DecodeLimits(max_image_bytes=10 * 1024 * 1024, max_pixels=50_000_000, min_side=RESIZE_SIZE * 2)
+    # The server's own decode floor (the model tagger's input_size).
+    limits = DecodeLimits(
+        max_image_bytes=10 * 1024 * 1024, max_pixels=50_000_000, min_side=ModelTagger.input_size
+    )
 
     classifier = ImageNetClassifier()
     decoded = [decode_image(p.read_bytes(), limits) for p in sets["640 px"][:BATCH]]
@@ -193,8 +197,8 @@ def run(ctx: Ctx) -> Section:
         "image (single-threaded, measured on the same files) is what the HTTP path pays on top of the model."
     )
     section.notes.append(
-        "Where the 3000 px path loses: decoding. decode_image draft-decodes to a short side >= 512 "
-        "(2 x RESIZE_SIZE) and ModelTagger.prepare then resizes, crops and normalises in the same decode "
+        "Where the 3000 px path loses: decoding. decode_image draft-decodes to a short side >= "
+        f"{ModelTagger.input_size} and ModelTagger.prepare then resizes, crops and normalises in the same decode "
         "thread, so only the batched model call runs on the tagger thread; the decode threads, the model's "
         "intra-op threads and the client share 2 cores."
     )

@@ -11,6 +11,7 @@ from aioresponses import aioresponses
 from batchtag import codes
 from batchtag.api import DETECT_PATH
 from batchtag.client import CredentialsRefused, RetryPolicy, TagClient
+from batchtag.payload import Payload
 from batchtag.ratelimit import AdaptiveRateLimiter
 from batchtag.signing import verify
 from tests.support import CREDENTIALS as CREDS
@@ -59,9 +60,9 @@ async def test_every_api_code_follows_the_retry_table(client_for, code):
         mocked.post(URL, payload=answer(code), repeat=True)
         if code in RUN_STOPPING_API_CODES:
             with pytest.raises(CredentialsRefused, match=f"code {code}"):
-                await client_for().detect(b"{}")
+                await client_for().detect(Payload(b"{}"))
         else:
-            result = await client_for().detect(b"{}")
+            result = await client_for().detect(Payload(b"{}"))
         calls = len(mocked.requests[("POST", aiohttp.client.URL(URL))])
     assert codes.is_transient(code) == (code in TRANSIENT_API_CODES)
     assert codes.stops_run(code) == (code in RUN_STOPPING_API_CODES)
@@ -92,7 +93,7 @@ async def test_every_api_code_follows_the_retry_table(client_for, code):
 async def test_plain_http_errors_without_json(client_for, status, transient):
     with aioresponses() as mocked:
         mocked.post(URL, status=status, body="<html>oops</html>", repeat=True)
-        result = await client_for().detect(b"{}")
+        result = await client_for().detect(Payload(b"{}"))
     assert result.code == codes.CLIENT_HTTP_ERROR and result.http_status == status
     assert result.attempts == (FAST.retries + 1 if transient else 1)
 
@@ -103,7 +104,7 @@ async def test_transient_then_success_records_attempts(client_for):
         mocked.post(URL, payload=answer(203))
         mocked.post(URL, exception=aiohttp.ServerDisconnectedError())
         mocked.post(URL, payload=answer(0, [{"tag_name": "猫", "tag_confidence": 91}]))
-        result = await client_for().detect(b"{}")
+        result = await client_for().detect(Payload(b"{}"))
     assert result.ok and result.attempts == 4
     assert result.tags == [{"tag_name": "猫", "tag_confidence": 91}]
 
@@ -118,7 +119,7 @@ async def test_transient_then_success_records_attempts(client_for):
 async def test_transport_failures_are_retried(client_for, exc, code):
     with aioresponses() as mocked:
         mocked.post(URL, exception=exc, repeat=True)
-        result = await client_for().detect(b"{}")
+        result = await client_for().detect(Payload(b"{}"))
     assert result.code == code and result.attempts == FAST.retries + 1
 
 
@@ -126,7 +127,7 @@ async def test_a_200_that_is_not_the_api_json_is_retried(client_for):
     with aioresponses() as mocked:
         mocked.post(URL, status=200, body="not json")
         mocked.post(URL, payload=answer(0))
-        result = await client_for().detect(b"{}")
+        result = await client_for().detect(Payload(b"{}"))
     assert result.ok and result.attempts == 2
 
 
@@ -139,7 +140,7 @@ async def test_backoff_waits_exponentially_between_attempts(client_for, clock):
 
     with aioresponses() as mocked:
         mocked.post(URL, payload=answer(203), repeat=True, callback=record)
-        result = await client_for(policy).detect(b"{}")
+        result = await client_for(policy).detect(Payload(b"{}"))
     assert result.attempts == 4
     assert clock.slept == pytest.approx([0.1, 0.2, 0.4])  # exponential, through the policy's sleep
     assert [round(b - a, 6) for a, b in itertools.pairwise(stamps)] == [0.1, 0.2, 0.4]
@@ -149,13 +150,13 @@ async def test_backoff_is_capped_and_jittered(client_for, clock):
     policy = RetryPolicy(retries=4, initial_wait_s=0.5, max_wait_s=1.0, jitter_s=0.25)
     with aioresponses() as mocked:
         mocked.post(URL, payload=answer(203), repeat=True)
-        await client_for(policy).detect(b"{}")
+        await client_for(policy).detect(Payload(b"{}"))
     assert len(clock.slept) == 4
     assert all(0.5 <= wait <= 1.0 for wait in clock.slept)  # never above max_wait_s
     assert clock.slept[0] <= 0.75  # first wait: initial plus at most the jitter
 
 
-async def test_each_attempt_is_signed_afresh_and_verifies(client_for):
+async def test_each_attempt_carries_a_signature_that_verifies(client_for):
     seen = []
 
     def record(url, **kwargs):
@@ -164,8 +165,8 @@ async def test_each_attempt_is_signed_afresh_and_verifies(client_for):
     with aioresponses() as mocked:
         mocked.post(URL, payload=answer(203), callback=record)
         mocked.post(URL, payload=answer(0), callback=record)
-        await client_for().detect(b"{}")
-    assert len(seen) == 2 and seen[0] != seen[1]
+        await client_for().detect(Payload(b"{}"))
+    assert len(seen) == 2  # one reusable signature within a minute (test_signing: SignatureCache)
     for auth in seen:
         assert verify(auth, CREDS.appid, "bkt", lambda k: CREDS if k == CREDS.secret_id else None)
 
@@ -175,7 +176,7 @@ async def test_rate_limit_answer_slows_the_shared_limiter(client_for, clock):
     with aioresponses() as mocked:
         mocked.post(URL, payload=answer(codes.RATE_LIMITED))
         mocked.post(URL, payload=answer(0))
-        result = await client_for(limiter=limiter).detect(b"{}")
+        result = await client_for(limiter=limiter).detect(Payload(b"{}"))
     assert result.ok and limiter.decreases == 1
     assert limiter.rate == pytest.approx(80.0, abs=0.1)  # cut by 0.8, then a hair of recovery
 
@@ -187,7 +188,7 @@ async def test_both_rate_limit_signals_make_an_unlimited_run_pace_itself(client_
     limiter = AdaptiveRateLimiter(None, clock=clock)
     with aioresponses() as mocked:
         mocked.post(URL, **rate_limited, repeat=True)
-        result = await client_for(limiter=limiter).detect(b"{}")
+        result = await client_for(limiter=limiter).detect(Payload(b"{}"))
     assert result.attempts == FAST.retries + 1
     # every refusal after the first waits out the cooldown (paced at <= 1/s), so each one is
     # a further decrease: 0.8, 0.64, 0.512 requests a second

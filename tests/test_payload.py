@@ -104,3 +104,17 @@ def test_an_oversized_file_that_cannot_be_decoded_is_a_decode_error():
     with pytest.raises(InputError) as refused:
         shrink_to_fit(header_only, 1000)
     assert refused.value.code == codes.IMAGE_DECODE_FAILED
+
+
+async def test_without_a_body_the_payload_carries_the_raw_source(tmp_path):
+    """The embedded transport's payload: the file's own bytes (no base64, no JSON), the url as is."""
+    image = encode_image("PNG")
+    (tmp_path / "a.png").write_bytes(image)
+    payload = await build_payload(file_item(tmp_path / "a.png"), "1000001", "", body=False)
+    assert (payload.body, payload.image, payload.url) == (b"", image, None)
+    url = "https://example.com/a b.jpg"
+    payload = await build_payload(Item(url, "url", url), "1000001", "", body=False)
+    assert (payload.body, payload.image, payload.url) == (b"", None, url)
+    with pytest.raises(InputError) as refused:
+        await build_payload(Item("ftp://x/a.jpg", "url", "ftp://x/a.jpg"), "1000001", "", body=False)
+    assert refused.value.code == codes.URL_FORMAT

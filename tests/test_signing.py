@@ -7,7 +7,16 @@ import hmac
 import pytest
 
 from batchtag import codes
-from batchtag.signing import Credentials, SignatureError, parse_plain, plain_text, sign, sign_plain, verify
+from batchtag.signing import (
+    Credentials,
+    SignatureCache,
+    SignatureError,
+    parse_plain,
+    plain_text,
+    sign,
+    sign_plain,
+    verify,
+)
 
 CREDS = Credentials("1000001", "AKIDmO5cPW3LDGJsarDEDcQ1FprZVC1opgqX", "test-secret-key-0123456789abcdef")
 NOW = 1469175230
@@ -163,3 +172,18 @@ def test_api_notes_example_decodes_to_the_documented_digest_and_plain_text():
     with pytest.raises(SignatureError) as caught:
         verify(NOTES_SIGNATURE, "1000001", "qiniutest2", lookup, now=NOW)
     assert caught.value.code == codes.SIGNATURE_FAILED
+
+
+def test_signature_cache_reuses_one_signature_then_renews_it():
+    clock = [1000.0]
+    cache = SignatureCache(CREDS, "bkt", ttl=600, renew_s=60, clock=lambda: clock[0])
+    first = cache.current()
+    clock[0] += 59.9
+    assert cache.current() == first
+    clock[0] += 0.1
+    second = cache.current()
+    assert second != first  # a new random number and time
+    lookup = lambda k: CREDS if k == CREDS.secret_id else None  # noqa: E731
+    for auth in (first, second):
+        fields = verify(auth, CREDS.appid, "bkt", lookup)
+        assert fields.expires - fields.now == 600  # the full lifetime, whenever it is used

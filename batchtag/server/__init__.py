@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 # Imported on first use, so the CLI can read ``batchtag.server.config``'s defaults for
 # ``serve --help`` without loading aiohttp, numpy and the taggers.
 _LAZY = {
+    "EmbeddedService": "batchtag.server.embedded",
     "RunningServer": "batchtag.server.runner",
     "ServeConfig": "batchtag.server.config",
     "create_app": "batchtag.server.app",
-    "embedded_endpoint": "batchtag.server.embedded",
     "load_credentials_file": "batchtag.server.credentials",
     "serve_forever": "batchtag.server.runner",
     "start_server": "batchtag.server.runner",
@@ -50,14 +50,14 @@ if TYPE_CHECKING:
     from batchtag.server.app import create_app
     from batchtag.server.config import ServeConfig
     from batchtag.server.credentials import load_credentials_file, throwaway_credentials
-    from batchtag.server.embedded import embedded_endpoint
+    from batchtag.server.embedded import EmbeddedService
     from batchtag.server.runner import RunningServer, serve_forever, start_server
 
 __all__ = [
+    "EmbeddedService",
     "RunningServer",
     "ServeConfig",
     "create_app",
-    "embedded_endpoint",
     "load_credentials_file",
     "serve_forever",
     "start_server",

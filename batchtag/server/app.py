@@ -83,28 +83,35 @@ class ServerState:
     async def in_decode_thread(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, func, *args)
 
+    async def start(self) -> None:
+        """Decode threads, URL fetcher and batcher, on the running event loop."""
+        config = self.config
+        self.decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="batchtag-decode")
+        self.large_bodies = asyncio.Semaphore(config.large_body_slots)
+        self.fetcher = UrlFetcher(
+            timeout_s=config.url_timeout_s,
+            max_bytes=config.url_max_bytes,
+            allow_private=config.allow_private_urls,
+        )
+        await self.fetcher.start()
+        self.batcher = Batcher(self.tagger, config.batch_max, config.batch_wait_ms)
+        self.batcher.start()
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.fetcher is not None:
+            await self.fetcher.close()
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
 
 STATE = web.AppKey("batchtag_state", ServerState)
 
 
 def create_app(config: ServeConfig, tagger: Tagger | None = None) -> web.Application:
     """The API server for ``config``; loads the configured tagger unless one is given."""
-    tagger = tagger if tagger is not None else load_tagger(config.tagger, config.lang, config.faces)
-    state = ServerState(
-        config=config,
-        tagger=tagger,
-        credentials=CredentialStore(config.credentials),
-        quota=QuotaLimiter(config.qps_limit),
-        faults=FaultInjector(
-            config.inject_latency_ms, config.inject_latency_jitter_ms, config.inject_error_rate
-        ),
-        limits=DecodeLimits(
-            max_image_bytes=config.max_image_bytes,
-            max_pixels=config.max_pixels,
-            min_side=tagger.input_size * 2 if tagger.input_size else None,
-        ),
-        prepare=preparer(tagger),
-    )
+    state = create_state(config, tagger)
     # aiohttp enforces client_max_size while reading; _read_json_object turns its 413 into code 20.
     app = web.Application(client_max_size=config.max_body_bytes)
     app[STATE] = state
@@ -115,25 +122,33 @@ def create_app(config: ServeConfig, tagger: Tagger | None = None) -> web.Applica
     return app
 
 
+def create_state(config: ServeConfig, tagger: Tagger | None = None) -> ServerState:
+    """Everything behind the HTTP layer (tagger, limits, quota); ``start()`` it on a loop."""
+    tagger = tagger if tagger is not None else load_tagger(config.tagger, config.lang, config.faces)
+    return ServerState(
+        config=config,
+        tagger=tagger,
+        credentials=CredentialStore(config.credentials),
+        quota=QuotaLimiter(config.qps_limit),
+        faults=FaultInjector(
+            config.inject_latency_ms, config.inject_latency_jitter_ms, config.inject_error_rate
+        ),
+        limits=DecodeLimits(
+            max_image_bytes=config.max_image_bytes,
+            max_pixels=config.max_pixels,
+            min_side=tagger.input_size,
+        ),
+        prepare=preparer(tagger),
+    )
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    config = state.config
-    state.decode_pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="batchtag-decode")
-    state.large_bodies = asyncio.Semaphore(config.large_body_slots)
-    state.fetcher = UrlFetcher(
-        timeout_s=config.url_timeout_s,
-        max_bytes=config.url_max_bytes,
-        allow_private=config.allow_private_urls,
-    )
-    await state.fetcher.start()
-    state.batcher = Batcher(state.tagger, config.batch_max, config.batch_wait_ms)
-    state.batcher.start()
+    await state.start()
     try:
         yield
     finally:
-        await state.batcher.close()
-        await state.fetcher.close()
-        state.decode_pool.shutdown(wait=False, cancel_futures=True)
+        await state.close()
 
 
 # --- handlers ------------------------------------------------------------------------------
@@ -315,22 +330,50 @@ async def _load_image(fields: DetectRequest, state: ServerState) -> Any:
     the result is what the batcher hands to ``tag_batch``.
     """
     if fields.url:
-        assert state.fetcher is not None
-        data = await state.fetcher.fetch(fields.url)
-        try:
-            return await state.in_decode_thread(_decode_fetched_image, data, state.limits, state.prepare)
-        except ApiError as exc:
-            if exc.code in (codes.IMAGE_FORMAT, codes.IMAGE_EMPTY):
-                raise ApiError(
-                    codes.IMAGE_DOWNLOAD_FAILED, "the url's content is not a JPG, PNG or BMP image"
-                ) from None
-            raise
+        return await _load_url(fields.url, state)
     if fields.image is not None:
         return await state.in_decode_thread(_decode_inline_image, fields.image, state.limits, state.prepare)
     raise ApiError(codes.NO_SOURCE)
 
 
-def _decode_fetched_image(data: bytes, limits: DecodeLimits, prepare: Prepare) -> Any:
+async def _load_url(url: str, state: ServerState) -> Any:
+    assert state.fetcher is not None
+    data = await state.fetcher.fetch(url)
+    try:
+        return await state.in_decode_thread(_decode_image_bytes, data, state.limits, state.prepare)
+    except ApiError as exc:
+        if exc.code in (codes.IMAGE_FORMAT, codes.IMAGE_EMPTY):
+            raise ApiError(
+                codes.IMAGE_DOWNLOAD_FAILED, "the url's content is not a JPG, PNG or BMP image"
+            ) from None
+        raise
+
+
+async def tag_source(state: ServerState, image: bytes | None = None, url: str | None = None) -> list[Tag]:
+    """The API's answer for raw image bytes or a url, without HTTP, JSON, base64, signature
+    or quota: the embedded mode's in-process path. Decode, prepare, batch and tag are the
+    same calls a POST makes; every failure is an ``ApiError`` with the code a POST answers."""
+    try:
+        if url:
+            item = await _load_url(url, state)
+        elif image is not None:
+            item = await state.in_decode_thread(_decode_image_bytes, image, state.limits, state.prepare)
+        else:
+            raise ApiError(codes.NO_SOURCE)
+        assert state.batcher is not None
+        tags = await state.batcher.tag(item)
+    except ApiError as exc:
+        state.answered[exc.code] += 1
+        raise
+    except Exception:
+        log.exception("internal error while tagging in process")
+        state.answered[codes.INTERNAL_UNPACK] += 1
+        raise ApiError(codes.INTERNAL_UNPACK, "internal error") from None
+    state.answered[codes.OK] += 1
+    return tags
+
+
+def _decode_image_bytes(data: bytes, limits: DecodeLimits, prepare: Prepare) -> Any:
     image = decode_image(data, limits)
     return image if prepare is None else prepare(image)
 

@@ -1,25 +1,33 @@
-"""The embedded endpoint: `batchtag run` with no endpoint starts this server inside itself,
-on a free loopback port with throwaway credentials, so a local run travels the same HTTP
-path as a remote one."""
+"""The server's tagging pipeline inside the client's process, without HTTP.
+
+``batchtag run`` with no endpoint tags with a local model. Going through a loopback HTTP
+server cost it, for every image, a base64 encode, a JSON body, a socket round trip, a JSON
+parse and a strict base64 decode, all on the same two cores as the model: about a third of
+the CPU of a 4000x3000 photo. Here the client hands the image's bytes (or its url) straight
+to the same decode -> prepare -> batch -> tag calls a POST makes, and gets the same answer
+codes back as ``ApiError``. Signature and quota are skipped: the caller is this process.
+"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
-
+from batchtag.server.app import ServerState, create_state, tag_source
 from batchtag.server.config import ServeConfig
-from batchtag.server.credentials import throwaway_credentials
-from batchtag.server.runner import start_server
-from batchtag.signing import Credentials
+from batchtag.taggers import Tag, Tagger
 
 
-@contextlib.asynccontextmanager
-async def embedded_endpoint(tagger: str, lang: str) -> AsyncIterator[tuple[str, Credentials]]:
-    """(base URL, credentials) of a server that lives as long as the context."""
-    credentials = throwaway_credentials()
-    config = ServeConfig(host="127.0.0.1", port=0, tagger=tagger, lang=lang, credentials=[credentials])
-    server = await start_server(config)
-    try:
-        yield server.url, credentials
-    finally:
-        await server.close()
+class EmbeddedService:
+    """``async with EmbeddedService(config) as service: await service.tag(image=data)``."""
+
+    def __init__(self, config: ServeConfig, tagger: Tagger | None = None) -> None:
+        self.state: ServerState = create_state(config, tagger)
+
+    async def __aenter__(self) -> EmbeddedService:
+        await self.state.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.state.close()
+
+    async def tag(self, image: bytes | None = None, url: str | None = None) -> list[Tag]:
+        """Tags for raw image bytes or a url; raises ``ApiError`` with the API's code."""
+        return await tag_source(self.state, image, url)

@@ -31,7 +31,7 @@ _WHITESPACE = re.compile(r"\s+")
 class DecodeLimits:
     max_image_bytes: int
     max_pixels: int
-    # The shortest side worth decoding (about twice the tagger's input); None = full size.
+    # The shortest side worth decoding (the tagger's input_size); None = full size.
     min_side: int | None = None
 
 

@@ -33,7 +33,8 @@ class Tag(TypedDict):
 
 class Tagger(Protocol):
     name: str
-    # The smallest side the tagger needs; decoders may use JPEG draft mode down to it.
+    # The smallest short side the tagger needs; decoders may reduce down to it (JPEG draft
+    # mode, whole-factor reduce) but not below.
     # None means "full resolution is fine and cheap" (no draft).
     input_size: int | None
     max_batch: int

@@ -67,7 +67,8 @@ HUE_BANDS = ((15, "red"), (40, "orange"), (70, "yellow"), (165, "green"), (200, 
 
 class ColorTagger:
     name = "color"
-    input_size: int | None = THUMBNAIL_SIDE
+    # Decode floor: twice the thumbnail, so thumbnail()'s own averaging has pixels to work with.
+    input_size: int | None = 2 * THUMBNAIL_SIDE
     # Batching saves this tagger no work (tag_batch loops over the images) and every request
     # of a batch waits for the whole batch, so batches are kept small; 16 was the best
     # compromise measured. No ``prepare``: in the decode threads it left batches of ~1 (a

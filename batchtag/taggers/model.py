@@ -34,8 +34,12 @@ class Prepared:
 
 class ModelTagger:
     name = "model"
-    # Draft-decode JPEGs no smaller than the preprocessing's resize target.
-    input_size = RESIZE_SIZE
+    # The decode floor: 5/4 of the preprocessing's resize target. A 4000x3000 JPEG then
+    # decodes at 1/8 scale (500x375; a floor of 512 gave 1000x750, four times the pixels),
+    # while every example photo decodes exactly as with that 512 floor. A floor of 256 itself
+    # let a 512x600 photo decode at 1/2 straight to the model's size, and its near-tied
+    # top-1 class flipped (tests/test_model_decode.py).
+    input_size = RESIZE_SIZE * 5 // 4
     max_batch = 16
 
     def __init__(

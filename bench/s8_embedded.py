@@ -1,0 +1,298 @@
+"""Section 8: the embedded model (``batchtag run`` with no endpoint) against two baselines.
+
+Each baseline is measured in the same run as what it is compared with, alternating:
+- the direct loop (``bench/direct_loop.py``): what a careful user writes without batchtag
+  (draft decode, resize, crop, the same ONNX classifier at batch 16, one process), on
+  generated 4000x3000 JPEGs; ``batchtag run --no-faces`` (the same model) on the same files
+  must be at least as fast; the default run, with the face detector too, is reported beside;
+- the raw model: ``ImageNetClassifier.predict`` on a prepared batch of 16 in this process;
+  ``batchtag run --no-faces`` on 640 px JPEGs should reach 0.8 of it.
+Then where an image's CPU goes: the server's own decode (with its decode floor) and the
+tagger's prepare, timed on the same files, next to the model's CPU an image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from bench.common import (
+    EXAMPLES,
+    REPO,
+    ChildResult,
+    Ctx,
+    Row,
+    Section,
+    fmt,
+    median,
+    run_client,
+    wait_child,
+    write_manifest,
+)
+from bench.plots import bar_plot
+from bench.s5_model import make_photos
+
+BATCH = 16
+CAMERA_SIZE = (4000, 3000)
+DIRECT_GOAL = 1.0
+RAW_GOAL = 0.8
+
+
+def make_camera_photos(ctx: Ctx, count: int, size: tuple[int, int] = CAMERA_SIZE) -> list[Path]:
+    """``count`` paths of ``size`` JPEGs like a phone's: the example photos cropped to its
+    aspect ratio and scaled up, with some sensor-like grain so the files are as big as real
+    ones (about 2-3 MB; decoding time grows with the bytes)."""
+    folder = ctx.work / f"camera-{size[0]}x{size[1]}"
+    marker = folder / ".made"
+    if marker.exists() and marker.read_text() == str(count):
+        return sorted(p for p in folder.iterdir() if p.name.startswith("img-"))
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    sources = sorted(EXAMPLES.glob("*.jpg"))
+    originals = []
+    for index, source in enumerate(sources):
+        with Image.open(source) as image:
+            photo = ImageOps.fit(image.convert("RGB"), size, Image.Resampling.BICUBIC)
+        grain = Image.effect_noise(size, 24).convert("RGB")
+        photo = Image.blend(photo, grain, 0.08)
+        path = folder / f"original-{index}.jpg"
+        photo.save(path, "JPEG", quality=90)
+        originals.append(path)
+    paths = []
+    for i in range(count):
+        path = folder / f"img-{i:05d}.jpg"
+        os.link(originals[i % len(originals)], path)
+        paths.append(path)
+    marker.write_text(str(count))
+    return paths
+
+
+def run(ctx: Ctx) -> Section:
+    from batchtag.server.app import create_state
+    from batchtag.server.config import ServeConfig
+    from batchtag.taggers.imagenet import ImageNetClassifier
+    from batchtag.taggers.model import ModelTagger
+
+    section = Section(
+        "embedded",
+        "8. Embedded model: `batchtag run` vs a direct loop (4000x3000 JPEGs) and the raw batched model",
+    )
+    repeats = ctx.pick(1, 3)
+    camera = make_camera_photos(ctx, ctx.pick(16, 96))
+    sets = {"640 px": make_photos(ctx, 640, ctx.pick(32, 192))}
+    tagger = ModelTagger(faces=False)
+    limits = create_state(ServeConfig(tagger="model"), tagger).limits  # the server's own decode floor
+    classifier: ImageNetClassifier = tagger.classifier
+    batch = np.stack([tagger.prepare(decode(p, limits)).classifier_input for p in sets["640 px"][:BATCH]])
+    classifier.predict(batch)  # warm-up
+
+    def raw_model() -> tuple[float, float]:
+        """(images/s, CPU ms per image) of predict on a batch of 16; this process is idle otherwise."""
+        rates, cpu = [], []
+        for _ in range(ctx.pick(2, 8)):
+            started, cpu_started = time.perf_counter(), time.process_time()
+            classifier.predict(batch)
+            rates.append(BATCH / (time.perf_counter() - started))
+            cpu.append((time.process_time() - cpu_started) * 1000 / BATCH)
+        return median(rates), median(cpu)
+
+    # 4000x3000: the direct loop and the embedded run alternate; raw model and embedded 640 px too.
+    # Each process's start-up (interpreter, imports, model load) is a 1-image run of the same
+    # program, subtracted, so the rates are steady-state ones like the raw model's.
+    manifest = write_manifest(ctx.work / "s7-camera.txt", camera)
+    small = write_manifest(ctx.work / "s7-640.txt", sets["640 px"])
+    single = write_manifest(ctx.work / "s7-one.txt", sets["640 px"][:1])
+    direct, embedded, pair_ratios, direct_cpu, embedded_cpu = [], [], [], [], []
+    raw_rates, raw_cpu, small_rates, small_ratios, small_cpu = [], [], [], [], []
+    faces, faces_cpu = [], []
+
+    def embedded_run(source: Path, n: int, label: str, *options: str) -> ChildResult:
+        result = run_client(
+            ctx, [source], ctx.work / "s7-out.jsonl", "local", "--concurrency", "32", *options
+        )
+        check_ok(section, label, result.summary, n)
+        return result
+
+    for _ in range(repeats):
+        start = run_direct_loop(single, 1)
+        loop = run_direct_loop(manifest, len(camera))
+        rate, cpu = marginal(loop, start, len(camera))
+        direct.append(rate)
+        direct_cpu.append(cpu)
+        start = embedded_run(single, 1, "embedded, 1 image", "--no-faces")
+        run = embedded_run(manifest, len(camera), "embedded 4000x3000", "--no-faces")
+        rate, cpu = marginal(run, start, len(camera))
+        embedded.append(rate)
+        embedded_cpu.append(cpu)
+        pair_ratios.append(embedded[-1] / direct[-1])
+        with_faces = embedded_run(manifest, len(camera), "embedded 4000x3000 with faces")
+        rate, cpu = marginal(with_faces, embedded_run(single, 1, "embedded with faces, 1 image"), len(camera))
+        faces.append(rate)
+        faces_cpu.append(cpu)
+        rate, cpu = raw_model()
+        raw_rates.append(rate)
+        raw_cpu.append(cpu)
+        n = len(sets["640 px"])
+        small_rate, cpu = marginal(embedded_run(small, n, "embedded 640 px", "--no-faces"), start, n)
+        small_rates.append(small_rate)
+        small_cpu.append(cpu)
+        small_ratios.append(small_rate / rate)
+    raw = median(raw_rates)
+    section.add(
+        Row(
+            f"raw model: ImageNetClassifier.predict, batch of {BATCH}",
+            len(raw_rates),
+            raw,
+            "img/s",
+            note=f"{classifier.threads} intra-op threads; {fmt(median(raw_cpu))} ms CPU an image",
+            samples=raw_rates,
+        )
+    )
+    size_mb = camera[0].stat().st_size / 1e6
+    section.add(
+        Row(
+            f"direct loop (bench/direct_loop.py), {len(camera)} 4000x3000 JPEGs (~{size_mb:.1f} MB)",
+            repeats,
+            median(direct),
+            "img/s",
+            note=f"{fmt(median(direct_cpu))} ms CPU an image; start-up (a 1-image run) subtracted",
+            samples=direct,
+        )
+    )
+    ratio = median(pair_ratios)
+    section.add(
+        Row(
+            f"embedded `batchtag run --no-faces` (the same model), the same {len(camera)} JPEGs",
+            repeats,
+            median(embedded),
+            "img/s",
+            ratio,
+            f">= {DIRECT_GOAL} of the direct loop",
+            ratio >= DIRECT_GOAL,
+            f"{fmt(median(embedded_cpu))} ms CPU an image; start-up subtracted; ratio = median of "
+            "the pairs run back to back",
+            embedded,
+        )
+    )
+    section.add(
+        Row(
+            f"embedded `batchtag run` (default: with the face detector), the same {len(camera)} JPEGs",
+            repeats,
+            median(faces),
+            "img/s",
+            median(faces) / median(direct),
+            "ratio to the direct loop (which runs no face detector)",
+            None,
+            f"{fmt(median(faces_cpu))} ms CPU an image; start-up subtracted",
+            faces,
+        )
+    )
+    ratio = median(small_ratios)
+    section.add(
+        Row(
+            f"embedded `batchtag run --no-faces`, {len(sets['640 px'])} 640 px JPEGs",
+            repeats,
+            median(small_rates),
+            "img/s",
+            ratio,
+            f">= {RAW_GOAL} of the raw model",
+            ratio >= RAW_GOAL,
+            f"{fmt(median(small_cpu))} ms CPU an image (model alone: {fmt(median(raw_cpu))}); start-up "
+            "subtracted; ratio = median of the pairs (raw model measured right before each run)",
+            small_rates,
+        )
+    )
+    for label, paths in {"4000x3000": camera, **sets}.items():
+        decode_ms, prep_ms = time_decode(tagger, paths, limits, ctx.pick(3, 8))
+        section.add(
+            Row(
+                f"where an image's CPU goes, {label}: decode + prepare (one thread)",
+                ctx.pick(3, 8),
+                decode_ms + prep_ms,
+                "ms",
+                note=f"decode {fmt(decode_ms)} ms (floor {limits.min_side} px) + prepare {fmt(prep_ms)} ms; "
+                f"the model {fmt(median(raw_cpu))} ms CPU an image at batch {BATCH}",
+            )
+        )
+
+    section.notes.append(
+        "Embedded = `batchtag run` with no endpoint: the server's decode, prepare and batching in the "
+        "client's own process, handed raw file bytes (no HTTP, base64 or JSON). It and the direct loop "
+        "are subprocesses; rate = (n - 1) / (wall of the n-image run - wall of a 1-image run of the same "
+        "program), so interpreter start, imports and model load drop out of both; CPU likewise, user+sys "
+        "of the child from wait4 (ONNX Runtime's threads included)."
+    )
+    section.notes.append(
+        "On 2 cores every image costs decode + prepare + its share of the model in CPU, and the model's "
+        "2 intra-op threads cannot have both cores while decode threads run. The 'where an image's CPU "
+        "goes' rows are that budget: the embedded run's ceiling is about 2 cores / (decode + prepare + "
+        "model CPU) images a second, the raw model's 2 cores / model CPU."
+    )
+    bars = {
+        "raw model (batch 16)": raw,
+        "embedded 640 px": median(small_rates),
+        "direct loop 4000x3000": median(direct),
+        "embedded 4000x3000": median(embedded),
+        "embedded 4000x3000 + faces": median(faces),
+    }
+    section.plots.append(bar_plot(ctx.out / "embedded-throughput.png", "Embedded model", "images / s", bars))
+    return section
+
+
+def decode(path: Path, limits: object) -> Any:
+    from batchtag.server.imaging import decode_image
+
+    return decode_image(path.read_bytes(), limits)  # type: ignore[arg-type]
+
+
+def marginal(run: ChildResult, start: ChildResult, n: int) -> tuple[float, float]:
+    """(images/s, CPU ms an image) of an n-image run beyond its 1-image start-up run."""
+    extra = max(1, n - 1)
+    return extra / max(1e-9, run.wall_s - start.wall_s), (run.cpu_s - start.cpu_s) * 1000 / extra
+
+
+def check_ok(section: Section, label: str, summary: dict[str, Any] | None, n: int) -> None:
+    if summary is not None and summary["ok"] != n:
+        section.notes.append(f"{label}: {summary['ok']} of {n} ok ({summary['by_code']})")
+
+
+def run_direct_loop(manifest: Path, n: int) -> ChildResult:
+    """bench/direct_loop.py in a subprocess, timed and CPU-counted like ``batchtag run``."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.direct_loop", str(manifest)], stdout=subprocess.PIPE, cwd=REPO
+    )
+    code, usage = wait_child(proc, timeout_s=600)
+    assert proc.stdout is not None
+    done = json.loads(proc.stdout.read() or b"{}")
+    if code != 0 or done.get("images") != n:
+        raise RuntimeError(f"direct loop exited {code}: {done}")
+    return ChildResult(
+        code, time.monotonic() - started, usage.ru_utime + usage.ru_stime, usage.ru_utime, usage.ru_stime, 0
+    )
+
+
+def time_decode(tagger: Any, paths: list[Path], limits: object, count: int) -> tuple[float, float]:
+    """Median CPU ms per image of the server's decode and of the tagger's prepare (one thread)."""
+    from batchtag.server.imaging import decode_image
+
+    decode_ms, prep_ms = [], []
+    for path in paths[:count]:
+        data = path.read_bytes()
+        started = time.thread_time()
+        image = decode_image(data, limits)  # type: ignore[arg-type]
+        middle = time.thread_time()
+        tagger.prepare(image)
+        done = time.thread_time()
+        decode_ms.append((middle - started) * 1000)
+        prep_ms.append((done - middle) * 1000)
+    return median(decode_ms), median(prep_ms)
