@@ -392,14 +392,18 @@ def image_set(
     noise: float = 0.15,
     quality: int = 85,
     distinct: int = 32,
+    unique: bool = False,
 ) -> list[Path]:
     """``count`` image paths under work/NAME: ``distinct`` different JPEGs, hard-linked.
 
+    ``unique``: copies instead of links, each with its own trailer after the JPEG's end
+    marker (decoders ignore it), so every file has different bytes: batchtag sends
+    identical bytes once, and a section that counts requests must not measure that.
     Cached: a marker file records what was made, so a second run reuses the files.
     """
     folder = ctx.work / name
     marker = folder / ".made"
-    spec = f"{count} {size} {noise} {quality} {distinct}"
+    spec = f"{count} {size} {noise} {quality} {distinct} {unique}"
     paths = [folder / f"{i // 1000:04d}" / f"{i:07d}.jpg" for i in range(count)]
     if marker.exists() and marker.read_text() == spec:
         return paths
@@ -415,6 +419,9 @@ def image_set(
         if index % 1000 == 0:
             path.parent.mkdir(exist_ok=True)
         slot = index % len(originals)
+        if unique:
+            path.write_bytes(originals[slot].read_bytes() + index.to_bytes(8, "big"))
+            continue
         if links[slot] >= MAX_LINKS:  # ext4 allows 65,000 links to one inode: start a fresh copy
             copy = folder / f"original-{slot}-{index}.jpg"
             shutil.copyfile(originals[slot], copy)
@@ -423,6 +430,21 @@ def image_set(
         links[slot] += 1
     marker.write_text(spec)
     return paths
+
+
+def unique_copies(ctx: Ctx, name: str, paths: Sequence[Path]) -> list[Path]:
+    """Copies of ``paths`` under work/NAME, each with its own trailer (see ``image_set``)."""
+    folder = ctx.work / name
+    marker = folder / ".made"
+    copies = [folder / f"{i:06d}{p.suffix}" for i, p in enumerate(paths)]
+    if marker.exists() and marker.read_text() == str(len(paths)):
+        return copies
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for index, (path, copy) in enumerate(zip(paths, copies, strict=True)):
+        copy.write_bytes(path.read_bytes() + index.to_bytes(8, "big"))
+    marker.write_text(str(len(paths)))
+    return copies
 
 
 def write_manifest(path: Path, lines: Sequence[str | Path] | Iterator[str]) -> Path:

@@ -34,7 +34,7 @@ def run(ctx: Ctx) -> Section:
     repeats = ctx.pick(1, 3)
     seconds = ctx.pick(1.0, 2.0)  # target length of one client run
     wrk_seconds = ctx.pick(1, 2)
-    images = image_set(ctx, "small", ctx.pick(200, 20_000), (256, 192))
+    images = image_set(ctx, "small-unique", ctx.pick(200, 20_000), (256, 192), unique=True)
     sample = images[0].read_bytes()
     latency_s = LATENCY_MS / 1000
 

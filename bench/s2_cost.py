@@ -44,9 +44,21 @@ def run(ctx: Ctx) -> Section:
     section = Section("cost", f"2. Client CPU cost per request (C={CONCURRENCY}, server latency 0)")
     repeats = ctx.pick(1, 3)
     sets = {
-        "10 KB": (image_set(ctx, "small", ctx.pick(200, 20_000), (256, 192)), ctx.pick(200, 3000)),
+        "10 KB": (
+            image_set(ctx, "small-unique", ctx.pick(200, 20_000), (256, 192), unique=True),
+            ctx.pick(200, 3000),
+        ),
         "1 MB": (
-            image_set(ctx, "large1mb", ctx.pick(20, 300), (1400, 1000), noise=0.5, quality=92, distinct=8),
+            image_set(
+                ctx,
+                "large1mb",
+                ctx.pick(20, 300),
+                (1400, 1000),
+                noise=0.5,
+                quality=92,
+                distinct=8,
+                unique=True,
+            ),
             ctx.pick(20, 300),
         ),
     }

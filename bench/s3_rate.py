@@ -23,7 +23,7 @@ TICK_S = 0.5
 def run(ctx: Ctx) -> Section:
     seconds = ctx.pick(2, 30)
     section = Section("rate", f"3. Rate accuracy vs server quota (Q = {Q:g}/s, {seconds} s of work a phase)")
-    images = image_set(ctx, "small", ctx.pick(200, 20_000), (256, 192))
+    images = image_set(ctx, "small-unique", ctx.pick(200, 20_000), (256, 192), unique=True)
     n = int(Q * seconds)
     phases = {}
     for label, qps in (("A", Q), ("B", 2 * Q)):

@@ -109,7 +109,7 @@ def run(ctx: Ctx) -> Section:
         "peers", f"6. Official SDK vs batchtag (color tagger, latency {LATENCY_MS:g} ms, C={CONCURRENCY})"
     )
     repeats = ctx.pick(1, 3)
-    images = image_set(ctx, "small", ctx.pick(200, 20_000), (256, 192))
+    images = image_set(ctx, "small-unique", ctx.pick(200, 20_000), (256, 192), unique=True)
     n_loop, n_many = ctx.pick(20, 60), ctx.pick(100, 1000)
     results: dict[str, dict[str, Any]] = {}
     with serve(ctx, latency_ms=LATENCY_MS) as server:

@@ -35,6 +35,7 @@ from bench.common import (
     fmt,
     median,
     run_client,
+    unique_copies,
     wait_child,
     write_manifest,
 )
@@ -87,8 +88,9 @@ def run(ctx: Ctx) -> Section:
         "8. Embedded model: `batchtag run` vs a direct loop (4000x3000 JPEGs) and the raw batched model",
     )
     repeats = ctx.pick(1, 3)
-    camera = make_camera_photos(ctx, ctx.pick(16, 96))
-    sets = {"640 px": make_photos(ctx, 640, ctx.pick(32, 192))}
+    # Distinct bytes in every file: batchtag tags identical bytes once.
+    camera = unique_copies(ctx, "camera-unique", make_camera_photos(ctx, ctx.pick(16, 96)))
+    sets = {"640 px": unique_copies(ctx, "photos-640-unique", make_photos(ctx, 640, ctx.pick(32, 192)))}
     tagger = ModelTagger(faces=False)
     limits = create_state(ServeConfig(tagger="model"), tagger).limits  # the server's own decode floor
     classifier: ImageNetClassifier = tagger.classifier
