@@ -1,9 +1,12 @@
 """The HTTP client and its retry policy.
 
 One shared aiohttp session (connection reuse) sends every request. Each attempt is paced
-by the shared rate limiter and signed afresh (a retry after a long backoff must not carry
-an expired signature). Answers are sorted by ``codes``: transient failures are retried
-with exponential backoff and jitter (tenacity), permanent ones end the item at once.
+by the shared rate limiter and carries a reusable signature renewed every minute
+(``signing.SignatureCache``: a retry after a long backoff never carries one about to
+expire). Answers are sorted by ``codes``: transient failures are retried with exponential
+backoff and jitter (tenacity, built only after a first attempt failed), permanent ones end
+the item at once. ``embedded_client``: the same client over the tagger in this process
+(``server/embedded.py``), handed raw image bytes instead of HTTP requests.
 """
 
 from __future__ import annotations

@@ -403,7 +403,9 @@ def image_set(
     """
     folder = ctx.work / name
     marker = folder / ".made"
-    spec = f"{count} {size} {noise} {quality} {distinct} {unique}"
+    # Unchanged for linked sets, so caches made before ``unique`` existed stay valid (the
+    # scale section keeps OUT files whose records match the tree's files as they are).
+    spec = f"{count} {size} {noise} {quality} {distinct}" + (" unique" if unique else "")
     paths = [folder / f"{i // 1000:04d}" / f"{i:07d}.jpg" for i in range(count)]
     if marker.exists() and marker.read_text() == spec:
         return paths
