@@ -314,3 +314,22 @@ def test_what_cannot_be_merged_is_refused_unchanged(tmp_path, content):
     with pytest.raises(NotXmp):
         export_sidecar(str(sidecar), keyword_lists(["猫"], {}))
     assert sidecar.read_text(encoding="utf-8") == content
+
+
+def test_a_tag_name_xml_cannot_hold_fails_that_item_only(tmp_path):
+    from batchtag.export.xmp import export_xmp
+    from batchtag.records import Record
+
+    images = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for image in images:
+        image.write_bytes(b"not opened")
+    records = [
+        Record(
+            str(images[0]), "file", "ok", 0, "success", [{"tag_name": "bad\x01name", "tag_confidence": 90}]
+        ),
+        Record(str(images[1]), "file", "ok", 0, "success", [{"tag_name": "猫", "tag_confidence": 90}]),
+    ]
+    counts = export_xmp(records)
+    assert (counts.failed, counts.created) == (1, 1)
+    assert not (tmp_path / "a.jpg.xmp").exists() and (tmp_path / "b.jpg.xmp").exists()
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -273,6 +273,10 @@ def export_xmp(records: Iterable[Record], min_confidence: int = 0, naming: Namin
             counts.failed += 1
             log.warning("%s: cannot write: %s", path, exc.strerror or exc)
             continue
+        except ValueError as exc:  # a tag name XML cannot hold (control characters)
+            counts.failed += 1
+            log.warning("%s: not written: %s", path, exc)
+            continue
         setattr(counts, outcome, getattr(counts, outcome) + 1)
     return counts
 
