@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from batchtag.api import DETECT_PATH
-from batchtag.server import RunningServer, ServeConfig, start_server
+from batchtag.server import RunningServer, ServeConfig, start_server, urlfetch
 from batchtag.signing import Credentials
 from tests.support import CREDENTIALS, Spawner, encode_image, signed_headers
 
@@ -85,6 +85,20 @@ def spawner(tmp_path: Any) -> Any:
     spawned = Spawner(tmp_path)
     yield spawned
     spawned.close()
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every hop the url fetcher tries to connect to (the SSRF tests assert it stays empty)."""
+    attempted: list[str] = []
+    real_get_one = urlfetch.UrlFetcher._get_one
+
+    async def recording_get_one(self: urlfetch.UrlFetcher, url: Any) -> Any:
+        attempted.append(str(url))
+        return await real_get_one(self, url)
+
+    monkeypatch.setattr(urlfetch.UrlFetcher, "_get_one", recording_get_one)
+    return attempted
 
 
 from tests.export_helpers import tagged_photos  # noqa: E402, F401  (session fixture: one real run)

@@ -317,20 +317,6 @@ NUMERIC_PRIVATE_URLS = [
 ]
 
 
-@pytest.fixture
-def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every hop the url fetcher tries to connect to."""
-    attempted: list[str] = []
-    real_get_one = urlfetch.UrlFetcher._get_one
-
-    async def recording_get_one(self: urlfetch.UrlFetcher, url: Any) -> Any:
-        attempted.append(str(url))
-        return await real_get_one(self, url)
-
-    monkeypatch.setattr(urlfetch.UrlFetcher, "_get_one", recording_get_one)
-    return attempted
-
-
 @pytest.mark.parametrize("url", NUMERIC_PRIVATE_URLS)
 async def test_every_numeric_form_of_a_private_address_is_refused_before_connecting(
     color_server, creds, detect, connections, url

@@ -115,20 +115,6 @@ async def test_redirect_to_a_private_address_is_refused(serve, creds, detect, im
     assert answer["code"] == codes.OK and inner.hits == 1
 
 
-@pytest.fixture
-def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every hop the url fetcher tries to connect to."""
-    attempted: list[str] = []
-    real_get_one = urlfetch.UrlFetcher._get_one
-
-    async def recording_get_one(self: urlfetch.UrlFetcher, url: Any) -> Any:
-        attempted.append(str(url))
-        return await real_get_one(self, url)
-
-    monkeypatch.setattr(urlfetch.UrlFetcher, "_get_one", recording_get_one)
-    return attempted
-
-
 PRIVATE_LITERALS = [
     "http://10.1.2.3/a.jpg",
     "http://192.168.1.1/a.jpg",
