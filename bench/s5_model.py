@@ -14,15 +14,25 @@ model's preprocessing are timed directly on the same files.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from bench.common import EXAMPLES, Ctx, Row, Section, Server, fmt, median, run_client, serve, write_manifest
+from bench.common import (
+    EXAMPLES,
+    Ctx,
+    Row,
+    Section,
+    Server,
+    fmt,
+    median,
+    photo_set,
+    run_client,
+    serve,
+    write_manifest,
+)
 from bench.plots import bar_plot
 
 BATCH = 16
@@ -31,30 +41,14 @@ CONCURRENCY = 32
 
 def make_photos(ctx: Ctx, side: int, count: int) -> list[Path]:
     """``count`` paths of JPEGs whose long side is ``side``, resized from the example photos."""
-    folder = ctx.work / f"photos-{side}"
-    marker = folder / ".made"
-    if marker.exists() and marker.read_text() == str(count):
-        return sorted(p for p in folder.iterdir() if p.name.startswith("img-"))
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+
+    def resize(image: Image.Image) -> Image.Image:
+        scale = side / max(image.size)
+        size = (round(image.width * scale), round(image.height * scale))
+        return image.resize(size, Image.Resampling.BICUBIC)
+
     sources = sorted(EXAMPLES.glob("*.jpg")) + sorted((EXAMPLES / "large").glob("*.jpg"))
-    originals = []
-    for index, source in enumerate(sources):
-        with Image.open(source) as image:
-            image = image.convert("RGB")
-            scale = side / max(image.size)
-            size = (round(image.width * scale), round(image.height * scale))
-            resized = image.resize(size, Image.Resampling.BICUBIC)
-        path = folder / f"original-{index}.jpg"
-        resized.save(path, "JPEG", quality=90)
-        originals.append(path)
-    paths = []
-    for i in range(count):
-        path = folder / f"img-{i:05d}.jpg"
-        os.link(originals[i % len(originals)], path)
-        paths.append(path)
-    marker.write_text(str(count))
-    return paths
+    return photo_set(ctx, f"photos-{side}", count, sources, resize)
 
 
 def run(ctx: Ctx) -> Section:

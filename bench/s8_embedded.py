@@ -14,8 +14,6 @@ tagger's prepare, timed on the same files, next to the model's CPU an image.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from bench.common import (
     Section,
     fmt,
     median,
+    photo_set,
     run_client,
     unique_copies,
     wait_child,
@@ -52,29 +51,14 @@ def make_camera_photos(ctx: Ctx, count: int, size: tuple[int, int] = CAMERA_SIZE
     """``count`` paths of ``size`` JPEGs like a phone's: the example photos cropped to its
     aspect ratio and scaled up, with some sensor-like grain so the files are as big as real
     ones (about 2-3 MB; decoding time grows with the bytes)."""
-    folder = ctx.work / f"camera-{size[0]}x{size[1]}"
-    marker = folder / ".made"
-    if marker.exists() and marker.read_text() == str(count):
-        return sorted(p for p in folder.iterdir() if p.name.startswith("img-"))
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    sources = sorted(EXAMPLES.glob("*.jpg"))
-    originals = []
-    for index, source in enumerate(sources):
-        with Image.open(source) as image:
-            photo = ImageOps.fit(image.convert("RGB"), size, Image.Resampling.BICUBIC)
+
+    def camera_like(image: Image.Image) -> Image.Image:
+        photo = ImageOps.fit(image, size, Image.Resampling.BICUBIC)
         grain = Image.effect_noise(size, 24).convert("RGB")
-        photo = Image.blend(photo, grain, 0.08)
-        path = folder / f"original-{index}.jpg"
-        photo.save(path, "JPEG", quality=90)
-        originals.append(path)
-    paths = []
-    for i in range(count):
-        path = folder / f"img-{i:05d}.jpg"
-        os.link(originals[i % len(originals)], path)
-        paths.append(path)
-    marker.write_text(str(count))
-    return paths
+        return Image.blend(photo, grain, 0.08)
+
+    sources = sorted(EXAMPLES.glob("*.jpg"))
+    return photo_set(ctx, f"camera-{size[0]}x{size[1]}", count, sources, camera_like)
 
 
 def run(ctx: Ctx) -> Section:
