@@ -36,6 +36,8 @@ class ContentIndex:
     def find(self, fp: int) -> int | None:
         if fp in self.recent:
             return self.recent[fp]
+        if not len(self.hashes):  # a first run: skip numpy's per-call cost
+            return None
         index = int(np.searchsorted(self.hashes, np.uint64(fp)))
         if index < len(self.hashes) and int(self.hashes[index]) == fp:
             return int(self.offsets[index])

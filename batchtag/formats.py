@@ -26,6 +26,7 @@ CONVERTIBLE_FORMATS = ("HEIF", "WEBP", "TIFF")
 # Where an orientation tag can be: a JPEG's EXIF segment, a PNG's eXIf chunk.
 EXIF_MARKERS = (b"Exif\x00\x00", b"eXIf")
 EXIF_SEARCH_BYTES = 128 * 1024
+JPEG_START = b"\xff\xd8"
 
 _heif_registered = False
 
@@ -61,7 +62,32 @@ def needs_work(data: bytes) -> bool:
 
 
 def may_be_turned(data: bytes) -> bool:
+    """Whether the bytes may carry an orientation tag (then Pillow reads it in a thread)."""
+    if data[:2] == JPEG_START:
+        return jpeg_has_exif(data)
     return any(data.find(marker, 0, EXIF_SEARCH_BYTES) >= 0 for marker in EXIF_MARKERS)
+
+
+def jpeg_has_exif(data: bytes) -> bool:
+    """Walk a JPEG's marker segments up to the image data looking for an EXIF APP1 segment:
+    a few steps, where searching the bytes for "Exif" scanned up to 128 KiB of every photo.
+    Anything unexpected answers True, so Pillow judges it."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return True
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in (0xDA, 0xD9):  # start of scan, end of image: no EXIF in this file
+            return False
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            if marker == 0xE1 and data[pos + 4 : pos + 10] == EXIF_MARKERS[0]:
+                return True
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return True
 
 
 def _upright_if_needed(data: bytes) -> tuple[bytes, dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Payloads: read an item's image and build the request body, before any request is spent.
 
-Files are read with aiofiles so a slow disk never stalls the event loop; their content
-hash is taken from the same bytes (``read_image``), so the pipeline can reuse an earlier
+Files are read in a worker thread so a slow disk never stalls the event loop, several
+in one hop when the queue holds them (``read_images``); their content hash is taken from
+the same bytes in the same hop, so the pipeline can reuse an earlier
 record for identical bytes before any encoding. Problems the server would only answer
 with a permanent error (missing, unreadable, empty, not an image) are caught here and
 cost no request or quota. Formats the API does not take are converted and turned images
@@ -24,7 +25,6 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiofiles
 from PIL import Image, UnidentifiedImageError
 
 from batchtag import api, codes
@@ -35,7 +35,8 @@ from batchtag.records import FileFacts, content_hash
 from batchtag.sources import Item, url_problem
 
 INLINE_ENCODE_BYTES = 256 * 1024  # bigger images are base64-encoded off the event loop
-HASH_INLINE_BYTES = 4 * 1024 * 1024  # bigger files are hashed off the event loop
+READ_BATCH_FILES = 16  # at most this many files read in one thread hop ...
+READ_BATCH_BYTES = 4 * 1024 * 1024  # ... and no more bytes than this (walker sizes)
 RESIZE_QUALITY = 88
 
 
@@ -82,15 +83,16 @@ def too_large(size: int, cap: int) -> InputError:
     )
 
 
-async def read_file(path: str, max_file_bytes: int = MAX_FILE_BYTES) -> bytes:
+def read_file_now(path: str, max_file_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """Read a whole file, blocking: callers run it in a worker thread (``read_files``)."""
     try:
-        async with aiofiles.open(path, "rb", opener=open_regular_file) as handle:
+        with open(path, "rb", opener=open_regular_file) as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):  # swapped for something else since the check
                 raise InputError(codes.CLIENT_INPUT_ERROR, "not a regular file")
             if info.st_size > max_file_bytes:
                 raise too_large(info.st_size, max_file_bytes)
-            data = await handle.read(max_file_bytes + 1)
+            data = handle.read(max_file_bytes + 1)
             if len(data) > max_file_bytes:  # it grew while we read
                 raise too_large(len(data), max_file_bytes)
             return data
@@ -106,6 +108,10 @@ async def read_file(path: str, max_file_bytes: int = MAX_FILE_BYTES) -> bytes:
         raise InputError(codes.CLIENT_INPUT_ERROR, "invalid path") from None
 
 
+async def read_file(path: str, max_file_bytes: int = MAX_FILE_BYTES) -> bytes:
+    return await asyncio.to_thread(read_file_now, path, max_file_bytes)
+
+
 @dataclass
 class FileRead:
     """A file's bytes as read, and what its record will say it was made from."""
@@ -114,16 +120,37 @@ class FileRead:
     facts: FileFacts | None
 
 
-async def read_image(item: Item, max_file_bytes: int = MAX_FILE_BYTES) -> FileRead:
-    """Read a file item and hash its bytes (XXH3-128, ~13 GB/s: off the loop only for big
-    files). The facts carry the walker's stat, taken before the read."""
-    data = await read_file(item.location, max_file_bytes)
-    digest = (
-        content_hash(data) if len(data) <= HASH_INLINE_BYTES else await asyncio.to_thread(content_hash, data)
-    )
+def read_image_now(item: Item, max_file_bytes: int = MAX_FILE_BYTES) -> FileRead:
+    """Read a file item and hash its bytes (XXH3-128, ~13 GB/s), blocking. The facts carry
+    the walker's stat, taken before the read."""
+    data = read_file_now(item.location, max_file_bytes)
     size, mtime_ns = (item.size, item.mtime_ns) if item.size is not None else (len(data), None)
-    facts = FileFacts(size, mtime_ns, digest) if mtime_ns is not None else None
+    facts = FileFacts(size, mtime_ns, content_hash(data)) if mtime_ns is not None else None
     return FileRead(data, facts)
+
+
+async def read_image(item: Item, max_file_bytes: int = MAX_FILE_BYTES) -> FileRead:
+    return await asyncio.to_thread(read_image_now, item, max_file_bytes)
+
+
+def read_images_now(items: list[Item], max_file_bytes: int) -> list[FileRead | InputError]:
+    return [_read_or_error(item, max_file_bytes) for item in items]
+
+
+def _read_or_error(item: Item, max_file_bytes: int) -> FileRead | InputError:
+    try:
+        return read_image_now(item, max_file_bytes)
+    except InputError as exc:
+        return exc
+
+
+async def read_images(items: list[Item], max_file_bytes: int = MAX_FILE_BYTES) -> list[FileRead | InputError]:
+    """Several files read and hashed in one worker-thread hop: a hop (submit, wake a thread,
+    hand the result back) costs about as much CPU as reading a small photo, so the files
+    the queue already holds are read together (``READ_BATCH_*``)."""
+    if not items:
+        return []
+    return await asyncio.to_thread(read_images_now, items, max_file_bytes)
 
 
 async def make_sendable(data: bytes, name: str) -> tuple[bytes, dict[str, Any]]:

@@ -101,18 +101,18 @@ async def test_unreadable_file(serve, creds, tmp_path):
 
 
 async def test_unreadable_file_as_root_too(serve, creds, tmp_path, monkeypatch):
-    import aiofiles
+    from batchtag import payload
 
     server = await serve()
     path = write_jpeg(tmp_path / "in" / "locked.jpg")
-    real_open = aiofiles.open
+    real_open = payload.open_regular_file
 
-    def refusing_open(file, *args, **kwargs):
+    def refusing_open(file, flags):
         if str(file) == str(path):
             raise PermissionError(13, "Permission denied")
-        return real_open(file, *args, **kwargs)
+        return real_open(file, flags)
 
-    monkeypatch.setattr(aiofiles, "open", refusing_open)
+    monkeypatch.setattr(payload, "open_regular_file", refusing_open)
     out = tmp_path / "out.jsonl"
     await run_batch(run_config(server, creds, [path], out))
     (record,) = load_records(out)
