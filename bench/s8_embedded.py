@@ -74,11 +74,15 @@ def run(ctx: Ctx) -> Section:
     repeats = ctx.pick(1, 3)
     # Distinct bytes in every file: batchtag tags identical bytes once.
     camera = unique_copies(ctx, "camera-unique", make_camera_photos(ctx, ctx.pick(16, 96)))
-    sets = {"640 px": unique_copies(ctx, "photos-640-unique", make_photos(ctx, 640, ctx.pick(32, 192)))}
+    # 384 images: enough full batches that the first and last (smaller) ones weigh little, as
+    # in a real archive; the raw model is measured on full batches.
+    sets = {"640 px": unique_copies(ctx, "photos-640-unique", make_photos(ctx, 640, ctx.pick(32, 384)))}
     tagger = ModelTagger(faces=False)
     limits = create_state(ServeConfig(tagger="model"), tagger).limits  # the server's own decode floor
     classifier: ImageNetClassifier = tagger.classifier
-    batch = np.stack([tagger.prepare(decode(p, limits)).classifier_input for p in sets["640 px"][:BATCH]])
+    batch = classifier.normalize(
+        np.stack([tagger.prepare(decode(p, limits)).pixels for p in sets["640 px"][:BATCH]])
+    )
     classifier.predict(batch)  # warm-up
 
     def raw_model() -> tuple[float, float]:
@@ -197,8 +201,10 @@ def run(ctx: Ctx) -> Section:
             small_rates,
         )
     )
+    costs = {}
     for label, paths in {"4000x3000": camera, **sets}.items():
         decode_ms, prep_ms = time_decode(tagger, paths, limits, ctx.pick(3, 8))
+        costs[label] = decode_ms + prep_ms
         section.add(
             Row(
                 f"where an image's CPU goes, {label}: decode + prepare (one thread)",
@@ -209,6 +215,25 @@ def run(ctx: Ctx) -> Section:
                 f"the model {fmt(median(raw_cpu))} ms CPU an image at batch {BATCH}",
             )
         )
+    # On 2 busy cores throughput is 2 / (CPU an image): whatever decodes and prepares an image
+    # before the model can reach at most model / (model + decode + prepare) of the raw model.
+    ceiling = median(raw_cpu) / (median(raw_cpu) + costs["640 px"])
+    section.add(
+        Row(
+            "640 px: the most any decode -> prepare -> model pipeline reaches on 2 cores "
+            "(model CPU / (model + decode + prepare CPU))",
+            repeats,
+            ceiling,
+            "of raw",
+            ratio / ceiling,
+            "embedded's share of this ceiling (reported)",
+            None,
+            f"the {RAW_GOAL} goal is {'above' if ceiling < RAW_GOAL else 'within'} this ceiling; "
+            f"embedded reached {ratio:.2f} of the raw model; the "
+            "rest of its CPU is the run's own work (read, hash, batching, records) and first/last "
+            "batches under 16",
+        )
+    )
 
     section.notes.append(
         "Embedded = `batchtag run` with no endpoint: the server's decode, prepare and batching in the "

@@ -171,7 +171,7 @@ def test_three_faces_make_a_group_photo(tagger: ModelTagger, detector: F.FaceDet
 def test_prepared_inputs_carry_both_models_inputs(tagger: ModelTagger) -> None:
     prepared = tagger.prepare(Image.open(PHOTOS / "cameraman_gray.jpg"))  # greyscale: converted once
     assert isinstance(prepared, Prepared)
-    assert prepared.classifier_input.shape == (3, 224, 224)
+    assert prepared.pixels.shape == (3, 224, 224)
     assert prepared.faces is not None and prepared.faces.images.shape == (1, 3, 128, 128)
     assert tagger.tag_batch([prepared]) == tagger.tag_batch([Image.open(PHOTOS / "cameraman_gray.jpg")])
 

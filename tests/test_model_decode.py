@@ -51,8 +51,8 @@ def camera_jpeg(photo: Path) -> bytes:
 
 
 def top1(tagger: ModelTagger, data: bytes, limits: DecodeLimits) -> int:
-    prepared = tagger.prepare(decode_image(data, limits)).classifier_input
-    return int(tagger.classifier.predict(prepared[np.newaxis]).argmax())
+    prepared = tagger.prepare(decode_image(data, limits)).pixels
+    return int(tagger.classifier.predict(tagger.classifier.normalize(prepared[np.newaxis])).argmax())
 
 
 @pytest.mark.parametrize("photo", photos(), ids=lambda p: p.name)

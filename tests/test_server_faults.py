@@ -311,7 +311,7 @@ def test_model_tagger_prepared_inputs_tag_like_images() -> None:
     prepare = preparer(tagger)
     assert prepare is not None
     prepared = [prepare(image) for image in images]
-    assert all(item.classifier_input.shape == (3, 224, 224) for item in prepared)
+    assert all(item.pixels.shape == (3, 224, 224) for item in prepared)
     tags = tagger.tag_batch(prepared)
     assert tags == tagger.tag_batch(images) and all(tags[:3])
 

@@ -28,7 +28,7 @@ from batchtag.taggers.rules import LabelRules
 class Prepared:
     """One image made ready for both models; ``faces`` is None when the people stage is off."""
 
-    classifier_input: np.ndarray  # (3, 224, 224) float32
+    pixels: np.ndarray  # (3, 224, 224) uint8: the classifier's crop, normalised a batch at a time
     faces: Views | None
 
 
@@ -60,14 +60,14 @@ class ModelTagger:
         """The network inputs for one image (thread-safe)."""
         image = to_rgb(image)
         views = prepare_views(image, self.people.detector) if self.people is not None else None
-        return Prepared(self.classifier.preprocess(image), views)
+        return Prepared(self.classifier.crop_pixels(image), views)
 
     def tag_batch(self, items: list[Any]) -> list[list[Tag]]:
         """Tags for prepared inputs (from ``prepare``); plain images are prepared here."""
         if not items:
             return []
         prepared = [item if isinstance(item, Prepared) else self.prepare(item) for item in items]
-        probs = self.classifier.predict(np.stack([p.classifier_input for p in prepared]))
+        probs = self.classifier.predict(self.classifier.normalize(np.stack([p.pixels for p in prepared])))
         tags: list[list[Tag]] = self.rules.tags_batch(probs)  # type: ignore[assignment]
         if self.people is None or self.detector is None:
             return tags
