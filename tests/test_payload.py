@@ -118,3 +118,39 @@ async def test_without_a_body_the_payload_carries_the_raw_source(tmp_path):
     with pytest.raises(InputError) as refused:
         await build_payload(Item("ftp://x/a.jpg", "url", "ftp://x/a.jpg"), "1000001", "", body=False)
     assert refused.value.code == codes.URL_FORMAT
+
+
+async def test_files_read_together_come_back_in_order_each_with_its_own_outcome(tmp_path):
+    from batchtag.payload import FileRead, read_images
+
+    first, second = encode_image("JPEG", color=(1, 2, 3)), encode_image("PNG")
+    (tmp_path / "a.jpg").write_bytes(first)
+    (tmp_path / "b.png").write_bytes(second)
+    items = [Item.with_stat(file_item(tmp_path / name)) for name in ("a.jpg", "missing.jpg", "b.png")]
+    reads = await read_images(items)
+    assert [type(r) for r in reads] == [FileRead, InputError, FileRead]
+    assert reads[0].data == first and reads[2].data == second
+    assert reads[1].message == "file not found"
+    assert reads[0].facts.size == len(first) and reads[0].facts.xxh3_128 != reads[2].facts.xxh3_128
+
+
+def _jpeg(exif: bytes | None = None, comment: bytes | None = None) -> bytes:
+    out = io.BytesIO()
+    options = {"exif": exif} if exif is not None else {}
+    if comment is not None:
+        options["comment"] = comment
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(out, "JPEG", **options)
+    return out.getvalue()
+
+
+def test_exif_is_found_by_walking_the_jpeg_segments():
+    from batchtag.formats import jpeg_has_exif, may_be_turned
+
+    turned = Image.Exif()
+    turned[0x0112] = 6
+    assert jpeg_has_exif(_jpeg(turned.tobytes()))
+    assert not jpeg_has_exif(_jpeg())
+    assert not jpeg_has_exif(_jpeg(comment=b"Exif\x00\x00 in a comment is not EXIF"))
+    assert jpeg_has_exif(b"\xff\xd8\xff\xe1\x00")  # cut short: let Pillow judge
+    assert jpeg_has_exif(b"\xff\xd8\x00\x00\x00\x00")  # not a marker where one must be
+    assert may_be_turned(_jpeg(turned.tobytes())) and not may_be_turned(_jpeg())
