@@ -78,8 +78,7 @@ class Record:
         """UTF-8 JSON plus newline. Paths that are not valid UTF-8 (surrogate escapes) are
         written as JSON ``\\udcXX`` escapes, so the file stays valid UTF-8 and reads back to
         the same key."""
-        text = json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
-        return text.encode("utf-8", "backslashreplace") + b"\n"
+        return LINE_ENCODER.encode(self.to_dict()).encode("utf-8", "backslashreplace") + b"\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Record:
@@ -180,10 +179,12 @@ class Settings:
     def line_tail(self) -> bytes:
         """How every line written with these settings ends: resume recognises records made
         with the current settings by this suffix alone."""
-        text = json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        text = LINE_ENCODER.encode(self.to_dict())
         return SETTINGS_OPEN + text.encode("utf-8", "backslashreplace") + b"}\n"
 
 
+# One encoder for every line (json.dumps with options builds a new one each call).
+LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 SETTINGS_OPEN = b',"settings":'
 FILE_OPEN = b',"file":{'
 HASH_FIELD = b',"xxh3_128":"'
