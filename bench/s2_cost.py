@@ -42,7 +42,7 @@ BARE_GOAL = 1.2  # batchtag's client CPU per request over the bare aiohttp loop'
 
 def run(ctx: Ctx) -> Section:
     section = Section("cost", f"2. Client CPU cost per request (C={CONCURRENCY}, server latency 0)")
-    repeats = ctx.pick(1, 3)
+    repeats = ctx.pick(1, 5)  # paired CPU ratios drift +-15 % run to run here: 5 pairs, median
     sets = {
         "10 KB": (
             image_set(ctx, "small-unique", ctx.pick(200, 20_000), (256, 192), unique=True),
