@@ -350,6 +350,12 @@ def command_serve(args: argparse.Namespace) -> int:
     return exit_status(Outcome.ALL_OK)
 
 
+def silence_stdout() -> None:
+    """The reader of our stdout left (``| head``): stop quietly, as ``cat`` does, instead of
+    a traceback. Python flushes stdout again at exit, so it is pointed at /dev/null."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     INTERRUPTS.install()
     try:
@@ -370,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("batchtag: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
+    except BrokenPipeError as exc:
+        silence_stdout()
+        code = exit_status(exc)
     INTERRUPTS.finishing()
     if INTERRUPTS.signalled:
         # Records are flushed and the summary printed: do not wait for worker threads a

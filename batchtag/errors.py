@@ -188,6 +188,7 @@ EXIT_STATUS: dict[Outcome | type[BaseException], int] = {
     Outcome.ALL_OK: 0,
     Outcome.SOME_FAILED: 1,
     UsageError: 2,  # also argparse's own usage errors (cli.Parser)
+    BrokenPipeError: 2,  # stdout's reader left (``| head``): what was to be printed was not
     Outcome.NO_ITEMS: 3,
     Outcome.INTERRUPTED: 130,
     KeyboardInterrupt: 130,  # a signal before the event loop runs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from batchtag.cli import silence_stdout
 from batchtag.records import Record, iter_valid_records
 
 
@@ -20,8 +21,13 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m batchtag.show OUT.jsonl", file=sys.stderr)
         return 2
-    for record in sorted(iter_valid_records(argv[0]), key=lambda r: r.key):
-        print(describe(record))
+    try:
+        for record in sorted(iter_valid_records(argv[0]), key=lambda r: r.key):
+            print(describe(record))
+        sys.stdout.flush()
+    except BrokenPipeError:  # ``| head`` took what it wanted
+        silence_stdout()
+        return 1
     return 0
 
 

@@ -31,6 +31,7 @@ from bench.common import (
     photo_set,
     run_client,
     serve,
+    unique_copies,
     write_manifest,
 )
 from bench.plots import bar_plot
@@ -60,9 +61,11 @@ def run(ctx: Ctx) -> Section:
         "model", f"5. Local model (--tagger model) over HTTP vs raw batched model (batch {BATCH})"
     )
     repeats = ctx.pick(1, 5)
+    # Distinct bytes in every file: batchtag tags identical bytes once, so hard-linked copies
+    # would measure one request and a lot of reused records.
     sets = {
-        "3000 px": make_photos(ctx, 3000, ctx.pick(16, 64)),
-        "640 px": make_photos(ctx, 640, ctx.pick(32, 192)),
+        "3000 px": unique_copies(ctx, "model-3000-unique", make_photos(ctx, 3000, ctx.pick(16, 64))),
+        "640 px": unique_copies(ctx, "model-640-unique", make_photos(ctx, 640, ctx.pick(32, 384))[:192]),
     }
     # The server's own decode floor (the model tagger's input_size).
     limits = DecodeLimits(

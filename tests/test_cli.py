@@ -238,3 +238,34 @@ def test_ctrl_c_on_a_huge_manifest_stops_the_orderly_way(tmp_path, spawner):
     assert "[interrupted]" in proc.stderr() and "Traceback" not in proc.stderr()
     written = out.read_bytes()
     assert written.endswith(b"\n") and 0 < written.count(b"\n") < 1_500_000
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    """``python -m batchtag.show OUT | head -1``: the pipe closes after one line; show
+    stops quietly (exit 1, nothing on stderr) instead of a BrokenPipeError traceback."""
+    import subprocess
+
+    from batchtag.records import Record
+    from tests.support import batchtag_command
+
+    out = tmp_path / "out.jsonl"
+    lines = (
+        Record(
+            f"https://example.com/{i:06}.jpg",
+            "url",
+            "ok",
+            0,
+            "success",
+            [{"tag_name": "猫", "tag_confidence": 90}],
+            1,
+        )
+        for i in range(20_000)  # ~800 KB of output: far more than a pipe buffer holds
+    )
+    out.write_bytes(b"".join(record.to_line() for record in lines))
+    proc = subprocess.Popen(
+        batchtag_command(out, module="batchtag.show"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout.readline().startswith(b"https://example.com/000000.jpg")
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 1
+    assert proc.stderr.read() == b""
