@@ -88,6 +88,26 @@ class KeySet:
             self._merge()
         return True
 
+    def add_many(self, fingerprints: list[int]) -> list[bool]:
+        """Add a chunk's fingerprints; True where one was new (neither in the set nor earlier
+        in the chunk). One vectorised lookup for the chunk instead of a numpy call a key."""
+        if len(self._sorted):
+            wanted = np.asarray(fingerprints, dtype=np.uint64)  # never int64 or float: exact
+            index = np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)
+            known = (self._sorted[index] == wanted).tolist()
+        else:
+            known = [False] * len(fingerprints)
+        recent = self._recent
+        new = []
+        for fp, old in zip(fingerprints, known, strict=True):
+            is_new = not old and fp not in recent
+            if is_new:
+                recent.add(fp)
+            new.append(is_new)
+        if len(recent) >= MERGE_EVERY:  # after the chunk: a merge clears ``recent``
+            self._merge()
+        return new
+
     def _has(self, fp: int) -> bool:
         if fp in self._recent:
             return True

@@ -187,14 +187,10 @@ class ResumeFilter:
             skipped.done = int(done.sum())
             skipped.previous_errors = int(self._checkpoint.errors.contains_many(fingerprints[done]).sum())
         self._count_redone(fingerprints[to_do], skipped)
-        fresh = []
-        for item, fp, is_done in zip(chunk, fingerprints.tolist(), done.tolist(), strict=True):
-            if is_done:
-                continue
-            if self._seen.add_fingerprint(fp):
-                fresh.append(item)
-            else:
-                skipped.duplicates += 1
+        pending = [item for item, is_done in zip(chunk, done.tolist(), strict=True) if not is_done]
+        first_time = self._seen.add_many(fingerprints[to_do].tolist())
+        fresh = [item for item, new in zip(pending, first_time, strict=True) if new]
+        skipped.duplicates += len(pending) - len(fresh)
         return fresh, skipped
 
     def _count_redone(self, fingerprints: np.ndarray, skipped: Skipped) -> None:

@@ -39,3 +39,13 @@ def test_sorted_unique_sorts_and_drops_repeats():
         True,
         False,
     ]
+
+
+def test_add_many_marks_what_is_new_against_the_set_and_earlier_in_the_chunk(monkeypatch):
+    from batchtag import keyset
+
+    monkeypatch.setattr(keyset, "MERGE_EVERY", 4)  # so the sorted part is used too
+    keys = keyset.KeySet()
+    assert keys.add_many([1, 2, 3, 2, 4]) == [True, True, True, False, True]  # merged after: 4 keys
+    assert keys.add_many([5, 1, 5, 4, 6]) == [True, False, False, False, True]
+    assert len(keys) == 6 and all(keys._has(fp) for fp in range(1, 7)) and not keys._has(7)

@@ -154,3 +154,20 @@ def test_exif_is_found_by_walking_the_jpeg_segments():
     assert jpeg_has_exif(b"\xff\xd8\xff\xe1\x00")  # cut short: let Pillow judge
     assert jpeg_has_exif(b"\xff\xd8\x00\x00\x00\x00")  # not a marker where one must be
     assert may_be_turned(_jpeg(turned.tobytes())) and not may_be_turned(_jpeg())
+
+
+def test_a_file_longer_than_its_stat_size_is_read_to_the_end_and_capped():
+    """/proc files say size 0 and hold more, like a file that grows while it is read."""
+    import os
+
+    from batchtag.payload import read_regular
+
+    fd = os.open("/proc/self/status", os.O_RDONLY)
+    try:
+        assert os.fstat(fd).st_size == 0
+        assert b"VmRSS" in read_regular(fd, 1 << 20)
+        os.lseek(fd, 0, os.SEEK_SET)
+        with pytest.raises(InputError, match="file too large"):
+            read_regular(fd, 10)
+    finally:
+        os.close(fd)
