@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -294,6 +295,7 @@ async def opened_out(
     it within a moment instead of after the whole file; closed (fsync) at the end."""
     stop = threading.Event()
     settings = config.settings()
+    created = not os.path.lexists(config.out)
     try:
         sink, checkpoint = await asyncio.to_thread(
             open_sink, config.out, config.retry_errors, stop, settings, writer
@@ -307,6 +309,9 @@ async def opened_out(
         yield sink, checkpoint
     finally:
         await sink.close()
+        if created and sink.size == 0:  # nothing found or nothing answered: no empty OUT left
+            with contextlib.suppress(OSError):
+                os.unlink(config.out)
 
 
 def refuse_other_settings(checkpoint: Checkpoint, settings: Settings, out: str) -> None:

@@ -52,6 +52,16 @@ def test_zero_items_found_is_a_warning_and_exit_status_3(tmp_path, kind):
     assert result.returncode == 3, result.stderr
     assert "no items found" in result.stderr and "Traceback" not in result.stderr
     assert json.loads(result.stdout)["exit_code"] == 3  # --summary-json - is standard output
+    assert not (tmp_path / "out.jsonl").exists()  # no empty OUT left behind
+
+
+def test_a_zero_item_rerun_keeps_an_existing_empty_out(tmp_path):
+    """Only an OUT this run created is removed: one that was there stays, even empty."""
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b"")
+    assert run_local(tmp_path / "empty", "-o", out).returncode == 3
+    assert out.exists() and out.read_bytes() == b""
 
 
 def test_summary_json_dash_is_standard_output(tmp_path):
