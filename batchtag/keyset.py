@@ -66,10 +66,7 @@ class KeySet:
     def contains_many(self, fingerprints: np.ndarray) -> np.ndarray:
         """Membership of a whole chunk in one vectorised lookup: resume over a million
         finished keys must not pay a numpy call per key."""
-        found = np.zeros(len(fingerprints), dtype=bool)
-        if len(self._sorted):
-            index = np.minimum(np.searchsorted(self._sorted, fingerprints), len(self._sorted) - 1)
-            found = self._sorted[index] == fingerprints
+        found = self._in_sorted(fingerprints)
         if self._recent:
             found |= np.fromiter(
                 (int(fp) in self._recent for fp in fingerprints), dtype=bool, count=len(fingerprints)
@@ -91,12 +88,8 @@ class KeySet:
     def add_many(self, fingerprints: list[int]) -> list[bool]:
         """Add a chunk's fingerprints; True where one was new (neither in the set nor earlier
         in the chunk). One vectorised lookup for the chunk instead of a numpy call a key."""
-        if len(self._sorted):
-            wanted = np.asarray(fingerprints, dtype=np.uint64)  # never int64 or float: exact
-            index = np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)
-            known = (self._sorted[index] == wanted).tolist()
-        else:
-            known = [False] * len(fingerprints)
+        # uint64, never int64 or float: a list of large ints must compare exactly
+        known = self._in_sorted(np.asarray(fingerprints, dtype=np.uint64)).tolist()
         recent = self._recent
         new = []
         for fp, old in zip(fingerprints, known, strict=True):
@@ -107,6 +100,13 @@ class KeySet:
         if len(recent) >= MERGE_EVERY:  # after the chunk: a merge clears ``recent``
             self._merge()
         return new
+
+    def _in_sorted(self, fingerprints: np.ndarray) -> np.ndarray:
+        """Membership in the sorted part, one searchsorted for the whole array."""
+        if not len(self._sorted):
+            return np.zeros(len(fingerprints), dtype=bool)
+        index = np.minimum(np.searchsorted(self._sorted, fingerprints), len(self._sorted) - 1)
+        return self._sorted[index] == fingerprints
 
     def _has(self, fp: int) -> bool:
         if fp in self._recent:

@@ -154,9 +154,10 @@ class Run:
 
     async def read_files(self, items: list[Item]) -> list[FileRead | InputError | None]:
         """The bytes of the file items among ``items`` (None for URLs and known failures)."""
-        files = [item for item in items if item.kind == "file" and item.error_code is None]
+        to_read = [item.kind == "file" and item.error_code is None for item in items]
+        files = [item for item, read in zip(items, to_read, strict=True) if read]
         reads = iter(await read_images(files, self.config.max_file_bytes))
-        return [next(reads) if item.kind == "file" and item.error_code is None else None for item in items]
+        return [next(reads) if read else None for read in to_read]
 
     @property
     def wants_body(self) -> bool:

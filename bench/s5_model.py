@@ -15,7 +15,9 @@ model's preprocessing are timed directly on the same files.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -205,23 +207,36 @@ def run(ctx: Ctx) -> Section:
 
 def time_decode(paths: list[Path], limits: object, count: int) -> tuple[float, float, float]:
     """Median ms per image of the server's decode, the classifier's preprocessing and the face views."""
-    from batchtag.server.imaging import decode_image
     from batchtag.taggers.faces import prepare_views
     from batchtag.taggers.imagenet import ImageNetClassifier
 
-    decode, prep, views = [], [], []
+    stages = {"prepare": ImageNetClassifier.preprocess, "views": prepare_views}
+    times = time_stages(paths, limits, count, stages, time.perf_counter)
+    return times["decode"], times["prepare"], times["views"]
+
+
+def time_stages(
+    paths: list[Path],
+    limits: object,
+    count: int,
+    stages: dict[str, Callable[[Any], Any]],
+    clock: Callable[[], float] = time.thread_time,
+) -> dict[str, float]:
+    """Median ms per image of the server's decode ("decode") and of each stage run on the
+    decoded image, one after another in this thread."""
+    from batchtag.server.imaging import decode_image
+
+    samples: dict[str, list[float]] = {"decode": [], **{name: [] for name in stages}}
     for path in paths[:count]:
         data = path.read_bytes()
-        started = time.perf_counter()
+        started = clock()
         image = decode_image(data, limits)  # type: ignore[arg-type]
-        middle = time.perf_counter()
-        ImageNetClassifier.preprocess(image)
-        done = time.perf_counter()
-        prepare_views(image)
-        decode.append((middle - started) * 1000)
-        prep.append((done - middle) * 1000)
-        views.append((time.perf_counter() - done) * 1000)
-    return median(decode), median(prep), median(views)
+        samples["decode"].append((clock() - started) * 1000)
+        for name, stage in stages.items():
+            started = clock()
+            stage(image)
+            samples[name].append((clock() - started) * 1000)
+    return {name: median(values) for name, values in samples.items()}
 
 
 def client_rate(ctx: Ctx, server: Server, manifest: Path, count: int, section: Section, label: str) -> float:

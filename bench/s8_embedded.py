@@ -39,7 +39,7 @@ from bench.common import (
     write_manifest,
 )
 from bench.plots import bar_plot
-from bench.s5_model import make_photos
+from bench.s5_model import make_photos, time_stages
 
 BATCH = 16
 CAMERA_SIZE = (4000, 3000)
@@ -203,7 +203,8 @@ def run(ctx: Ctx) -> Section:
     )
     costs = {}
     for label, paths in {"4000x3000": camera, **sets}.items():
-        decode_ms, prep_ms = time_decode(tagger, paths, limits, ctx.pick(3, 8))
+        times = time_stages(paths, limits, ctx.pick(3, 8), {"prepare": tagger.prepare})
+        decode_ms, prep_ms = times["decode"], times["prepare"]
         costs[label] = decode_ms + prep_ms
         section.add(
             Row(
@@ -290,20 +291,3 @@ def run_direct_loop(manifest: Path, n: int) -> ChildResult:
     return ChildResult(
         code, time.monotonic() - started, usage.ru_utime + usage.ru_stime, usage.ru_utime, usage.ru_stime, 0
     )
-
-
-def time_decode(tagger: Any, paths: list[Path], limits: object, count: int) -> tuple[float, float]:
-    """Median CPU ms per image of the server's decode and of the tagger's prepare (one thread)."""
-    from batchtag.server.imaging import decode_image
-
-    decode_ms, prep_ms = [], []
-    for path in paths[:count]:
-        data = path.read_bytes()
-        started = time.thread_time()
-        image = decode_image(data, limits)  # type: ignore[arg-type]
-        middle = time.thread_time()
-        tagger.prepare(image)
-        done = time.thread_time()
-        decode_ms.append((middle - started) * 1000)
-        prep_ms.append((done - middle) * 1000)
-    return median(decode_ms), median(prep_ms)
