@@ -25,7 +25,7 @@ install: $(RUNTIME)
 
 run: $(RUNTIME)
 	$(BIN)/batchtag run examples/photos -o examples/photos-tags.jsonl
-	$(BIN)/python -m batchtag.show examples/photos-tags.jsonl
+	$(BIN)/python -m batchtag.commands.show examples/photos-tags.jsonl
 
 # The export and report tests read sidecars back with exiftool and load the report in
 # Chromium; the docs/api.md test runs its curl example. Installed from Debian when missing

@@ -15,15 +15,15 @@ __all__ = ["RunConfig", "Summary", "__version__", "run", "run_batch"]
 
 _LAZY = {
     "RunConfig": "batchtag.config",
-    "Summary": "batchtag.progress",
-    "run": "batchtag.pipeline",
-    "run_batch": "batchtag.pipeline",
+    "Summary": "batchtag.pipeline.progress",
+    "run": "batchtag.pipeline.batch",
+    "run_batch": "batchtag.pipeline.batch",
 }
 
 if TYPE_CHECKING:
     from batchtag.config import RunConfig
-    from batchtag.pipeline import run, run_batch
-    from batchtag.progress import Summary
+    from batchtag.pipeline.batch import run, run_batch
+    from batchtag.pipeline.progress import Summary
 
 
 def __getattr__(name: str) -> Any:

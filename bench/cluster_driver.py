@@ -16,8 +16,8 @@ import signal
 import sys
 
 from batchtag.cluster.worker import ChunkResult
+from batchtag.pipeline.sources import Item
 from batchtag.records import Record
-from batchtag.sources import Item
 
 TAGS = [{"tag_name": "红", "tag_confidence": 81}, {"tag_name": "明亮", "tag_confidence": 64}]
 
@@ -34,8 +34,8 @@ async def drive(argv: list[str]) -> int:
     from batchtag.cli import make_parser, run_flags
     from batchtag.cluster.driver import run_on_cluster
     from batchtag.config import build_config
-    from batchtag.progress import Progress
-    from batchtag.sink import open_sink
+    from batchtag.pipeline.progress import Progress
+    from batchtag.pipeline.sink import open_sink
 
     args = make_parser().parse_args(["run", *argv])
     config = build_config(run_flags(args), args.config)

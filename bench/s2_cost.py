@@ -162,7 +162,7 @@ def bare_cpu_per_request(ctx: Ctx, url: str, one: Path, many: Path, n: int) -> f
 
 def profile_client(ctx: Ctx, url: str, images: list[Path]) -> tuple[str, dict[str, float]]:
     from batchtag.config import RunConfig
-    from batchtag.pipeline import run_batch
+    from batchtag.pipeline.batch import run_batch
 
     manifest = write_manifest(ctx.work / "s2-profile.txt", images)
     out = ctx.work / "s2-profile.jsonl"
@@ -207,7 +207,7 @@ def cprofile_client(config: Any) -> tuple[str, dict[str, float]]:
     import io
     import pstats
 
-    from batchtag.pipeline import run_batch
+    from batchtag.pipeline.batch import run_batch
 
     profiler = cProfile.Profile()
     profiler.enable()

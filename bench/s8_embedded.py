@@ -62,8 +62,8 @@ def make_camera_photos(ctx: Ctx, count: int, size: tuple[int, int] = CAMERA_SIZE
 
 
 def run(ctx: Ctx) -> Section:
-    from batchtag.server.app import create_state
     from batchtag.server.config import ServeConfig
+    from batchtag.server.service import create_state
     from batchtag.taggers.imagenet import ImageNetClassifier
     from batchtag.taggers.model import ModelTagger
 

@@ -22,7 +22,7 @@ from PIL import Image
 from batchtag import run_batch
 from batchtag.config import ConfigError
 from batchtag.orientation import ORIENTATION_TAG
-from batchtag.raw import largest_jpeg_preview
+from batchtag.pipeline.raw import largest_jpeg_preview
 from batchtag.records import iter_valid_records
 from tests.support import (
     CREDENTIALS,

@@ -241,7 +241,7 @@ def test_ctrl_c_on_a_huge_manifest_stops_the_orderly_way(tmp_path, spawner):
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
-    """``python -m batchtag.show OUT | head -1``: the pipe closes after one line; show
+    """``python -m batchtag.commands.show OUT | head -1``: the pipe closes after one line; show
     stops quietly (exit 1, nothing on stderr) instead of a BrokenPipeError traceback."""
     import subprocess
 
@@ -263,7 +263,7 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
     )
     out.write_bytes(b"".join(record.to_line() for record in lines))
     proc = subprocess.Popen(
-        batchtag_command(out, module="batchtag.show"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        batchtag_command(out, module="batchtag.commands.show"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     assert proc.stdout.readline().startswith(b"https://example.com/000000.jpg")
     proc.stdout.close()

@@ -10,9 +10,9 @@ from aioresponses import aioresponses
 
 from batchtag import codes
 from batchtag.api import DETECT_PATH
-from batchtag.client import CredentialsRefused, RetryPolicy, TagClient
-from batchtag.payload import Payload
-from batchtag.ratelimit import AdaptiveRateLimiter
+from batchtag.pipeline.client import CredentialsRefused, RetryPolicy, TagClient
+from batchtag.pipeline.payload import Payload
+from batchtag.pipeline.ratelimit import AdaptiveRateLimiter
 from batchtag.signing import verify
 from tests.support import CREDENTIALS as CREDS
 from tests.support import FakeClock

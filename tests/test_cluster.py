@@ -15,9 +15,9 @@ from batchtag.cluster import ClusterError, parse_cluster_address
 from batchtag.cluster.driver import run_on_cluster
 from batchtag.cluster.worker import ChunkResult
 from batchtag.config import ConfigError, RunConfig, build_config
-from batchtag.progress import Progress
+from batchtag.pipeline.progress import Progress
+from batchtag.pipeline.sink import open_sink
 from batchtag.records import Record
-from batchtag.sink import open_sink
 from tests.support import (
     Proc,
     Spawner,

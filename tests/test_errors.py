@@ -8,9 +8,9 @@ import pytest
 
 from batchtag import codes, errors
 from batchtag.config import build_config
-from batchtag.progress import Summary
-from batchtag.sink import open_sink
-from batchtag.sources import check_source
+from batchtag.pipeline.progress import Summary
+from batchtag.pipeline.sink import open_sink
+from batchtag.pipeline.sources import check_source
 
 ALL_ERRORS = [
     obj for obj in vars(errors).values() if inspect.isclass(obj) and issubclass(obj, errors.BatchtagError)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from batchtag import run_batch
+from batchtag.pipeline.sink import SinkError
 from batchtag.server.app import STATE
-from batchtag.sink import SinkError
 from tests.support import FullDisk, read_out, run_cli, run_config, tiny_jpegs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 # given a FullDisk writer (the sink's Writer seam; nothing else is replaced).
 FULL_DISK_CLI = """
 import functools, sys
-from batchtag import cli, pipeline
+from batchtag import cli
+from batchtag.pipeline import batch as pipeline
 from tests.support import FullDisk
 disk = FullDisk(int(sys.argv[1]), int(sys.argv[2]))
 pipeline.run_batch = functools.partial(pipeline.run_batch, writer=disk)

@@ -206,8 +206,8 @@ def test_hostile_tree_each_item_gets_one_clear_record_and_the_run_completes(tmp_
 
 
 async def test_unshrinkable_oversized_file_has_a_plain_message(tmp_path):
-    from batchtag.payload import InputError, build_payload
-    from batchtag.sources import path_item
+    from batchtag.pipeline.payload import InputError, build_payload
+    from batchtag.pipeline.sources import path_item
 
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"\xff\xd8\xff\xe0" + random.Random(5).randbytes(2 * MB))

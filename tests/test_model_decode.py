@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from batchtag.server.app import create_state
 from batchtag.server.config import ServeConfig
 from batchtag.server.imaging import DecodeLimits, decode_image
+from batchtag.server.service import create_state
 from batchtag.taggers.imagenet import RESIZE_SIZE
 from batchtag.taggers.model import ModelTagger
 

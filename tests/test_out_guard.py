@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from batchtag import sink
+from batchtag.pipeline import sink
+from batchtag.pipeline.sink import open_sink
 from batchtag.records import Record, iter_valid_records
-from batchtag.sink import open_sink
 from tests.support import assert_refused, encode_image, read_out, run_local, tiny_jpegs
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from batchtag import codes
-from batchtag.payload import (
+from batchtag.pipeline.payload import (
     INLINE_ENCODE_BYTES,
     InputError,
     body_bytes,
@@ -17,7 +17,7 @@ from batchtag.payload import (
     read_file,
     shrink_to_fit,
 )
-from batchtag.sources import Item
+from batchtag.pipeline.sources import Item
 from tests.support import encode_image, noisy_jpeg
 
 
@@ -121,7 +121,7 @@ async def test_without_a_body_the_payload_carries_the_raw_source(tmp_path):
 
 
 async def test_files_read_together_come_back_in_order_each_with_its_own_outcome(tmp_path):
-    from batchtag.payload import FileRead, read_images
+    from batchtag.pipeline.payload import FileRead, read_images
 
     first, second = encode_image("JPEG", color=(1, 2, 3)), encode_image("PNG")
     (tmp_path / "a.jpg").write_bytes(first)
@@ -144,7 +144,7 @@ def _jpeg(exif: bytes | None = None, comment: bytes | None = None) -> bytes:
 
 
 def test_exif_is_found_by_walking_the_jpeg_segments():
-    from batchtag.formats import jpeg_has_exif, may_be_turned
+    from batchtag.pipeline.formats import jpeg_has_exif, may_be_turned
 
     turned = Image.Exif()
     turned[0x0112] = 6
@@ -160,7 +160,7 @@ def test_a_file_longer_than_its_stat_size_is_read_to_the_end_and_capped():
     """/proc files say size 0 and hold more, like a file that grows while it is read."""
     import os
 
-    from batchtag.payload import read_regular
+    from batchtag.pipeline.payload import read_regular
 
     fd = os.open("/proc/self/status", os.O_RDONLY)
     try:

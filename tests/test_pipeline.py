@@ -7,7 +7,7 @@ import os
 import pytest
 
 from batchtag import codes, run_batch
-from batchtag.client import CredentialsRefused
+from batchtag.pipeline.client import CredentialsRefused
 from batchtag.records import iter_valid_records, load_records
 from tests.support import encode_image, noisy_jpeg, run_config, with_comment
 
@@ -101,7 +101,7 @@ async def test_unreadable_file(serve, creds, tmp_path):
 
 
 async def test_unreadable_file_as_root_too(serve, creds, tmp_path, monkeypatch):
-    from batchtag import payload
+    from batchtag.pipeline import payload
 
     server = await serve()
     path = write_jpeg(tmp_path / "in" / "locked.jpg")
@@ -246,9 +246,9 @@ async def test_summary_json_for_schedulers(serve, creds, tmp_path):
 async def test_image_decoder_accepts_what_payload_sends(tmp_path, fmt):
     """The client's pre-send check and the server's decoder agree on the API's formats: a
     body built by payload.py decodes on the server to the same pixels."""
-    from batchtag.payload import build_payload
+    from batchtag.pipeline.payload import build_payload
+    from batchtag.pipeline.sources import Item
     from batchtag.server.imaging import DecodeLimits, decode_base64, decode_image
-    from batchtag.sources import Item
 
     path = tmp_path / f"image.{fmt.lower()}"
     path.write_bytes(encode_image(fmt, size=(8, 6), color=(10, 200, 30)))

@@ -6,7 +6,7 @@ with a timer that oversleeps by up to 2 ms as a real event loop's does, and no t
 
 import asyncio
 
-from batchtag.ratelimit import AdaptiveRateLimiter, AimdPolicy
+from batchtag.pipeline.ratelimit import AdaptiveRateLimiter, AimdPolicy
 from tests.support import FakeClock
 
 

@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
+from batchtag.pipeline.resume import STOP_CHECK_EVERY, ResumeFilter, ScanStopped, Skipped, read_checkpoint
+from batchtag.pipeline.sources import Item
 from batchtag.records import Record
-from batchtag.resume import STOP_CHECK_EVERY, ResumeFilter, ScanStopped, Skipped, read_checkpoint
-from batchtag.sources import Item
 
 
 def line(key, status="ok"):

@@ -5,9 +5,9 @@ import os
 import pytest
 
 from batchtag.errors import SinkError
+from batchtag.pipeline.resume import read_checkpoint
+from batchtag.pipeline.sink import open_sink
 from batchtag.records import Record, read_key_and_status
-from batchtag.resume import read_checkpoint
-from batchtag.sink import open_sink
 
 
 def record(key, status="ok", **extra):

@@ -6,7 +6,14 @@ import os
 import pytest
 
 from batchtag import codes
-from batchtag.sources import SourceError, check_source, iter_items, read_stdin, url_problem, walk_directory
+from batchtag.pipeline.sources import (
+    SourceError,
+    check_source,
+    iter_items,
+    read_stdin,
+    url_problem,
+    walk_directory,
+)
 
 
 def touch(path, data=b"x"):

@@ -39,12 +39,12 @@ from batchtag.cluster.worker import (
 )
 from batchtag.config import RunConfig
 from batchtag.keyset import KeySet
-from batchtag.pipeline import STOP, Run
-from batchtag.progress import Progress, Summary
+from batchtag.pipeline.batch import STOP, Run
+from batchtag.pipeline.progress import Progress, Summary
+from batchtag.pipeline.resume import Checkpoint
+from batchtag.pipeline.sink import ResultSink
+from batchtag.pipeline.sources import Item
 from batchtag.records import Record
-from batchtag.resume import Checkpoint
-from batchtag.sink import ResultSink
-from batchtag.sources import Item
 
 log = logging.getLogger("batchtag")
 

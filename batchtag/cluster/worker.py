@@ -25,12 +25,12 @@ from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from batchtag.config import RunConfig
-from batchtag.pipeline import STOP, Run, open_client
-from batchtag.progress import Progress
-from batchtag.ratelimit import AdaptiveRateLimiter
+from batchtag.pipeline.batch import STOP, Run, open_client
+from batchtag.pipeline.progress import Progress
+from batchtag.pipeline.ratelimit import AdaptiveRateLimiter
+from batchtag.pipeline.resume import Checkpoint
+from batchtag.pipeline.sources import Item
 from batchtag.records import Record
-from batchtag.resume import Checkpoint
-from batchtag.sources import Item
 
 STOP_TIMEOUT_S = 30.0
 

@@ -10,8 +10,8 @@ codes back as ``ApiError``. Signature and quota are skipped: the caller is this 
 
 from __future__ import annotations
 
-from batchtag.server.app import ServerState, create_state, tag_source
 from batchtag.server.config import ServeConfig
+from batchtag.server.service import ServerState, create_state, tag_source
 from batchtag.taggers import Tag, Tagger
 
 

@@ -13,9 +13,9 @@ from tqdm import tqdm
 
 from batchtag import codes
 from batchtag.errors import Outcome, SummaryError, exit_status
-from batchtag.excludes import LeftOut
+from batchtag.pipeline.excludes import LeftOut
+from batchtag.pipeline.resume import Skipped
 from batchtag.records import Record
-from batchtag.resume import Skipped
 
 
 def check_summary_path(path: str) -> None:

@@ -1,4 +1,4 @@
-"""``batchtag export`` and ``batchtag report``: argument parsing and exit statuses.
+"""``batchtag export``: argument parsing and exit statuses.
 
 Exit statuses come from ``errors.EXIT_STATUS``: ALL_OK when done; SOME_FAILED when some
 sidecars were refused or could not be written; a UsageError (OUT missing or not a results
@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any
 
+from batchtag.commands import known_error
 from batchtag.errors import Outcome, UsageError, exit_status
 
 FORMATS = ("xmp", "csv", "parquet")
@@ -39,17 +40,6 @@ def add_export_parser(commands: Any) -> None:
         default="default",
         help="sidecar names: photo.jpg.xmp (default: digiKam, darktable) or photo.xmp (lightroom)",
     )
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
-
-
-def add_report_parser(commands: Any) -> None:
-    p = commands.add_parser(
-        "report",
-        help="write an HTML page to look at the results",
-        description="An HTML report of OUT that opens from disk: summary, top tags, errors, thumbnails.",
-    )
-    p.add_argument("out_file", metavar="OUT.jsonl", help="results of batchtag run")
-    p.add_argument("-o", "--output", required=True, metavar="report.html")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
 
 
@@ -96,35 +86,3 @@ def export_table(records: Any, args: argparse.Namespace) -> int:
     counts = write(records, path, args.min_confidence)
     print(f"batchtag: {counts.rows} rows written to {counts.path}", file=sys.stderr)
     return exit_status(Outcome.ALL_OK)
-
-
-def command_report(args: argparse.Namespace) -> int:
-    from batchtag.export.common import progress_bar, read_records
-    from batchtag.export.report import write_report
-
-    try:
-        with progress_bar("report", args.progress) as bar:
-            result = write_report(
-                read_records(args.out_file, bar), args.output, os.path.basename(args.out_file), bar
-            )
-    except Exception as exc:
-        return known_error(exc)
-    print(
-        f"batchtag: report of {result.items} items written to {result.path} "
-        f"({result.thumbnails_made} thumbnails made, {result.thumbnails_reused} reused)",
-        file=sys.stderr,
-    )
-    return exit_status(Outcome.ALL_OK)
-
-
-def known_error(exc: Exception) -> int:
-    """What a user can cause (a UsageError, or an OUT or output that cannot be opened)
-    is one line on stderr and the table's status; anything else is a bug and propagates."""
-
-    if isinstance(exc, OSError):
-        where = f"{exc.filename}: " if exc.filename else ""
-        exc = UsageError(f"{where}{exc.strerror or exc}")
-    if not isinstance(exc, UsageError):
-        raise exc
-    print(f"batchtag: error: {exc.message}", file=sys.stderr)
-    return exit_status(exc)

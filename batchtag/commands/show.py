@@ -1,11 +1,11 @@
-"""Print a results file as one readable line an image: ``python -m batchtag.show OUT.jsonl``."""
+"""Print a results file as one readable line an image: ``python -m batchtag.commands.show OUT.jsonl``."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from batchtag.cli import silence_stdout
+from batchtag.commands import silence_stdout
 from batchtag.records import Record, iter_valid_records
 
 
@@ -19,7 +19,7 @@ def describe(record: Record) -> str:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m batchtag.show OUT.jsonl", file=sys.stderr)
+        print("usage: python -m batchtag.commands.show OUT.jsonl", file=sys.stderr)
         return 2
     try:
         for record in sorted(iter_valid_records(argv[0]), key=lambda r: r.key):

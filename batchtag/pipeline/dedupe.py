@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from batchtag.keyset import MERGE_EVERY
+from batchtag.pipeline.sources import Item
 from batchtag.records import FileFacts, Record, content_fingerprint
-from batchtag.sources import Item
 
 FOLLOW = "follow"
 LEAD = "lead"

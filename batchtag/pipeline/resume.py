@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from batchtag.dedupe import ContentIndex
 from batchtag.keyset import KeySet, fingerprint
+from batchtag.pipeline.dedupe import ContentIndex
+from batchtag.pipeline.sources import Item
 from batchtag.records import (
     OTHER_SETTINGS,
     LineScan,
@@ -41,7 +42,6 @@ from batchtag.records import (
     scan_lines,
     state_fingerprint,
 )
-from batchtag.sources import Item
 
 log = logging.getLogger("batchtag")
 

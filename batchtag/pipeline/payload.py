@@ -31,9 +31,9 @@ from PIL import Image, UnidentifiedImageError
 from batchtag import api, codes
 from batchtag.config import MAX_FILE_BYTES
 from batchtag.errors import InputError
-from batchtag.formats import needs_work, sendable
+from batchtag.pipeline.formats import needs_work, sendable
+from batchtag.pipeline.sources import Item, url_problem
 from batchtag.records import FileFacts, content_hash
-from batchtag.sources import Item, url_problem
 
 INLINE_ENCODE_BYTES = 256 * 1024  # bigger images are base64-encoded off the event loop
 READ_MORE_BYTES = 1024 * 1024  # a read's size past the size fstat gave (a growing file)

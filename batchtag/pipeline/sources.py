@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from batchtag import codes
 from batchtag.errors import SourceError
-from batchtag.excludes import UNSUPPORTED, LeftOut, WalkRules
+from batchtag.pipeline.excludes import UNSUPPORTED, LeftOut, WalkRules
 from batchtag.records import SourceKind
 
 SENT_AS_IS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})  # what the API takes

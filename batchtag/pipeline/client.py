@@ -32,8 +32,8 @@ from tenacity import (
 from batchtag import api, codes, signing
 from batchtag.config import LOCAL
 from batchtag.errors import ApiFailure, CredentialsRefused, EndpointUnreachable
-from batchtag.payload import Payload
-from batchtag.ratelimit import AdaptiveRateLimiter
+from batchtag.pipeline.payload import Payload
+from batchtag.pipeline.ratelimit import AdaptiveRateLimiter
 
 if TYPE_CHECKING:
     from batchtag.server.embedded import EmbeddedService

@@ -18,8 +18,8 @@ from PIL import Image
 from batchtag import api, codes
 from batchtag.errors import InputError
 from batchtag.orientation import UPRIGHT, orientation_of, upright
-from batchtag.raw import largest_jpeg_preview
-from batchtag.sources import RAW
+from batchtag.pipeline.raw import largest_jpeg_preview
+from batchtag.pipeline.sources import RAW
 
 JPEG_QUALITY = 92
 CONVERTIBLE_FORMATS = ("HEIF", "WEBP", "TIFF")

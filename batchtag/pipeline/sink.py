@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Protocol
 
 from batchtag.errors import SinkError
+from batchtag.pipeline.resume import Checkpoint, read_checkpoint
 from batchtag.records import (
     HEAD_BYTES,
     KEY_START,
@@ -38,7 +39,6 @@ from batchtag.records import (
     read_key_bytes_and_status,
     valid_line_mask,
 )
-from batchtag.resume import Checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from batchtag import codes, records
-from batchtag.client import EndpointHealth, RetryPolicy, TagClient, embedded_client, open_tag_client
 from batchtag.config import RunConfig, is_plain_http_to_another_host, public_url
-from batchtag.dedupe import FOLLOW, Dedupe
 from batchtag.errors import ConfigError, InputError, RunStopped
-from batchtag.excludes import WalkRules
-from batchtag.payload import (
+from batchtag.pipeline.client import EndpointHealth, RetryPolicy, TagClient, embedded_client, open_tag_client
+from batchtag.pipeline.dedupe import FOLLOW, Dedupe
+from batchtag.pipeline.excludes import WalkRules
+from batchtag.pipeline.payload import (
     READ_BATCH_BYTES,
     READ_BATCH_FILES,
     FileRead,
@@ -36,13 +36,13 @@ from batchtag.payload import (
     image_payload,
     read_images,
 )
-from batchtag.progress import Progress, Summary, check_summary_path
-from batchtag.ratelimit import AdaptiveRateLimiter
+from batchtag.pipeline.progress import Progress, Summary, check_summary_path
+from batchtag.pipeline.ratelimit import AdaptiveRateLimiter
+from batchtag.pipeline.resume import Checkpoint, ResumeFilter, Skipped
+from batchtag.pipeline.sink import ResultSink, Writer, open_sink, refuse_out_among_sources
+from batchtag.pipeline.sources import Item, Walk, check_source, iter_items
 from batchtag.records import Record, Settings
-from batchtag.resume import Checkpoint, ResumeFilter, Skipped
 from batchtag.signing import Credentials
-from batchtag.sink import ResultSink, Writer, open_sink, refuse_out_among_sources
-from batchtag.sources import Item, Walk, check_source, iter_items
 
 log = logging.getLogger("batchtag")
 
