@@ -1,8 +1,8 @@
-"""The driver of a ``--cluster`` run: the local pipeline with its middle stage on Dask.
+"""The driver of a ``--cluster`` run: the pipeline's ``Run`` with its middle stage on Dask.
 
-The driver is a ``Run`` whose producer (walk, skip what OUT holds, drop repeats) and
-writer (the one sink, the summary, the bar) are the local ones; between them, instead of
-preparers and senders, one dispatcher cuts the queue into chunks and submits them. At
+The producer (walk, skip what OUT holds, drop repeats) and writer (the one sink, the
+summary, the bar) are the run's own; its middle stage (``ClusterStage``), instead of
+preparers and senders, is one dispatcher that cuts the queue into chunks and submits them. At
 most ``WINDOW_PER_THREAD`` chunks a worker thread are in flight, so the driver holds a
 bounded number of items whatever the input size.
 
@@ -39,11 +39,11 @@ from batchtag.cluster.worker import (
 )
 from batchtag.config import RunConfig
 from batchtag.keyset import KeySet
-from batchtag.pipeline.batch import STOP, Run
+from batchtag.pipeline.flow import Run
 from batchtag.pipeline.progress import Progress, Summary
 from batchtag.pipeline.resume import Checkpoint
-from batchtag.pipeline.sink import ResultSink
 from batchtag.pipeline.sources import Item
+from batchtag.pipeline.stage import STOP, Ends, RecordSink
 from batchtag.records import Record
 
 log = logging.getLogger("batchtag")
@@ -62,7 +62,7 @@ ChunkTask = Callable[[str, list[Item]], ChunkResult]
 
 async def run_on_cluster(
     config: RunConfig,
-    sink: ResultSink,
+    sink: RecordSink,
     checkpoint: Checkpoint,
     progress: Progress,
     task: ChunkTask = tag_chunk,
@@ -77,9 +77,8 @@ async def run_on_cluster(
     async with connect(address) as client:
         threads = await wait_for_workers(client, address)
         async with tagger_on_every_worker(client, config, run_id, len(threads)):
-            driver = ClusterDriver(config, sink, checkpoint, progress, client, run_id, task)
-            driver.window.limit = window_for(threads)
-            return await driver.execute()
+            stage = ClusterStage(config, client, run_id, task, window_for(threads))
+            return await Run(config, sink, checkpoint, progress, stage).execute()
 
 
 def quiet_dask(config: RunConfig) -> None:
@@ -200,30 +199,29 @@ class Window:
             self._changed.notify_all()
 
 
-class ClusterDriver(Run):
-    def __init__(
-        self,
-        config: RunConfig,
-        sink: ResultSink,
-        checkpoint: Checkpoint,
-        progress: Progress,
-        client: Client,
-        run_id: str,
-        task: ChunkTask,
-    ) -> None:
-        super().__init__(config, sink, checkpoint, None, progress)  # type: ignore[arg-type]
-        self.preparers = 1  # the producer's STOP goes to the one dispatcher
-        self.queue = asyncio.Queue(maxsize=2 * CHUNK_ITEMS)  # a whole chunk can wait for a free slot
+class ClusterStage:
+    """Send through Dask: a ``stage.MiddleStage`` of one dispatcher task."""
+
+    consumers = 1  # the producer's STOP goes to the one dispatcher
+    queue_size = 2 * CHUNK_ITEMS  # a whole chunk can wait for a free slot
+
+    def __init__(self, config: RunConfig, client: Client, run_id: str, task: ChunkTask, window: int) -> None:
+        self.config = config
         self.dask = client
         self.run_id = run_id
         self.task = task
-        self.window = Window()
+        self.window = Window(window)
         self.written = KeySet()  # keys sent to the writer by this run
         self._chunks = 0
         self._futures: set[Any] = set()  # submitted, not yet returned: cancelled if the run stops
         self._last_relay = -1e9
+        # The run's ends, given at start():
+        self.queue: asyncio.Queue[Item | None]
+        self.results: asyncio.Queue[Record | None]
+        self.summary: Summary
 
-    def start_workers(self) -> list[asyncio.Task[None]]:
+    def start(self, ends: Ends) -> list[asyncio.Task[None]]:
+        self.queue, self.results, self.summary = ends.items, ends.results, ends.summary
         return [asyncio.create_task(self.dispatch(), name="dispatch")]
 
     async def dispatch(self) -> None:

@@ -25,11 +25,14 @@ from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from batchtag.config import RunConfig
-from batchtag.pipeline.batch import STOP, Run, open_client
+from batchtag.pipeline.client import TagClient
+from batchtag.pipeline.flow import Run
+from batchtag.pipeline.local import LocalStage, open_client
 from batchtag.pipeline.progress import Progress
 from batchtag.pipeline.ratelimit import AdaptiveRateLimiter
 from batchtag.pipeline.resume import Checkpoint
 from batchtag.pipeline.sources import Item
+from batchtag.pipeline.stage import STOP
 from batchtag.records import Record
 
 STOP_TIMEOUT_S = 30.0
@@ -99,17 +102,18 @@ class RecordList:
 
 
 class ChunkRun(Run):
-    """The pipeline's worker stages over one chunk: the producer is the chunk itself."""
+    """The pipeline's run over one chunk: the producer is the chunk itself, the middle stage
+    the local one (prepare and send in this process), the sink a ``RecordList``."""
 
-    def __init__(self, config: RunConfig, client: Any, items: list[Item]) -> None:
+    def __init__(self, config: RunConfig, client: TagClient, items: list[Item]) -> None:
         self.collected = RecordList()
-        super().__init__(config, self.collected, Checkpoint(), client, Progress(False))  # type: ignore[arg-type]
+        super().__init__(config, self.collected, Checkpoint(), Progress(False), LocalStage(config, client))
         self.items = items
 
     async def produce(self) -> None:
         for item in self.items:
             await self.queue.put(item)
-        for _ in range(self.preparers):
+        for _ in range(self.middle.consumers):
             await self.queue.put(STOP)
 
 
@@ -122,7 +126,7 @@ class WorkerRuntime:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="batchtag-worker", daemon=True)
         self._resources = contextlib.AsyncExitStack()
-        self._client: Any = None
+        self._client: TagClient | None = None
 
     def start(self) -> concurrent.futures.Future[None]:
         self._thread.start()
@@ -136,6 +140,7 @@ class WorkerRuntime:
         return asyncio.run_coroutine_threadsafe(self._tag(items), self.loop).result()
 
     async def _tag(self, items: list[Item]) -> list[Record]:
+        assert self._client is not None, "the runtime is started before its first chunk"
         run = ChunkRun(self.config, self._client, items)
         summary = await run.execute()
         if summary.interrupted:

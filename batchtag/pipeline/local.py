@@ -1,0 +1,193 @@
+"""The local middle stage: preparers read, check and encode ahead of N senders, which pace,
+sign, POST and retry, in this process.
+
+    items --> preparers (payload: read, check, encode) --ready--> N senders (client) --> results
+
+``open_client`` opens the run's one client (the embedded tagger, in this process, when there
+is no endpoint); a cluster worker opens one a process and runs this stage on each chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from batchtag import codes, records
+from batchtag.config import RunConfig, public_url
+from batchtag.errors import InputError, RunStopped
+from batchtag.pipeline.client import EndpointHealth, RetryPolicy, TagClient, embedded_client, open_tag_client
+from batchtag.pipeline.dedupe import FOLLOW, Dedupe
+from batchtag.pipeline.payload import (
+    READ_BATCH_BYTES,
+    READ_BATCH_FILES,
+    FileRead,
+    Payload,
+    build_payload,
+    image_payload,
+    read_images,
+)
+from batchtag.pipeline.ratelimit import AdaptiveRateLimiter
+from batchtag.pipeline.sources import Item
+from batchtag.pipeline.stage import STOP, Ends
+from batchtag.records import Record
+from batchtag.signing import Credentials
+
+
+class LocalStage:
+    """Prepare and send here: a ``stage.MiddleStage``."""
+
+    def __init__(self, config: RunConfig, client: TagClient) -> None:
+        self.config = config
+        self.client = client
+        # A few preparers keep a small buffer of encoded payloads ahead of the senders; small,
+        # because a payload can be 13 MB of base64.
+        self.preparers = max(1, min(8, config.concurrency // 4))
+        self._preparers_left = self.preparers
+        self.ready: asyncio.Queue[tuple[Item, Payload] | None] = asyncio.Queue(maxsize=self.preparers * 2)
+        # The run's ends, given at start():
+        self.items: asyncio.Queue[Item | None]
+        self.results: asyncio.Queue[Record | None]
+        self.dedupe: Dedupe
+
+    @property
+    def consumers(self) -> int:
+        return self.preparers
+
+    @property
+    def queue_size(self) -> int:
+        return self.config.concurrency * 4
+
+    def start(self, ends: Ends) -> list[asyncio.Task[None]]:
+        self.items, self.results, self.dedupe = ends.items, ends.results, ends.dedupe
+        tasks = [asyncio.create_task(self.prepare(), name=f"prepare-{i}") for i in range(self.preparers)]
+        tasks += [asyncio.create_task(self.send(), name=f"send-{i}") for i in range(self.config.concurrency)]
+        return tasks
+
+    async def prepare(self) -> None:
+        """Read and encode ahead of the senders, so a sender never waits on the disk
+        between two requests (a worker that did both idled for each file read)."""
+        stopped = False
+        while not stopped:
+            items, stopped = await self.next_items()
+            for item, read in zip(items, await self.read_files(items), strict=True):
+                ready = await self.build(item, read)
+                if isinstance(ready, Record):
+                    await self.results.put(ready)
+                elif ready is not None:
+                    await self.ready.put(ready)
+        self._preparers_left -= 1
+        if self._preparers_left == 0:
+            for _ in range(self.config.concurrency):
+                await self.ready.put(STOP)
+
+    async def next_items(self) -> tuple[list[Item], bool]:
+        """The next item, and the ones queued behind it up to a read batch (so files are
+        read several to a thread hop); True once this preparer's STOP was taken."""
+        item = await self.items.get()
+        if item is STOP:
+            return [], True
+        items, size = [item], item.size or 0
+        while len(items) < READ_BATCH_FILES and size < READ_BATCH_BYTES and not self.items.empty():
+            item = self.items.get_nowait()
+            if item is STOP:
+                return items, True
+            items.append(item)
+            size += item.size or READ_BATCH_BYTES  # an unknown size ends the batch
+        return items, False
+
+    async def read_files(self, items: list[Item]) -> list[FileRead | InputError | None]:
+        """The bytes of the file items among ``items`` (None for URLs and known failures)."""
+        to_read = [item.kind == "file" and item.error_code is None for item in items]
+        files = [item for item, read in zip(items, to_read, strict=True) if read]
+        reads = iter(await read_images(files, self.config.max_file_bytes))
+        return [next(reads) if read else None for read in to_read]
+
+    @property
+    def wants_body(self) -> bool:
+        """Whether the transport sends JSON bodies (HTTP) or takes the image as it is (embedded)."""
+        return self.client.wants_body
+
+    async def build(
+        self, item: Item, read: FileRead | InputError | None
+    ) -> Record | tuple[Item, Payload] | None:
+        """A record (an error, or tags reused from identical bytes), a payload to send, or
+        None when a copy of the same bytes is in flight (its record brings this one's)."""
+        if item.error_code is not None:
+            return records.error_record(item, item.error_code, item.error or codes.message(item.error_code))
+        facts = records.stat_facts(item)
+        try:
+            if read is None:
+                return item, await build_payload(
+                    item, self.client.appid, self.config.bucket, body=self.wants_body
+                )
+            if isinstance(read, InputError):
+                raise read
+            facts = read.facts or facts
+            if facts is not None and facts.xxh3_128 is not None:
+                claim = self.dedupe.claim(item, facts)
+                if claim == FOLLOW:
+                    return None
+                if isinstance(claim, Record):
+                    return claim
+            payload = await image_payload(
+                read.data,
+                item.location,
+                self.client.appid,
+                self.config.bucket,
+                self.config.max_image_bytes,
+                body=self.wants_body,
+            )
+        except InputError as exc:
+            return records.error_record(item, exc.code, exc.message, facts)
+        except Exception as exc:  # a bug must cost one item, not the run
+            return records.internal_error_record(item, exc, facts)
+        payload.facts = facts
+        return item, payload
+
+    async def send(self) -> None:
+        while (ready := await self.ready.get()) is not STOP:
+            item, payload = ready
+            started = time.monotonic()
+            try:
+                answer = await self.client.detect(payload)
+            except RunStopped:
+                raise  # credentials refused or no endpoint: no record, the whole run stops
+            except Exception as exc:  # a bug must cost one item, not the run
+                await self.results.put(records.internal_error_record(item, exc))
+                continue
+            elapsed_ms = round((time.monotonic() - started) * 1000)
+            await self.results.put(
+                records.result_record(item, answer, payload.notes, elapsed_ms, payload.facts)
+            )
+
+
+@contextlib.asynccontextmanager
+async def open_client(
+    config: RunConfig, limiter: AdaptiveRateLimiter | None = None
+) -> AsyncIterator[TagClient]:
+    """The run's one client against its endpoint (the embedded tagger, in this process, when
+    there is none); a cluster worker opens one a process, with its own limiter, and shares
+    it between its chunks."""
+    limiter = limiter or AdaptiveRateLimiter(config.qps)
+    policy = RetryPolicy(retries=config.retries)
+    if config.is_local:
+        from batchtag.server import EmbeddedService, ServeConfig
+
+        serve_config = ServeConfig(tagger=config.tagger, lang=config.lang, faces=config.faces)
+        async with EmbeddedService(serve_config) as service:
+            yield embedded_client(service, limiter, policy)
+        return
+    credentials = Credentials(config.appid, config.secret_id, config.secret_key)
+    async with open_tag_client(
+        config.endpoint,
+        credentials,
+        config.bucket,
+        limiter,
+        policy,
+        config.concurrency,
+        config.timeout,
+        EndpointHealth(public_url(config.endpoint), outage_wait_s=config.outage_wait),
+    ) as client:
+        yield client
