@@ -7,18 +7,21 @@ hold a secret.
     BatchtagError (code, message)
     ├── UsageError                the run cannot start or go on: one line on stderr, exit 2
     │   ├── ConfigError           bad settings (config.py)
-    │   ├── SourceError           a SOURCE argument that cannot be read (sources.py)
-    │   ├── SinkError             OUT cannot be opened, locked, written, or is not ours (sink.py)
-    │   ├── SummaryError          --summary-json cannot be written (progress.py)
-    │   ├── RunStopped            not the item's failure: every request would fail alike (client.py)
+    │   ├── SourceError           a SOURCE argument that cannot be read (pipeline/sources.py)
+    │   ├── SinkError             OUT cannot be opened, locked, written, or is not ours (pipeline/sink.py)
+    │   ├── NotAResultsFile       a file given as OUT to a reader is not ours (results_file.py)
+    │   ├── ExportTargetError     export's output path holds a file that is not ours (export/table.py)
+    │   ├── ReportTargetError     report's path or folder holds something not ours (export/report.py)
+    │   ├── SummaryError          --summary-json cannot be written (pipeline/progress.py)
+    │   ├── RunStopped            not the item's failure: every request would fail alike (pipeline/client.py)
     │   │   ├── CredentialsRefused    an answer about the credentials or the account
     │   │   └── EndpointUnreachable   no answer at all, or none again within --outage-wait
     │   └── ClusterError          --cluster: the cluster cannot be used or failed (cluster/)
     │       └── SchedulerLost     the Dask scheduler went away mid-run; a rerun resumes
     ├── ItemError                 one item failed: it gets an error record, the run goes on
-    │   ├── InputError            missing, unreadable, not an image; no request spent (payload.py)
+    │   ├── InputError            missing, unreadable, not an image; no request spent (pipeline/payload.py)
     │   └── ApiFailure            one attempt at the API failed: API code, HTTP status or
-    │                             transport; retried when transient (client.py)
+    │                             transport; retried when transient (pipeline/client.py)
     └── RequestError              server side: a request answered with an API code
         ├── ApiError              any stage of `batchtag serve` refusing a request (server/)
         └── SignatureError        an Authorization value that does not verify (signing.py)
@@ -66,6 +69,18 @@ class SinkError(UsageError):
     """OUT cannot be opened, locked or written: the run stops (exit 2), what is written stays."""
 
     run_code = codes.RUN_OUT_ERROR
+
+
+class NotAResultsFile(UsageError):
+    """A file given as OUT that does not start with a batchtag record."""
+
+
+class ExportTargetError(UsageError):
+    """The output path holds a file that is not a batchtag export: it is left alone."""
+
+
+class ReportTargetError(UsageError):
+    """The report's path or its folder holds something that is not a batchtag report."""
 
 
 class SummaryError(UsageError):

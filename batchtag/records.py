@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import xxhash
 
 from batchtag import codes
-from batchtag.errors import UsageError
 from batchtag.keyset import fingerprint
 
 log = logging.getLogger("batchtag")
@@ -190,65 +188,6 @@ FILE_OPEN = b',"file":{'
 HASH_FIELD = b',"xxh3_128":"'
 
 
-class ItemLike(Protocol):
-    """What a record needs of an item (``sources.Item``)."""
-
-    @property
-    def key(self) -> str: ...
-    @property
-    def kind(self) -> SourceKind: ...
-
-
-class AnswerLike(Protocol):
-    """What a record needs of the API's answer (``client.Answer``)."""
-
-    code: int
-    message: str
-    tags: list[dict[str, Any]]
-    attempts: int
-
-
-def result_record(
-    item: ItemLike,
-    answer: AnswerLike,
-    notes: dict[str, Any],
-    elapsed_ms: int,
-    facts: FileFacts | None = None,
-) -> Record:
-    """The record of an item the API answered (after retries): ok, or its last failure."""
-    status: Status = "ok" if answer.code == codes.OK else "error"
-    extra = {**notes, "elapsed_ms": elapsed_ms}
-    return Record(
-        item.key,
-        item.kind,
-        status,
-        answer.code,
-        answer.message,
-        answer.tags,
-        answer.attempts,
-        extra,
-        file=facts,
-    )
-
-
-def error_record(item: ItemLike, code: int, message: str, facts: FileFacts | None = None) -> Record:
-    """The record of an item that failed before any request (bad input, bad manifest line)."""
-    return Record(item.key, item.kind, "error", code, message, [], 0, file=facts or stat_facts(item))
-
-
-def internal_error_record(item: ItemLike, exc: BaseException, facts: FileFacts | None = None) -> Record:
-    """A bug costs one item, not the run: logged with its traceback, recorded without it."""
-    log.error("internal error on %s", item.key, exc_info=exc)
-    return error_record(item, codes.CLIENT_INTERNAL_ERROR, f"internal error: {type(exc).__name__}", facts)
-
-
-def stat_facts(item: ItemLike) -> FileFacts | None:
-    """The walker's stat of a file item (``sources.Item.size``/``mtime_ns``), for records
-    made before or without a read of its bytes."""
-    size, mtime_ns = getattr(item, "size", None), getattr(item, "mtime_ns", None)
-    return None if size is None or mtime_ns is None else FileFacts(size, mtime_ns)
-
-
 KEY_START = b'{"key":"'
 KEY_END = b'","source":"'
 STATUS_ERROR = (b'file","status":"error"', b'url","status":"error"')
@@ -390,44 +329,6 @@ def iter_valid_records(path: str, on_count: Callable[[int], None] | None = None)
                     yield record
 
 
-class NotAResultsFile(UsageError):
-    """A file given as OUT that does not start with a batchtag record."""
-
-
-HEAD_BYTES = 1 << 20  # a first line longer than this is not one of our records
-
-
-def is_record_prefix(data: bytes) -> bool:
-    """Whether ``data`` can be the beginning of a line our writer wrote."""
-    head = data[: len(KEY_START)]
-    return bool(head) and KEY_START.startswith(head) if len(head) < len(KEY_START) else head == KEY_START
-
-
-def is_results_head(head: bytes, size: int) -> bool:
-    """Whether a file of ``size`` bytes that starts with ``head`` (its first HEAD_BYTES)
-    is a batchtag results file: empty, its first line a record in our layout or any valid
-    record, or nothing but the start of one (the first write, cut by a crash). The one
-    test for readers (``check_results_file``) and the writer (``sink``)."""
-    if size == 0:
-        return True
-    newline = head.find(b"\n")
-    if newline < 0:
-        return size <= len(head) and is_record_prefix(head)
-    first = head[: newline + 1]
-    return first.startswith(KEY_START) or parse_record(first) is not None
-
-
-def check_results_file(path: str) -> None:
-    """Readers that take OUT from a user call this first: an empty file is fine, a file
-    whose first line is not a record (a photo, someone's notes) is NotAResultsFile, and a
-    missing or unreadable one raises OSError."""
-    with open(path, "rb") as handle:
-        head = handle.read(HEAD_BYTES)
-        size = os.fstat(handle.fileno()).st_size
-    if not is_results_head(head, size):
-        raise NotAResultsFile(f"{path} is not a batchtag results file")
-
-
 # --- the resume scan: key, status, file facts and settings of every line, from its bytes ------
 
 HASH_HEX = 32
@@ -494,13 +395,12 @@ def scan_lines(
         transient = False
         # A line that ends with the current settings' tail ends with its record's own
         # closing brace (``"settings"`` cannot occur inside a string), so only a line
-        # without it needs the brace count of ``looks_complete``.
+        # without it (the rare case) pays for the brace count of ``looks_complete``.
         same_tail = tail is not None and line.endswith(tail)
-        if (  # looks_complete, inlined, and an ok record with its code in our layout
+        if (  # an ok record with its code in our layout, complete
             b"\\" not in key
-            and line.find(start, 1) < 0
-            and (same_tail or (line.endswith(b"}\n") and line.count(b"{") == line.count(b"}")))
             and line.startswith(STATUS_OK_CODE, end + end_len)
+            and ((same_tail and line.find(start, 1) < 0) or looks_complete(line))
         ):
             is_error = False
             is_file = line.startswith(b"f", end + end_len)  # "file", not "url": facts to read

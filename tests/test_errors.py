@@ -1,7 +1,9 @@
 """The error tree and the exit-status table: every error has a code and a message, the
 tree drawn in errors.py's docstring is the real one, and statuses come from one table."""
 
+import importlib
 import inspect
+import pkgutil
 import re
 
 import pytest
@@ -37,6 +39,26 @@ def drawn_tree() -> dict[str, str]:
 def test_the_docstring_draws_the_real_tree():
     real = {cls.__name__: cls.__bases__[0].__name__ for cls in ALL_ERRORS if cls is not errors.BatchtagError}
     assert drawn_tree() == real
+
+
+def all_subclasses(cls: type) -> set[type]:
+    return {sub for direct in cls.__subclasses__() for sub in (direct, *all_subclasses(direct))}
+
+
+def test_every_error_of_the_tree_lives_in_errors_py():
+    """Imported, every module under batchtag/ defines no BatchtagError of its own: the
+    drawn tree is the whole tree."""
+    import batchtag
+
+    for module in pkgutil.walk_packages(batchtag.__path__, "batchtag."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+    elsewhere = sorted(
+        f"{cls.__module__}.{cls.__name__}"
+        for cls in all_subclasses(errors.BatchtagError)
+        if cls.__module__ != "batchtag.errors"
+    )
+    assert elsewhere == []
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,11 @@ import json
 
 import pytest
 
+from batchtag.errors import NotAResultsFile
 from batchtag.keyset import fingerprint
 from batchtag.records import (
-    NotAResultsFile,
     Record,
     Settings,
-    check_results_file,
     iter_valid_records,
     load_records,
     parse_record,
@@ -18,6 +17,7 @@ from batchtag.records import (
     read_key_bytes_and_status,
     scan_lines,
 )
+from batchtag.results_file import check_results_file
 
 
 def record(key, status="ok", **extra):

@@ -10,7 +10,8 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from batchtag.records import Record, check_results_file, iter_valid_records
+from batchtag.records import Record, iter_valid_records
+from batchtag.results_file import check_results_file
 
 
 def tags_at_least(record: Record, min_confidence: int) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 from PIL import Image, ImageOps
 
-from batchtag.errors import UsageError
+from batchtag.errors import ReportTargetError
 from batchtag.export.common import replaced_atomically
 from batchtag.records import Record
 
@@ -38,10 +38,6 @@ CHUNK = 64  # items whose thumbnails are made together
 TOP_TAGS = 15
 FAILED_KEYS_SHOWN = 200  # per error code, in the page; the count is always exact
 THUMB_WORKERS = min(4, os.cpu_count() or 1)
-
-
-class ReportTargetError(UsageError):
-    """The report's path or its folder holds something that is not a batchtag report."""
 
 
 @dataclass

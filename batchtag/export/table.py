@@ -19,7 +19,7 @@ from functools import cache
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from batchtag.errors import UsageError
+from batchtag.errors import ExportTargetError
 from batchtag.export.common import replaced_atomically
 from batchtag.records import Record
 
@@ -61,10 +61,6 @@ def parquet_schema() -> pa.Schema:
     ]
     facts = [(name, getattr(pa, arrow)()) for name, (arrow, _) in FACTS.items()]
     return pa.schema([*record, *facts, ("extra", pa.string())]).with_metadata({PARQUET_MARKER: b"1"})
-
-
-class ExportTargetError(UsageError):
-    """The output path holds a file that is not a batchtag export: it is left alone."""
 
 
 @dataclass

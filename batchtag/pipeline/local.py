@@ -14,9 +14,10 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from batchtag import codes, records
+from batchtag import codes
 from batchtag.config import RunConfig, public_url
 from batchtag.errors import InputError, RunStopped
+from batchtag.pipeline import recording
 from batchtag.pipeline.client import EndpointHealth, RetryPolicy, TagClient, embedded_client, open_tag_client
 from batchtag.pipeline.dedupe import FOLLOW, Dedupe
 from batchtag.pipeline.payload import (
@@ -115,8 +116,8 @@ class LocalStage:
         """A record (an error, or tags reused from identical bytes), a payload to send, or
         None when a copy of the same bytes is in flight (its record brings this one's)."""
         if item.error_code is not None:
-            return records.error_record(item, item.error_code, item.error or codes.message(item.error_code))
-        facts = records.stat_facts(item)
+            return recording.error_record(item, item.error_code, item.error or codes.message(item.error_code))
+        facts = recording.stat_facts(item)
         try:
             if read is None:
                 return item, await build_payload(
@@ -140,9 +141,9 @@ class LocalStage:
                 body=self.wants_body,
             )
         except InputError as exc:
-            return records.error_record(item, exc.code, exc.message, facts)
+            return recording.error_record(item, exc.code, exc.message, facts)
         except Exception as exc:  # a bug must cost one item, not the run
-            return records.internal_error_record(item, exc, facts)
+            return recording.internal_error_record(item, exc, facts)
         payload.facts = facts
         return item, payload
 
@@ -155,11 +156,11 @@ class LocalStage:
             except RunStopped:
                 raise  # credentials refused or no endpoint: no record, the whole run stops
             except Exception as exc:  # a bug must cost one item, not the run
-                await self.results.put(records.internal_error_record(item, exc))
+                await self.results.put(recording.internal_error_record(item, exc))
                 continue
             elapsed_ms = round((time.monotonic() - started) * 1000)
             await self.results.put(
-                records.result_record(item, answer, payload.notes, elapsed_ms, payload.facts)
+                recording.result_record(item, answer, payload.notes, elapsed_ms, payload.facts)
             )
 
 

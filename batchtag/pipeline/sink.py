@@ -26,19 +26,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Protocol
 
-from batchtag.errors import SinkError
+from batchtag.errors import NotAResultsFile, SinkError
 from batchtag.pipeline.resume import Checkpoint, read_checkpoint
 from batchtag.records import (
-    HEAD_BYTES,
     KEY_START,
     Record,
     Settings,
-    is_record_prefix,
-    is_results_head,
     parse_record,
     read_key_bytes_and_status,
     valid_line_mask,
 )
+from batchtag.results_file import check_results_file, is_record_prefix
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +64,16 @@ class OsWriter:
         os.fsync(fd)
 
 
-def check_results_file(handle: BinaryIO, path: str) -> None:
-    """Refuse (SinkError) an OUT that is not a batchtag results file
-    (``records.is_results_head``). Reads, never writes."""
-    fd = handle.fileno()
-    size = os.fstat(fd).st_size
-    if not is_results_head(os.pread(fd, min(size, HEAD_BYTES), 0), size):
+def refuse_what_is_not_ours(handle: BinaryIO, path: str) -> None:
+    """``results_file.check_results_file`` on the opened OUT, worded for a run's ``-o``
+    (SinkError): the file is left untouched."""
+    try:
+        check_results_file(path, handle)
+    except NotAResultsFile:
         raise SinkError(
             f"{path} exists and is not a batchtag results file (its first line is not a record); "
             "it was left untouched: give -o a new file or an earlier OUT"
-        )
+        ) from None
 
 
 def repair_torn_tail(handle: BinaryIO, path: str = "OUT") -> int:
@@ -305,7 +303,7 @@ def open_sink(
         raise SinkError(f"cannot use {path}: {kind} (OUT is appended to and read back as the checkpoint)")
     handle = open_locked(path)
     try:
-        check_results_file(handle, path)
+        refuse_what_is_not_ours(handle, path)
         torn = repair_torn_tail(handle, path)
         if torn:
             log.warning("%s ended with a torn record (%d bytes, from a crash); cut it off", path, torn)
