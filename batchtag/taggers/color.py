@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from batchtag.taggers import Tag, confidence
+from batchtag.taggers.base import Tag, confidence
 
 THUMBNAIL_SIDE = 64
 MIN_COLOR_SHARE = 0.10  # colours covering less of the image are noise, not "dominant"

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from batchtag.taggers import Tag
+from batchtag.taggers.base import Tag
 from batchtag.taggers.faces import FaceDetector, Views, prepare_views
 from batchtag.taggers.imagenet import RESIZE_SIZE, ImageNetClassifier, to_rgb
 from batchtag.taggers.people import PeopleRules

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from batchtag.taggers import LANGS, Tag
+from batchtag.taggers.base import LANGS, Tag
 from batchtag.taggers.faces import DetectorSettings, Face
 
 TAG_KEYS = frozenset({"id", "label_en", "label_zh", "min_score", "min_faces", "max_faces", "min_face_area"})

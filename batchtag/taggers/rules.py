@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batchtag.taggers import LANGS, Tag, confidence
+from batchtag.taggers.base import LANGS, Tag, confidence
 
 NUM_CLASSES = 1000
 DEFAULT_MAX_TAGS = 10
