@@ -10,7 +10,8 @@ from aioresponses import aioresponses
 
 from batchtag import codes
 from batchtag.api import DETECT_PATH
-from batchtag.pipeline.client import CredentialsRefused, RetryPolicy, TagClient
+from batchtag.errors import EndpointUnreachable
+from batchtag.pipeline.client import CredentialsRefused, EndpointHealth, RetryPolicy, TagClient
 from batchtag.pipeline.payload import Payload
 from batchtag.pipeline.ratelimit import AdaptiveRateLimiter
 from batchtag.signing import verify
@@ -49,7 +50,7 @@ def clock():
 def client_for(session, clock):
     def make(policy=FAST, limiter=None):
         limiter = limiter or AdaptiveRateLimiter(None, clock=clock)
-        return TagClient(session, ENDPOINT, CREDS, "bkt", limiter, replace(policy, sleep=clock.sleep))
+        return TagClient(session, ENDPOINT, CREDS, "bkt", limiter, replace(policy, clock=clock))
 
     return make
 
@@ -194,3 +195,36 @@ async def test_both_rate_limit_signals_make_an_unlimited_run_pace_itself(client_
     # a further decrease: 0.8, 0.64, 0.512 requests a second
     assert limiter.decreases == FAST.retries and limiter.rate == pytest.approx(0.512)
     assert sum(clock.slept) > 2.5  # virtual seconds of pacing the test did not wait for
+
+
+# --- an endpoint that answered and then went away, on virtual time -------------------------
+
+GONE = aiohttp.ConnectionTimeoutError()  # no connection at all: the endpoint, not the item
+
+
+async def test_an_outage_is_probed_with_doubling_waits_until_the_endpoint_is_back(client_for, clock):
+    client = client_for(replace(FAST, retries=0))
+    with aioresponses() as mocked:
+        mocked.post(URL, payload=answer(codes.OK))
+        for _ in range(3):
+            mocked.post(URL, exception=GONE)
+        mocked.post(URL, payload=answer(codes.OK))
+        assert (await client.detect(Payload(b"{}"))).ok
+        result = await client.detect(Payload(b"{}"))
+    assert result.ok and result.attempts == 4  # the failed attempt, two failed probes, the answer
+    assert clock.slept == [1.0, 2.0, 4.0]
+
+
+async def test_an_outage_longer_than_outage_wait_stops_the_run(session, clock):
+    health = EndpointHealth(ENDPOINT, outage_wait_s=30.0, clock=clock)
+    limiter = AdaptiveRateLimiter(None, clock=clock)
+    client = TagClient(
+        session, ENDPOINT, CREDS, "bkt", limiter, replace(FAST, retries=0, clock=clock), health
+    )
+    with aioresponses() as mocked:
+        mocked.post(URL, payload=answer(codes.OK))
+        mocked.post(URL, exception=GONE, repeat=True)
+        assert (await client.detect(Payload(b"{}"))).ok
+        with pytest.raises(EndpointUnreachable, match="stopped answering"):
+            await client.detect(Payload(b"{}"))
+    assert clock.slept == [1.0, 2.0, 4.0, 8.0, 15.0]  # doubling, capped at 15 s, 30 s in all

@@ -11,11 +11,9 @@ the item at once. ``embedded_client``: the same client over the tagger in this p
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +22,15 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
+    retry_if_result,
     stop_after_attempt,
     stop_any,
+    wait_exponential,
     wait_exponential_jitter,
 )
 
 from batchtag import api, codes, signing
+from batchtag.clock import SYSTEM_CLOCK, Clock
 from batchtag.config import LOCAL
 from batchtag.errors import ApiFailure, CredentialsRefused, EndpointUnreachable
 from batchtag.pipeline.payload import Payload
@@ -47,7 +48,7 @@ class RetryPolicy:
     initial_wait_s: float = 0.2
     max_wait_s: float = 20.0
     jitter_s: float = 0.5
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # between attempts; tests pass a fake
+    clock: Clock = SYSTEM_CLOCK  # every wait of the client (retries, outage probes); tests pass a fake
 
 
 CONNECT_TIMEOUT_S = 10.0
@@ -65,7 +66,7 @@ class EndpointHealth:
     name: str  # scheme://host:port only: messages never carry userinfo or paths
     outage_wait_s: float = 300.0  # answered before, silent now: probe this long, then stop
     startup_wait_s: float = STARTUP_WAIT_S
-    clock: Callable[[], float] = time.monotonic
+    clock: Clock = SYSTEM_CLOCK
     answered: bool = False
     first_try: float | None = None
     down_since: float | None = None
@@ -73,7 +74,7 @@ class EndpointHealth:
 
     def trying(self) -> None:
         if self.first_try is None:
-            self.first_try = self.clock()
+            self.first_try = self.clock.monotonic()
 
     def on_answer(self) -> None:
         self.answered = True
@@ -82,18 +83,18 @@ class EndpointHealth:
     def on_unreachable(self, why: str) -> None:
         self.last_error = why
         if self.down_since is None:
-            self.down_since = self.clock()
+            self.down_since = self.clock.monotonic()
 
     def never_answered_too_long(self) -> bool:
         return (
             not self.answered
             and self.down_since is not None
             and self.first_try is not None
-            and self.clock() - self.first_try >= self.startup_wait_s
+            and self.clock.monotonic() - self.first_try >= self.startup_wait_s
         )
 
     def outage_too_long(self) -> bool:
-        return self.down_since is not None and self.clock() - self.down_since >= self.outage_wait_s
+        return self.down_since is not None and self.clock.monotonic() - self.down_since >= self.outage_wait_s
 
     def error(self) -> EndpointUnreachable:
         if not self.answered:
@@ -171,7 +172,7 @@ class TagClient:
         self._limiter = limiter  # shared by every worker: the run's pacing is global
         self.appid = credentials.appid
         self.policy = policy
-        self.health = health or EndpointHealth(endpoint)
+        self.health = health or EndpointHealth(endpoint, clock=policy.clock)
         self._embedded = embedded
 
     @property
@@ -184,19 +185,39 @@ class TagClient:
         RunStopped when the failure is not the item's: credentials refused, or an endpoint
         that never answered or stays away past outage-wait."""
         answer = await self._attempts(payload, self.policy.retries)
-        probe_wait = PROBE_FIRST_WAIT_S
-        while answer.unreachable and self.health.answered and not self.health.outage_too_long():
-            # An outage, not this item's fault: probe with backoff until the endpoint is
-            # back (another sender's answer counts) or outage-wait has passed.
-            await asyncio.sleep(probe_wait)
-            probe_wait = min(probe_wait * 2, PROBE_MAX_WAIT_S)
-            probe = await self._attempts(payload, 0)
-            probe.attempts += answer.attempts
-            answer = probe
+        if self._in_an_outage(answer):
+            answer = await self._probe_until_back(payload, answer)
         if codes.stops_run(answer.code):
             raise CredentialsRefused(answer.code, answer.message)
         if answer.unreachable:
             raise self.health.error()
+        return answer
+
+    def _in_an_outage(self, answer: Answer) -> bool:
+        """Unreachable now, but it answered before, and not for outage-wait yet: not this
+        item's fault, so it is neither recorded nor given up."""
+        return answer.unreachable and self.health.answered and not self.health.outage_too_long()
+
+    async def _probe_until_back(self, payload: Payload, first: Answer) -> Answer:
+        """Probe with a doubling wait (tenacity, sleeping through the policy's clock) until
+        the endpoint is back (another sender's answer counts) or outage-wait has passed;
+        ``first`` (already unreachable) is replayed as attempt 1, so the first probe waits."""
+        answer, replay = first, True
+        probing = AsyncRetrying(
+            retry=retry_if_result(self._in_an_outage),
+            wait=wait_exponential(multiplier=PROBE_FIRST_WAIT_S, max=PROBE_MAX_WAIT_S),
+            sleep=self.policy.clock.sleep,
+        )
+        async for attempt in probing:
+            with attempt:
+                if not replay:
+                    probe = await self._attempts(payload, 0)
+                    probe.attempts += answer.attempts
+                    answer = probe
+                replay = False
+            outcome = attempt.retry_state.outcome
+            if outcome is not None and not outcome.failed:
+                attempt.retry_state.set_result(answer)  # what retry_if_result looks at
         return answer
 
     async def _attempts(self, payload: Payload, retries: int) -> Answer:
@@ -229,7 +250,7 @@ class TagClient:
                 multiplier=self.policy.initial_wait_s, max=self.policy.max_wait_s, jitter=self.policy.jitter_s
             ),
             before_sleep=self._slow_down_if_limited,
-            sleep=self.policy.sleep,
+            sleep=self.policy.clock.sleep,
             reraise=True,
         )
         try:

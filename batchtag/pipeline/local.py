@@ -189,6 +189,6 @@ async def open_client(
         policy,
         config.concurrency,
         config.timeout,
-        EndpointHealth(public_url(config.endpoint), outage_wait_s=config.outage_wait),
+        EndpointHealth(public_url(config.endpoint), outage_wait_s=config.outage_wait, clock=policy.clock),
     ) as client:
         yield client
