@@ -70,6 +70,8 @@ class RunConfig:
         return public_url(self.endpoint)
 
     def validate(self) -> RunConfig:
+        """Check the values, without I/O (a secret-key file counts as a key here; it is read
+        by ``load_secret_key``)."""
         if not self.sources:
             raise ConfigError("no SOURCE given")
         if not self.out:
@@ -97,17 +99,27 @@ class RunConfig:
             raise ConfigError("--outage-wait must be 0 or more")
         if self.max_file_bytes < 1:
             raise ConfigError("max-file-bytes must be positive")
-        if self.secret_key_file and not self.secret_key:
-            self.secret_key = read_secret_key_file(self.secret_key_file)
         if not self.is_local:
             check_endpoint(self.endpoint)
-            missing = [name for name in ("appid", "secret_id", "secret_key") if not getattr(self, name)]
+            given = {"appid": self.appid, "secret_id": self.secret_id, "secret_key": self.secret_key_given}
+            missing = [name for name, value in given.items() if not value]
             if missing:
                 flags = ", ".join("--" + m.replace("_", "-") for m in missing)
                 raise ConfigError(
                     f"a remote --endpoint needs {flags} (or BATCHTAG_* environment variables; "
                     "the secret key also from --secret-key-file)"
                 )
+        return self
+
+    @property
+    def secret_key_given(self) -> bool:
+        return bool(self.secret_key or self.secret_key_file)
+
+    def load_secret_key(self) -> RunConfig:
+        """The secret key from ``secret_key_file`` (once; the one read of getting settings
+        ready, kept out of ``validate``)."""
+        if self.secret_key_file and not self.secret_key:
+            self.secret_key = read_secret_key_file(self.secret_key_file)
         return self
 
 
@@ -249,7 +261,7 @@ def build_config(
         config = RunConfig(**merged)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
-    return coerce_types(config).validate()
+    return coerce_types(config).validate().load_secret_key()
 
 
 def secret_key_source(layer: dict[str, Any], below: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from batchtag.config import ConfigError, build_config
+from batchtag.config import ConfigError, RunConfig, build_config
 
 BASE = {"sources": ["photos"], "out": "out.jsonl"}
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
@@ -77,3 +77,17 @@ def test_settings_in_records_name_the_endpoint_without_credentials_or_query():
     assert remote.settings().to_dict() == {"endpoint": "https://service.example:8443/base"}
     local = build_config({**BASE, "lang": "en", "tagger": "color"}, None, {})
     assert local.settings().to_dict() == {"endpoint": "local", "tagger": "color", "lang": "en"}
+
+
+def test_validate_reads_no_file_the_secret_key_is_loaded_after_it(tmp_path):
+    missing = str(tmp_path / "no-such-key")
+    config = RunConfig(["photos"], "out.jsonl", endpoint="https://api.test", appid="1", secret_id="s")
+    config.secret_key_file = missing
+    assert config.validate() is config and config.secret_key == ""  # a key file counts; not read yet
+    with pytest.raises(ConfigError, match="--secret-key-file"):
+        config.load_secret_key()
+    key_file = tmp_path / "key"
+    key_file.write_text("sekrit\n")
+    key_file.chmod(0o600)
+    config.secret_key_file = str(key_file)
+    assert config.load_secret_key().secret_key == "sekrit"

@@ -76,7 +76,7 @@ async def run_batch(
     records, then returns a summary with ``interrupted`` set.
     """
     started = time.monotonic()
-    config.validate()
+    config.validate().load_secret_key()
     for source in config.sources:
         check_source(source)
     if config.summary_json:
