@@ -31,8 +31,9 @@ def answer_at_once(run_id: str, items: list[Item]) -> ChunkResult:
 
 
 async def drive(argv: list[str]) -> int:
-    from batchtag.cli import make_parser, run_flags
+    from batchtag.cli import make_parser
     from batchtag.cluster.driver import run_on_cluster
+    from batchtag.commands.run import run_flags
     from batchtag.config import build_config
     from batchtag.pipeline.progress import Progress
     from batchtag.pipeline.sink import open_sink
