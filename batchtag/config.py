@@ -10,6 +10,7 @@ import ipaddress
 import os
 import stat
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -21,37 +22,157 @@ from batchtag.taggers import LANGS, TAGGERS
 
 LOCAL = "local"
 ENV_PREFIX = "BATCHTAG_"
-ENV_FIELDS = ("appid", "secret_id", "secret_key", "secret_key_file", "bucket", "endpoint", "cluster")
 MAX_FILE_BYTES = 200 * 1024 * 1024  # larger files are refused unread (default of max_file_bytes)
+
+
+def setting(
+    default: Any = None,
+    *,
+    flags: tuple[str, ...] = (),
+    help: str | None = None,
+    env: bool = False,
+    kind: str = "text",
+    factory: Callable[[], Any] | None = None,
+    secret: bool = False,
+    **cli: Any,
+) -> Any:
+    """A run setting, declared once: its default, its command-line flags (with any other
+    argparse options in ``cli``) and help, whether ``BATCHTAG_<NAME>`` sets it, and its
+    kind, which the TOML and environment readers check and convert by (``typed_value``).
+    Every setting can be given in the ``--config`` TOML file, by its name with dashes."""
+    metadata = {"flags": flags, "help": help, "env": env, "kind": kind, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, repr=not secret, metadata=metadata)
 
 
 @dataclass
 class RunConfig:
-    sources: list[str] = field(default_factory=list)
-    out: str = ""
-    endpoint: str = LOCAL
-    appid: str = ""
-    secret_id: str = ""
-    secret_key: str = field(default="", repr=False)  # never printed
-    secret_key_file: str = ""  # where the secret key is read from, unseen by `ps`
-    bucket: str = ""
-    concurrency: int = 16
-    qps: float | None = None
-    retries: int = 5
-    timeout: float = 30.0
-    progress: bool | None = None  # None: on when stderr is a terminal
-    summary_json: str | None = None
-    retry_errors: bool = False
-    tagger: str = "model"  # the embedded server's tagger (endpoint = local only)
-    lang: str = "zh"
-    faces: bool = True  # the embedded model tagger's people stage (endpoint = local only)
-    max_image_bytes: int = api.MAX_IMAGE_BYTES
-    exclude: list[str] = field(default_factory=list)  # globs the directory walk leaves out
-    include_hidden: bool = False  # walk hidden and system folders too
-    retag: bool = False  # redo items whose records were made with other settings
-    cluster: str | None = None  # "local:N" or a Dask scheduler address (see cluster.py)
-    max_file_bytes: int = MAX_FILE_BYTES
-    outage_wait: float = 300.0  # an endpoint that answered, then went away: probe this long
+    sources: list[str] = setting(  # noqa: RUF009 - setting() returns a dataclasses.field
+        flags=("sources",),
+        kind="paths",
+        factory=list,
+        nargs="+",
+        metavar="SOURCE",
+        help="a directory, an image, a .txt/.csv/.jsonl manifest, or - for stdin",
+    )
+    out: str = setting(
+        "", flags=("-o", "--out"), required=True, help="results JSONL; also the resume checkpoint"
+    )
+    endpoint: str = setting(
+        LOCAL,
+        flags=("--endpoint",),
+        env=True,
+        help="API base URL, or 'local' (default) for the embedded tagger",
+    )
+    appid: str = setting("", flags=("--appid",), env=True, kind="text_or_number", help="env BATCHTAG_APPID")
+    secret_id: str = setting(
+        "", flags=("--secret-id",), env=True, kind="text_or_number", help="env BATCHTAG_SECRET_ID"
+    )
+    secret_key: str = setting(  # never printed
+        "",
+        flags=("--secret-key",),
+        env=True,
+        secret=True,
+        help="visible to other users in `ps`: prefer env BATCHTAG_SECRET_KEY or --secret-key-file",
+    )
+    secret_key_file: str = setting(  # where the secret key is read from, unseen by `ps`
+        "",
+        flags=("--secret-key-file",),
+        env=True,
+        metavar="FILE",
+        help="read the secret key from FILE, which only its owner may read (chmod 600); "
+        "env BATCHTAG_SECRET_KEY_FILE",
+    )
+    bucket: str = setting(
+        "", flags=("--bucket",), env=True, kind="text_or_number", help="env BATCHTAG_BUCKET"
+    )
+    concurrency: int = setting(
+        16, flags=("--concurrency",), kind="int", help="requests in flight (default 16)"
+    )
+    qps: float | None = setting(
+        None, flags=("--qps",), kind="float", help="requests started per second, at most (default: no limit)"
+    )
+    retries: int = setting(
+        5, flags=("--retries",), kind="int", help="extra attempts for transient failures (default 5)"
+    )
+    timeout: float = setting(
+        30.0, flags=("--timeout",), kind="float", help="seconds per request (default 30)"
+    )
+    outage_wait: float = setting(  # an endpoint that answered, then went away: probe this long
+        300.0,
+        flags=("--outage-wait",),
+        kind="float",
+        metavar="S",
+        help="an endpoint that answered and then went away is probed this long before the "
+        "run stops with exit 2 (default 300); one that never answered stops it at once",
+    )
+    progress: bool | None = setting(  # None: on when stderr is a terminal
+        None,
+        flags=("--no-progress",),
+        kind="bool",
+        action="store_const",
+        const=False,
+        help="no progress bar (also automatic when stderr is not a terminal)",
+    )
+    summary_json: str | None = setting(
+        None,
+        flags=("--summary-json",),
+        metavar="PATH",
+        help="also write the end-of-run summary as JSON here ('-': stdout)",
+    )
+    retry_errors: bool = setting(
+        False,
+        flags=("--retry-errors",),
+        kind="bool",
+        action="store_true",
+        help="do again the items whose record in OUT is an error",
+    )
+    exclude: list[str] = setting(  # noqa: RUF009 - globs the directory walk leaves out
+        flags=("--exclude",),
+        kind="paths",
+        factory=list,
+        action="append",
+        metavar="GLOB",
+        help="leave out files and folders whose name or path under the SOURCE matches (repeatable)",
+    )
+    include_hidden: bool = setting(
+        False,
+        flags=("--include-hidden",),
+        kind="bool",
+        action="store_true",
+        help="also walk hidden files and folders and NAS/desktop thumbnail folders (@eaDir, ...)",
+    )
+    retag: bool = setting(
+        False,
+        flags=("--retag",),
+        kind="bool",
+        action="store_true",
+        help="redo, into the same OUT, items whose records were made with another endpoint, tagger or lang",
+    )
+    tagger: str = setting(
+        "model", flags=("--tagger",), choices=TAGGERS, help="embedded tagger (local endpoint only)"
+    )
+    lang: str = setting(
+        "zh", flags=("--lang",), choices=LANGS, help="tag language of the embedded tagger (default zh)"
+    )
+    cluster: str | None = setting(
+        None,
+        flags=("--cluster",),
+        env=True,
+        metavar="ADDRESS",
+        help="run on Dask: local:N (N worker processes here) or a scheduler address tcp://HOST:PORT",
+    )
+    faces: bool = setting(
+        True,
+        flags=("--no-faces",),
+        kind="bool",
+        action="store_const",
+        const=False,
+        help="embedded model tagger without its face detector (local endpoint only)",
+    )
+    max_image_bytes: int = setting(api.MAX_IMAGE_BYTES, kind="int")  # --config only
+    max_file_bytes: int = setting(MAX_FILE_BYTES, kind="int")  # larger files are refused unread
 
     @property
     def is_local(self) -> bool:
@@ -199,10 +320,9 @@ def read_toml(path: str) -> dict[str, Any]:
     return settings
 
 
-INT_FIELDS = ("concurrency", "retries", "max_image_bytes", "max_file_bytes")
-FLOAT_FIELDS = ("qps", "timeout", "outage_wait")
-BOOL_FIELDS = ("progress", "retry_errors", "include_hidden", "retag")
-TEXT_OR_NUMBER_FIELDS = ("appid", "secret_id", "bucket")  # an appid is naturally written as a number
+ENV_FIELDS = tuple(f.name for f in fields(RunConfig) if f.metadata["env"])
+FLAG_FIELDS = tuple(f.name for f in fields(RunConfig) if f.metadata["flags"])
+KINDS = {f.name: f.metadata["kind"] for f in fields(RunConfig)}
 
 
 def typed_value(name: str, value: Any, origin: str) -> Any:
@@ -212,24 +332,25 @@ def typed_value(name: str, value: Any, origin: str) -> Any:
     def wrong(kind: str) -> ConfigError:
         return ConfigError(f"{origin}: setting '{name.replace('_', '-')}' must be {kind}")
 
-    if name in INT_FIELDS:
+    kind = KINDS.get(name, "text")
+    if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise wrong("a whole number")
         return value
-    if name in FLOAT_FIELDS:
+    if kind == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise wrong("a number")
         return float(value)
-    if name in BOOL_FIELDS:
+    if kind == "bool":
         if not isinstance(value, bool):
             raise wrong("true or false")
         return value
-    if name in ("sources", "exclude"):
+    if kind == "paths":
         values = [value] if isinstance(value, str) else value
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise wrong("a path or a list of paths")
         return values
-    if name in TEXT_OR_NUMBER_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+    if kind == "text_or_number" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
         raise wrong("a string")

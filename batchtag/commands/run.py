@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from dataclasses import Field, fields
 from typing import TYPE_CHECKING, Any
 
 from batchtag.errors import EXIT_STATUS, Outcome, UsageError, exit_status
 from batchtag.interrupts import INTERRUPTS
-from batchtag.taggers import LANGS, TAGGERS
 
 if TYPE_CHECKING:
     from batchtag.config import RunConfig
@@ -32,6 +32,8 @@ def exit_status_help() -> str:
 
 
 def add_run_parser(commands: Any) -> None:
+    from batchtag.config import RunConfig
+
     p = commands.add_parser(
         "run",
         help="tag images from directories, files and manifests",
@@ -39,117 +41,33 @@ def add_run_parser(commands: Any) -> None:
         epilog=exit_status_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "sources",
-        nargs="+",
-        metavar="SOURCE",
-        help="a directory, an image, a .txt/.csv/.jsonl manifest, or - for stdin",
-    )
-    p.add_argument("-o", "--out", required=True, help="results JSONL; also the resume checkpoint")
+    for setting in fields(RunConfig):
+        add_setting_argument(p, setting)
     p.add_argument("--config", help="TOML file with settings (flags and environment win)")
-    p.add_argument("--endpoint", help="API base URL, or 'local' (default) for the embedded tagger")
-    p.add_argument("--appid", help="env BATCHTAG_APPID")
-    p.add_argument("--secret-id", help="env BATCHTAG_SECRET_ID")
-    p.add_argument(
-        "--secret-key",
-        help="visible to other users in `ps`: prefer env BATCHTAG_SECRET_KEY or --secret-key-file",
-    )
-    p.add_argument(
-        "--secret-key-file",
-        metavar="FILE",
-        help="read the secret key from FILE, which only its owner may read (chmod 600); "
-        "env BATCHTAG_SECRET_KEY_FILE",
-    )
-    p.add_argument("--bucket", help="env BATCHTAG_BUCKET")
-    p.add_argument("--concurrency", type=int, help="requests in flight (default 16)")
-    p.add_argument("--qps", type=float, help="requests started per second, at most (default: no limit)")
-    p.add_argument("--retries", type=int, help="extra attempts for transient failures (default 5)")
-    p.add_argument("--timeout", type=float, help="seconds per request (default 30)")
-    p.add_argument(
-        "--outage-wait",
-        type=float,
-        metavar="S",
-        help="an endpoint that answered and then went away is probed this long before the "
-        "run stops with exit 2 (default 300); one that never answered stops it at once",
-    )
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_const",
-        const=False,
-        help="no progress bar (also automatic when stderr is not a terminal)",
-    )
-    p.add_argument(
-        "--summary-json", metavar="PATH", help="also write the end-of-run summary as JSON here ('-': stdout)"
-    )
-    p.add_argument(
-        "--retry-errors",
-        action="store_true",
-        default=None,
-        help="do again the items whose record in OUT is an error",
-    )
-    p.add_argument(
-        "--exclude",
-        action="append",
-        metavar="GLOB",
-        help="leave out files and folders whose name or path under the SOURCE matches (repeatable)",
-    )
-    p.add_argument(
-        "--include-hidden",
-        action="store_true",
-        default=None,
-        help="also walk hidden files and folders and NAS/desktop thumbnail folders (@eaDir, ...)",
-    )
-    p.add_argument(
-        "--retag",
-        action="store_true",
-        default=None,
-        help="redo, into the same OUT, items whose records were made with another endpoint, tagger or lang",
-    )
-    p.add_argument("--tagger", choices=TAGGERS, help="embedded tagger (local endpoint only)")
-    p.add_argument("--lang", choices=LANGS, help="tag language of the embedded tagger (default zh)")
-    p.add_argument(
-        "--cluster",
-        metavar="ADDRESS",
-        help="run on Dask: local:N (N worker processes here) or a scheduler address tcp://HOST:PORT",
-    )
-    p.add_argument(
-        "--no-faces",
-        dest="faces",
-        action="store_const",
-        const=False,
-        help="embedded model tagger without its face detector (local endpoint only)",
-    )
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
 
 
+def add_setting_argument(parser: argparse.ArgumentParser, setting: Field[Any]) -> None:
+    """The flag of a run setting, from its declaration in ``config.RunConfig``."""
+    flags, spec = setting.metadata["flags"], setting.metadata
+    if not flags:
+        return  # a setting of the --config file only
+    options = {**spec["cli"], "help": spec["help"]}
+    if spec["kind"] in ("int", "float") and "action" not in options:
+        options["type"] = int if spec["kind"] == "int" else float
+    if options.get("action") == "store_true":
+        options["default"] = None  # unset: the environment or the --config file decides
+    if flags[0].startswith("-"):
+        parser.add_argument(*flags, dest=setting.name, **options)
+    else:
+        parser.add_argument(setting.name, **options)
+
+
 def run_flags(args: argparse.Namespace) -> dict[str, Any]:
-    names = (
-        "sources",
-        "out",
-        "endpoint",
-        "appid",
-        "secret_id",
-        "secret_key",
-        "secret_key_file",
-        "bucket",
-        "concurrency",
-        "qps",
-        "retries",
-        "timeout",
-        "outage_wait",
-        "progress",
-        "summary_json",
-        "retry_errors",
-        "tagger",
-        "lang",
-        "exclude",
-        "include_hidden",
-        "retag",
-        "cluster",
-        "faces",
-    )
-    return {name: getattr(args, name) for name in names}
+    """The run settings given on the command line (None: not given)."""
+    from batchtag.config import FLAG_FIELDS
+
+    return {name: getattr(args, name) for name in FLAG_FIELDS}
 
 
 async def run_until_signalled(config: RunConfig) -> Summary:
