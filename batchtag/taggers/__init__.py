@@ -15,11 +15,28 @@ Keep ``tag_batch`` to the part that really gains from batching: per-image work b
 ``prepare``, where it does not hold up the other requests of the batch. Unless nothing would
 be left to batch: each batch costs a hop to the tagger thread, so a tagger whose whole work
 is per image (the color tagger) is cheaper without ``prepare``.
+
+The model tagger is built from stages (``STAGES``), so an evaluation can compare the
+classifier alone, each stage added, and the final tagger, on the same photos::
+
+    load_tagger("model", "en", stages={"classifier"}, min_confidence=0)           # classifier alone
+    load_tagger("model", "en", stages={"classifier", "faces"}, min_confidence=0)  # + face stage
+    load_tagger("model", "en")                                                    # the default
+
+- ``classifier``: EfficientNet-Lite0 on ImageNet-1k + ``data/imagenet_rules.csv`` (breeds,
+  foods, scenes, objects);
+- ``faces``: the face detector + ``data/people.toml`` (人物 / 合影 / 人像 / 人群);
+- ``detector``: a COCO object detector + ``data/coco_rules.csv`` (people, animals, vehicles,
+  everyday objects), counted people feeding the same people rules.
+
+``min_confidence`` (0..100, default ``DEFAULT_MIN_CONFIDENCE``) drops every tag below it from
+the answer; 0 returns everything the stages found (for measuring). The same default is the
+threshold of ``export`` and ``report``, so sidecars and reports show what the API answers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 if TYPE_CHECKING:  # the CLI reads TAGGERS and LANGS before anything heavy is loaded
@@ -55,6 +72,12 @@ def preparer(tagger: Tagger) -> Callable[[Image.Image], Any] | None:
 # The one list of each: the CLI's choices, RunConfig's and ServeConfig's checks read these.
 TAGGERS = ("model", "color")
 LANGS = ("zh", "en")
+# The model tagger's stages, and the ones it runs unless told otherwise (see the docstring).
+STAGES = ("classifier", "faces", "detector")
+DEFAULT_STAGES = frozenset(STAGES)
+# Tags below this confidence are not returned by default (serve, run, export, report).
+# Provisional until set from the evaluation set's tuning half (bench/quality).
+DEFAULT_MIN_CONFIDENCE = 30
 
 
 def confidence(share: float) -> int:
@@ -62,10 +85,41 @@ def confidence(share: float) -> int:
     return max(0, min(100, round(100.0 * share)))
 
 
-def load_tagger(name: str, lang: str = "zh", faces: bool = True) -> Tagger:
+def check_stages(stages: Iterable[str]) -> frozenset[str]:
+    """The model tagger's stage set, validated: known names, and the classifier always in."""
+    chosen = frozenset(stages)
+    unknown = sorted(chosen - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    if "classifier" not in chosen:
+        raise ValueError("the classifier stage is always needed (the other stages add to its tags)")
+    return chosen
+
+
+def check_min_confidence(value: int) -> int:
+    """A minimum confidence is a whole number 0..100, as the API's confidences are."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise ValueError(f"min confidence must be a whole number 0..100, got {value!r}")
+    return value
+
+
+def above(tags: list[Tag], min_confidence: int) -> list[Tag]:
+    """The tags at or above ``min_confidence`` (the one place the threshold is applied)."""
+    return [t for t in tags if t["tag_confidence"] >= min_confidence]
+
+
+def load_tagger(
+    name: str,
+    lang: str = "zh",
+    faces: bool = True,
+    stages: Iterable[str] | None = None,
+    min_confidence: int = DEFAULT_MIN_CONFIDENCE,
+) -> Tagger:
     """Build the tagger ``batchtag serve --tagger NAME --lang LANG`` uses.
 
-    ``faces=False`` (``serve --no-faces``) leaves out the model tagger's people stage.
+    ``stages`` picks the model tagger's stages (default ``DEFAULT_STAGES``); ``faces=False``
+    (``serve --no-faces``) takes the face stage out of them. ``min_confidence``: see the
+    module docstring (the color tagger, a demo of the API, has no stages and no threshold).
     """
     if name == "color":
         from batchtag.taggers.color import ColorTagger
@@ -74,5 +128,8 @@ def load_tagger(name: str, lang: str = "zh", faces: bool = True) -> Tagger:
     if name == "model":
         from batchtag.taggers.model import ModelTagger
 
-        return ModelTagger(lang=lang, faces=faces)
+        chosen = check_stages(DEFAULT_STAGES if stages is None else stages)
+        if not faces:
+            chosen -= {"faces"}
+        return ModelTagger(lang=lang, stages=chosen, min_confidence=check_min_confidence(min_confidence))
     raise ValueError(f"unknown tagger {name!r}; choose one of {', '.join(TAGGERS)}")
