@@ -107,6 +107,8 @@ class Result:
     bands: list[tuple[int, int, int]] = field(default_factory=list)  # tuning half
     missed: dict[str, int] = field(default_factory=dict)  # held-out, at the chosen threshold
     wrong: dict[str, int] = field(default_factory=dict)
+    by_kind: dict[str, Score] = field(default_factory=dict)  # held-out, at the chosen threshold
+    people: dict[str, tuple[int, int]] = field(default_factory=dict)  # both halves, see people_tags
 
 
 def evaluate(
@@ -140,7 +142,36 @@ def judge_config(
         bands=bands(halves["tune"], tagged, vocabulary),
         missed=missed,
         wrong=wrong,
+        people=people_tags(photos, tagged, threshold, vocabulary),
+        by_kind={
+            kind: score([p for p in halves["held-out"] if p.kind == kind], tagged, threshold, vocabulary)
+            for kind in KINDS
+        },
     )
+
+
+def people_tags(
+    photos: Sequence[Photo], tagged: dict[str, Tags], threshold: int, vocabulary: Vocabulary
+) -> dict[str, tuple[int, int]]:
+    """Per expected people tag and people class ("group photo in group"): (photos where it was
+    returned, photos that expect it); and per people tag, how often it came, wrongly, on a photo
+    without people as a subject ("person without people": tiny figures a label calls fair do
+    not count). Both halves: the classes are small."""
+    counts: dict[str, tuple[int, int]] = {}
+    names = {tag for expected, fair in PEOPLE_TAGS.values() for tag in (*expected, *fair)}
+    for photo in photos:
+        returned = {vocabulary.canonical(n) for n, c in tagged[photo.name] if c >= threshold}
+        if photo.people is None:
+            for tag in sorted(names):
+                name = vocabulary.canonical(tag)
+                found, total = counts.get(f"{tag} without people", (0, 0))
+                counts[f"{tag} without people"] = (found + (name in returned - photo.right), total + 1)
+            continue
+        for tag in PEOPLE_TAGS[photo.people][0]:
+            key = f"{tag} in {photo.people}"
+            found, total = counts.get(key, (0, 0))
+            counts[key] = (found + (vocabulary.canonical(tag) in returned), total + 1)
+    return counts
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -211,6 +242,24 @@ def bands_table(results: Sequence[Result]) -> list[str]:
     return lines
 
 
+def kinds_table(results: Sequence[Result]) -> list[str]:
+    """Markdown: recall / precision per kind of photo (held-out half, chosen threshold)."""
+    lines = ["| configuration | " + " | ".join(KINDS) + " |", "|---|" + "---:|" * len(KINDS)]
+    for r in results:
+        lines.append(f"| {r.config} | " + " | ".join(pair(r.by_kind[k]) for k in KINDS) + " |")
+    return lines
+
+
+def people_table(results: Sequence[Result]) -> list[str]:
+    """Markdown: how often each people tag came where expected (and where not)."""
+    keys = sorted({k for r in results for k in r.people}, key=lambda k: ("without" in k, k))
+    lines = ["| configuration | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for r in results:
+        cells = [f"{r.people[k][0]}/{r.people[k][1]}" if k in r.people else "—" for k in keys]
+        lines.append(f"| {r.config} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def top(counts: dict[str, int], n: int = 12) -> str:
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
     return ", ".join(f"{name} {count}" for name, count in ranked) or "none"
@@ -232,6 +281,16 @@ def report(results: Sequence[Result], photos: Sequence[Photo], default: int | No
         "## Photos",
         "",
         *counts_table(photos),
+        "",
+        "## By kind of photo (held-out half, at the chosen threshold; recall / precision)",
+        "",
+        *kinds_table(results),
+        "",
+        "## People tags (both halves, at the chosen threshold): photos with the tag / photos",
+        "",
+        "Without people: photos with no people as a subject where the tag came wrongly.",
+        "",
+        *people_table(results),
         "",
         "## Share of right tags by confidence (tuning half; tags in the band)",
         "",
