@@ -17,7 +17,7 @@ from PIL import Image
 from bench.quality import dataset
 from bench.quality.dataset import HALVES, KINDS, PHOTOS, Vocabulary, load, load_vocabulary, parse_photos
 from bench.quality.evaluate import configurations, report, run_all
-from bench.quality.score import Score, choose_threshold, judge, score
+from bench.quality.score import Score, bands, choose_threshold, judge, mostly_wrong_below, score
 
 # --- the scoring, by hand ----------------------------------------------------------------------
 
@@ -79,6 +79,24 @@ def test_threshold_is_the_best_f1_on_the_tuning_half(photos: list[dataset.Photo]
     tuning = [p for p in photos if p.half == "tune"]
     # a.jpg: from 31 to 40 both things are found and every tag is right (F1 = 1): the highest wins
     assert choose_threshold(tuning, TAGGED, VOCABULARY) == 40
+
+
+def test_confidence_bands_say_below_what_tags_are_mostly_wrong(photos: list[dataset.Photo]) -> None:
+    table = bands(photos, TAGGED, VOCABULARY)
+    # 10-19: grass (right) car (wrong); 20-29: group photo (wrong); 30-39: cat (wrong); 40-49:
+    # bird, vehicle; 50-59: person; 70-79: motorbike; 80-89: animal; 90-100: dog
+    assert table == [
+        (10, 1, 2),
+        (20, 0, 1),
+        (30, 0, 1),
+        (40, 2, 2),
+        (50, 1, 1),
+        (70, 1, 1),
+        (80, 1, 1),
+        (90, 1, 1),
+    ]
+    assert mostly_wrong_below(table) == 40
+    assert mostly_wrong_below([(10, 5, 5)]) == 0
 
 
 def test_a_synonym_given_for_two_names_is_an_error() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.quality.dataset import HALVES, KINDS, PEOPLE_TAGS, PHOTOS, Photo, Vocabulary
-from bench.quality.score import Score, Tags, bands, choose_threshold, misses, score
+from bench.quality.score import Score, Tags, bands, choose_threshold, misses, mostly_wrong_below, score
 
 LANG = "en"
 THRESHOLD_RULE = "the highest F1 on the tuning half (ties: the higher threshold)"
@@ -239,6 +239,10 @@ def bands_table(results: Sequence[Result]) -> list[str]:
             right, total = by_start.get(s, (0, 0))
             cells.append(f"{right / total:.2f} ({total})" if total else "—")
         lines.append(f"| {r.config} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        *(f"- {r.config}: tags below {mostly_wrong_below(r.bands)} are mostly wrong" for r in results),
+    ]
     return lines
 
 

@@ -118,3 +118,13 @@ def misses(
         for name in names - photo.right:
             wrong[name] = wrong.get(name, 0) + 1
     return missed, wrong
+
+
+def mostly_wrong_below(table: Sequence[tuple[int, int, int]]) -> int:
+    """The lowest band start from which every band holds at least as many right tags as wrong
+    ones: the tags below it are mostly wrong (0 when no band is)."""
+    floor = 0
+    for start, right, total in table:
+        if 2 * right < total:
+            floor = start + BAND
+    return floor
