@@ -16,7 +16,7 @@ def _met(met: bool | None) -> str:
     return "—" if met is None else ("yes" if met else "**NO**")
 
 
-SECTION_NAMES = ("efficiency", "cost", "rate", "scale", "model", "peers", "cluster", "embedded")
+SECTION_NAMES = ("efficiency", "cost", "rate", "scale", "model", "peers", "cluster", "embedded", "quality")
 
 
 def render(

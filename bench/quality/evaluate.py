@@ -1,0 +1,256 @@
+"""Run the embedded ``model`` tagger over the evaluation set, one configuration at a time.
+
+Configurations: the classifier alone, the classifier with each other stage, and the final
+tagger (the default stages). Each runs in this process with the server's own decode, prepare
+and batch calls, in English, and with no minimum confidence, so tags below any threshold are
+seen here and the threshold is applied by the scoring.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.quality.dataset import HALVES, KINDS, PEOPLE_TAGS, PHOTOS, Photo, Vocabulary
+from bench.quality.score import Score, Tags, bands, choose_threshold, misses, score
+
+LANG = "en"
+THRESHOLD_RULE = "the highest F1 on the tuning half (ties: the higher threshold)"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A way to build the model tagger: ``stages`` None means its defaults; ``faces`` is the
+    older switch (``--no-faces``), for a tagger without stage sets."""
+
+    name: str
+    stages: frozenset[str] | None = None
+    faces: bool = True
+
+
+def configurations() -> list[Config]:
+    """The classifier alone, the classifier with each other stage, and the final tagger.
+
+    Read from the tagger's own list of stages when it has one (``taggers.STAGES``); a tagger
+    without it has one optional stage, the faces (``faces=False`` leaves it out).
+    """
+    from batchtag import taggers
+
+    stages: Sequence[str] | None = getattr(taggers, "STAGES", None)
+    if stages is None:
+        return [Config("classifier alone", faces=False), Config("final: classifier + faces")]
+    base = stages[0]  # the classifier: the stage every set has
+    default = frozenset(getattr(taggers, "DEFAULT_STAGES", stages))
+    configs = [Config(f"{base} alone", frozenset({base}))]
+    configs += [Config(f"{base} + {s}", frozenset({base, s})) for s in stages[1:]]
+    configs = [c for c in configs if c.stages != default]
+    ordered = [s for s in stages if s in default]
+    return [*configs, Config(f"final: {' + '.join(ordered)}")]
+
+
+def default_min_confidence() -> int | None:
+    """The tagger's default minimum confidence, where it has one."""
+    from batchtag import taggers
+
+    value = getattr(taggers, "DEFAULT_MIN_CONFIDENCE", None)
+    return value if isinstance(value, int) else None
+
+
+def build_tagger(config: Config) -> Any:
+    """The model tagger of ``config``, in English, returning every tag it finds."""
+    from batchtag.taggers import load_tagger
+
+    options: dict[str, Any] = {"faces": config.faces}
+    accepted = inspect.signature(load_tagger).parameters
+    if config.stages is not None:
+        options["stages"] = config.stages
+    if "min_confidence" in accepted:
+        options["min_confidence"] = 0
+    return load_tagger("model", LANG, **options)
+
+
+def tag_photos(tagger: Any, paths: Sequence[Path]) -> dict[str, Tags]:
+    """Each photo's tags, through the server's decode (with its limits for this tagger), the
+    tagger's prepare and its batches."""
+    from batchtag.server.app import create_state
+    from batchtag.server.config import ServeConfig
+    from batchtag.server.imaging import decode_image
+    from batchtag.taggers import preparer
+
+    limits = create_state(ServeConfig(tagger="model"), tagger).limits
+    prepare = preparer(tagger)
+    tagged: dict[str, Tags] = {}
+    for start in range(0, len(paths), tagger.max_batch):
+        batch = paths[start : start + tagger.max_batch]
+        items = []
+        for path in batch:
+            image = decode_image(path.read_bytes(), limits)
+            items.append(prepare(image) if prepare else image)
+        for path, tags in zip(batch, tagger.tag_batch(items), strict=True):
+            tagged[path.name] = [(t["tag_name"], t["tag_confidence"]) for t in tags]
+    return tagged
+
+
+@dataclass
+class Result:
+    """One configuration's numbers."""
+
+    config: str
+    threshold: int  # chosen on the tuning half
+    everything: dict[str, Score]  # per half, every tag (threshold 0)
+    chosen: dict[str, Score]  # per half, at the chosen threshold
+    at_default: dict[str, Score] = field(default_factory=dict)  # per half, at the default
+    bands: list[tuple[int, int, int]] = field(default_factory=list)  # tuning half
+    missed: dict[str, int] = field(default_factory=dict)  # held-out, at the chosen threshold
+    wrong: dict[str, int] = field(default_factory=dict)
+
+
+def evaluate(
+    config: Config,
+    photos: Sequence[Photo],
+    vocabulary: Vocabulary,
+    photo_dir: Path = PHOTOS,
+    default: int | None = None,
+) -> Result:
+    """Tag ``photos`` with ``config``, choose its threshold on the tuning half and score both."""
+    tagged = tag_photos(build_tagger(config), [photo_dir / p.name for p in photos])
+    return judge_config(config.name, photos, tagged, vocabulary, default)
+
+
+def judge_config(
+    name: str, photos: Sequence[Photo], tagged: dict[str, Tags], vocabulary: Vocabulary, default: int | None
+) -> Result:
+    halves = {half: [p for p in photos if p.half == half] for half in HALVES}
+    threshold = choose_threshold(halves["tune"], tagged, vocabulary)
+    missed, wrong = misses(halves["held-out"], tagged, threshold, vocabulary)
+    return Result(
+        config=name,
+        threshold=threshold,
+        everything={h: score(ps, tagged, 0, vocabulary) for h, ps in halves.items()},
+        chosen={h: score(ps, tagged, threshold, vocabulary) for h, ps in halves.items()},
+        at_default=(
+            {h: score(ps, tagged, default, vocabulary) for h, ps in halves.items()}
+            if default is not None
+            else {}
+        ),
+        bands=bands(halves["tune"], tagged, vocabulary),
+        missed=missed,
+        wrong=wrong,
+    )
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def fmt(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.2f}"
+
+
+def pair(s: Score) -> str:
+    return f"{fmt(s.recall)} / {fmt(s.precision)}"
+
+
+def results_table(results: Sequence[Result], default: int | None) -> list[str]:
+    """Markdown: recall / precision per configuration and half."""
+    head = (
+        "| configuration | all tags: tuning | all tags: held-out | threshold (tuning) "
+        "| at it: tuning | at it: **held-out** |"
+    )
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if default is not None:
+        head += f" default ({default}): tuning | default ({default}): held-out |"
+        rule += "---:|---:|"
+    lines = [head, rule]
+    for r in results:
+        cells = [
+            r.config,
+            pair(r.everything["tune"]),
+            pair(r.everything["held-out"]),
+            str(r.threshold),
+            pair(r.chosen["tune"]),
+            f"**{pair(r.chosen['held-out'])}**",
+        ]
+        if default is not None:
+            cells += [pair(r.at_default["tune"]), pair(r.at_default["held-out"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def counts_table(photos: Sequence[Photo]) -> list[str]:
+    """Markdown: photos by kind and people class, per half."""
+    lines = ["| | " + " | ".join(KINDS) + " | total |", "|---|" + "---:|" * (len(KINDS) + 1)]
+    for half in HALVES:
+        mine = [p for p in photos if p.half == half]
+        cells = [str(sum(1 for p in mine if p.kind == k)) for k in KINDS]
+        lines.append(f"| {half} | " + " | ".join(cells) + f" | {len(mine)} |")
+    people = ", ".join(f"{c}: {sum(1 for p in photos if p.people == c)}" for c in PEOPLE_TAGS)
+    none = sum(1 for p in photos if p.people is None)
+    things = sum(len(p.things) for p in photos)
+    lines += ["", f"People classes: {people}; no people as a subject: {none}. Labelled things: {things}."]
+    return lines
+
+
+def bands_table(results: Sequence[Result]) -> list[str]:
+    """Markdown: share of right tags per confidence band (tuning half), per configuration."""
+    starts = sorted({start for r in results for start, _, _ in r.bands})
+    lines = [
+        "| configuration | " + " | ".join(f"{s}-{s + 9 if s < 90 else 100}" for s in starts) + " |",
+        "|---|" + "---:|" * len(starts),
+    ]
+    for r in results:
+        by_start = {start: (right, total) for start, right, total in r.bands}
+        cells = []
+        for s in starts:
+            right, total = by_start.get(s, (0, 0))
+            cells.append(f"{right / total:.2f} ({total})" if total else "—")
+        lines.append(f"| {r.config} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def top(counts: dict[str, int], n: int = 12) -> str:
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    return ", ".join(f"{name} {count}" for name, count in ranked) or "none"
+
+
+def report(results: Sequence[Result], photos: Sequence[Photo], default: int | None) -> str:
+    """The whole markdown report (bench/results/quality.md)."""
+    lines = [
+        "# Tag quality on the evaluation set (bench/quality)",
+        "",
+        f"{len(photos)} photos (bench/quality/SOURCES.md), labelled by looking at them "
+        "(bench/quality/labels.toml); the embedded `model` tagger in English, every tag returned "
+        "(no minimum confidence) and the threshold applied here. Each cell: **recall / precision** "
+        "(recall: share of labelled things found; precision: share of returned tags that are "
+        f"right). Threshold rule: {THRESHOLD_RULE}; the held-out half is only reported.",
+        "",
+        *results_table(results, default),
+        "",
+        "## Photos",
+        "",
+        *counts_table(photos),
+        "",
+        "## Share of right tags by confidence (tuning half; tags in the band)",
+        "",
+        *bands_table(results),
+        "",
+        "## Held-out half at the chosen threshold: what was missed and what was wrong",
+        "",
+    ]
+    for r in results:
+        lines += [f"- {r.config}: missed {top(r.missed)}; wrong {top(r.wrong)}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_all(
+    photos: Sequence[Photo],
+    vocabulary: Vocabulary,
+    configs: Iterable[Config] | None = None,
+    photo_dir: Path = PHOTOS,
+) -> tuple[list[Result], int | None]:
+    default = default_min_confidence()
+    chosen = configurations() if configs is None else list(configs)
+    return [evaluate(c, photos, vocabulary, photo_dir, default) for c in chosen], default
