@@ -27,7 +27,9 @@ def detector() -> F.FaceDetector:
 
 @pytest.fixture(scope="module", params=["zh", "en"])
 def tagger(request: pytest.FixtureRequest) -> ModelTagger:
-    return ModelTagger(request.param, detector=F.FaceDetector())
+    # The BlazeFace stage as it was the default before issue 18 (test_taggers_stages.py has the rest).
+    stages = {"classifier", "blazeface"}
+    return ModelTagger(request.param, detector=F.FaceDetector(), stages=stages, int8=False, min_confidence=0)
 
 
 def photo(name: str) -> Image.Image:
@@ -187,7 +189,8 @@ def test_the_classifier_alone_tags_no_person() -> None:
 
 def test_without_faces_the_object_detector_still_finds_the_person() -> None:
     tagger = load_tagger("model", "en", faces=False)
-    assert isinstance(tagger, ModelTagger) and tagger.detector is None and tagger.objects is not None
+    assert isinstance(tagger, ModelTagger) and tagger.detector is None and tagger.centerface is None
+    assert tagger.objects is not None
     (tags,) = tagger.tag_batch([photo("astronaut_eileen_collins.jpg")])
     assert "person" in names(tags)
     assert tagger.prepare(photo("coffee.jpg")).faces is None

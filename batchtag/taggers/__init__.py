@@ -19,15 +19,19 @@ is per image (the color tagger) is cheaper without ``prepare``.
 The model tagger is built from stages (``STAGES``), so an evaluation can compare the
 classifier alone, each stage added, and the final tagger, on the same photos::
 
-    load_tagger("model", "en", stages={"classifier"}, min_confidence=0)           # classifier alone
-    load_tagger("model", "en", stages={"classifier", "faces"}, min_confidence=0)  # + face stage
-    load_tagger("model", "en")                                                    # the default
+    load_tagger("model", "en", stages={"classifier"}, min_confidence=0)              # classifier alone
+    load_tagger("model", "en", stages={"classifier", "detector"}, min_confidence=0)  # + detector
+    load_tagger("model", "en")                                                       # the default
+    load_tagger("model", "en", stages={"classifier", "blazeface"}, int8=False, min_confidence=0)
+                                                         # the default before issue 18
 
-- ``classifier``: EfficientNet-Lite0 on ImageNet-1k + ``data/imagenet_rules.csv`` (breeds,
-  foods, scenes, objects);
-- ``faces``: the face detector + ``data/people.toml`` (人物 / 合影 / 人像 / 人群);
-- ``detector``: a COCO object detector + ``data/coco_rules.csv`` (people, animals, vehicles,
-  everyday objects), counted people feeding the same people rules.
+- ``classifier``: EfficientNet-Lite0 on ImageNet-1k (INT8 unless ``int8=False``) +
+  ``data/imagenet_rules.csv`` (breeds, foods, scenes, objects);
+- ``detector``: YOLOX-nano, 80 COCO classes + ``data/coco_rules.csv`` (people, animals,
+  vehicles, everyday objects); its person boxes count people for ``data/people.toml``;
+- ``faces``: CenterFace, small faces in groups, for the people rules (人物 / 合影 / 人像 /
+  人群); with the detector on, it runs only on photos where the detector saw 2+ people;
+- ``blazeface``: the face stage before issue 18 (BlazeFace), kept for comparison.
 
 ``min_confidence`` (0..100, default ``DEFAULT_MIN_CONFIDENCE``) drops every tag below it from
 the answer; 0 returns everything the stages found (for measuring). The same default is the
@@ -73,8 +77,8 @@ def preparer(tagger: Tagger) -> Callable[[Image.Image], Any] | None:
 TAGGERS = ("model", "color")
 LANGS = ("zh", "en")
 # The model tagger's stages, and the ones it runs unless told otherwise (see the docstring).
-STAGES = ("classifier", "faces", "detector")
-DEFAULT_STAGES = frozenset(STAGES)
+STAGES = ("classifier", "detector", "faces", "blazeface")
+DEFAULT_STAGES = frozenset({"classifier", "detector", "faces"})
 # Tags below this confidence are not returned by default (serve, run, export, report).
 # Provisional until set from the evaluation set's tuning half (bench/quality).
 DEFAULT_MIN_CONFIDENCE = 30
@@ -114,11 +118,12 @@ def load_tagger(
     faces: bool = True,
     stages: Iterable[str] | None = None,
     min_confidence: int = DEFAULT_MIN_CONFIDENCE,
+    int8: bool = True,
 ) -> Tagger:
     """Build the tagger ``batchtag serve --tagger NAME --lang LANG`` uses.
 
     ``stages`` picks the model tagger's stages (default ``DEFAULT_STAGES``); ``faces=False``
-    (``serve --no-faces``) takes the face stage out of them. ``min_confidence``: see the
+    (``serve --no-faces``) takes the face stages out of them. ``int8=False``: the float classifier. ``min_confidence``: see the
     module docstring (the color tagger, a demo of the API, has no stages and no threshold).
     """
     if name == "color":
@@ -130,6 +135,8 @@ def load_tagger(
 
         chosen = check_stages(DEFAULT_STAGES if stages is None else stages)
         if not faces:
-            chosen -= {"faces"}
-        return ModelTagger(lang=lang, stages=chosen, min_confidence=check_min_confidence(min_confidence))
+            chosen -= {"faces", "blazeface"}
+        return ModelTagger(
+            lang=lang, stages=chosen, min_confidence=check_min_confidence(min_confidence), int8=int8
+        )
     raise ValueError(f"unknown tagger {name!r}; choose one of {', '.join(TAGGERS)}")

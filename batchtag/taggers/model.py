@@ -2,12 +2,15 @@
 
 Stages (``batchtag.taggers.STAGES``; which ones run is the tagger's ``stages``):
 
-- ``classifier``: EfficientNet-Lite0's ImageNet probabilities through the label rules
-  (``rules.py``, ``data/imagenet_rules.csv``): breeds, foods, scenes (seashore, alp) and
-  objects, and broad categories (动物, 食物);
-- ``faces``: the face detector (``faces.py``) counting faces for the people rules;
+- ``classifier``: EfficientNet-Lite0's ImageNet probabilities (INT8 by default,
+  ``scripts/quantize_classifier.py``) through the label rules (``rules.py``,
+  ``data/imagenet_rules.csv``): breeds, foods, scenes (seashore, alp) and objects, and broad
+  categories (动物, 食物);
 - ``detector``: YOLOX-nano's 80 COCO classes (``objects.py``, ``data/coco_rules.csv``:
-  bilingual names and the same categories), and its person boxes for the people rules.
+  bilingual names and the same categories), and its person boxes for the people rules;
+- ``faces``: CenterFace (``centerface.py``) counting small faces for the people rules, on the
+  detector's own input; with the detector on, only for photos with 2+ people in it;
+- ``blazeface``: the face stage before issue 18 (``faces.py``), kept for comparison.
 
 ImageNet has no person class, so people come from ``people.py`` (``data/people.toml``):
 人物 / 人像 from faces or person boxes, 合影 for a posed group, 人群 for many small people.
@@ -27,12 +30,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from batchtag.taggers import DEFAULT_MIN_CONFIDENCE, DEFAULT_STAGES, Tag, above, check_stages, confidence
+from batchtag.taggers.centerface import CenterFace
 from batchtag.taggers.faces import Face, FaceDetector, Views, prepare_views
 from batchtag.taggers.imagenet import RESIZE_SIZE, ImageNetClassifier, to_rgb
 from batchtag.taggers.objects import CocoRule, Detections, ObjectDetector, read_coco_rules
@@ -40,6 +45,9 @@ from batchtag.taggers.people import PeopleRules
 from batchtag.taggers.rules import DEFAULT_MAX_TAGS, LabelRules, _data_file, read_categories
 
 Named = list[tuple[str, int]]  # (tag name, confidence 0..100)
+INT8_CLASSIFIER = Path(__file__).resolve().parent / "data" / "efficientnet_lite0_int8.onnx"
+# A person box counts towards CenterFace's gate from this score (the people rules' own floor).
+PERSON_FLOOR = 0.4
 
 
 @dataclass(frozen=True)
@@ -47,8 +55,8 @@ class Prepared:
     """One image made ready for every stage; a stage that is off has None."""
 
     pixels: np.ndarray  # (3, 224, 224) uint8: the classifier's crop, normalised a batch at a time
-    faces: Views | None
-    objects: tuple[np.ndarray, float] | None  # the detector's letterboxed input and its scale
+    faces: Views | None  # BlazeFace's views (the blazeface stage)
+    objects: tuple[np.ndarray, float] | None  # the letterboxed square of detector and CenterFace, its scale
     size: tuple[int, int]  # the decoded photo's (width, height)
 
 
@@ -95,26 +103,33 @@ class ModelTagger:
         min_confidence: int = DEFAULT_MIN_CONFIDENCE,
         objects: ObjectDetector | None = None,
         max_tags: int = DEFAULT_MAX_TAGS,
+        int8: bool = True,
     ) -> None:
-        """``stages``: see ``batchtag.taggers`` (default: all); ``faces=False`` drops "faces"."""
+        """``stages``: see ``batchtag.taggers`` (default ``DEFAULT_STAGES``); ``faces=False``
+        drops the face stages; ``int8=False`` runs the float classifier (for comparisons)."""
         chosen = check_stages(DEFAULT_STAGES if stages is None else stages)
         if not faces:
-            chosen -= {"faces"}
+            chosen -= {"faces", "blazeface"}
         self.stages = chosen
         self.min_confidence = min_confidence
         self.max_tags = max_tags
-        self.classifier = classifier or ImageNetClassifier()
+        self.classifier = classifier or ImageNetClassifier(model_path=INT8_CLASSIFIER if int8 else None)
         # The classifier's own cut is left to the merge, which sees every stage's names.
         self.rules = LabelRules.load(lang, max_tags=1000)
-        people_needed = "faces" in chosen or "detector" in chosen
+        people_needed = bool(chosen & {"faces", "blazeface", "detector"})
         self.people = PeopleRules.load(lang) if people_needed else None
-        self.detector = None
-        if "faces" in chosen and self.people is not None:
+        self.detector = None  # BlazeFace (the attribute keeps its pre-issue-18 name)
+        if "blazeface" in chosen and self.people is not None:
             self.detector = detector or FaceDetector(settings=self.people.detector)
+        self.centerface = None
+        if "faces" in chosen and self.people is not None:
+            settings = self.people.centerface
+            self.centerface = CenterFace(min_score=settings.min_score, nms_iou=settings.nms_iou)
         self.objects = None
         self.object_rules = None
+        if "detector" in chosen or "faces" in chosen:
+            self.objects = objects or ObjectDetector()  # CenterFace takes the detector's input too
         if "detector" in chosen:
-            self.objects = objects or ObjectDetector()
             self.object_rules = ObjectRules(lang)
 
     def prepare(self, image: Image.Image) -> Prepared:
@@ -133,20 +148,40 @@ class ModelTagger:
         prepared = [item if isinstance(item, Prepared) else self.prepare(item) for item in items]
         probs = self.classifier.predict(self.classifier.normalize(np.stack([p.pixels for p in prepared])))
         classified = self.rules.parts_batch(probs)
-        faces = self._faces(prepared)
         found = self._objects(prepared)
+        faces = self._faces(prepared, found)
         return [
             self._merge(parts, photo_faces, objects)
             for parts, photo_faces, objects in zip(classified, faces, found, strict=True)
         ]
 
-    def _faces(self, prepared: Sequence[Prepared]) -> list[list[Face]]:
-        if self.detector is None:
-            return [[] for _ in prepared]
-        return self.detector.detect([p.faces for p in prepared if p.faces is not None])
+    def _faces(self, prepared: Sequence[Prepared], found: Sequence[Detections | None]) -> list[list[Face]]:
+        """Faces per photo from the face stage that is on (CenterFace where it is asked for)."""
+        faces: list[list[Face]] = [[] for _ in prepared]
+        if self.detector is not None:
+            faces = self.detector.detect([p.faces for p in prepared if p.faces is not None])
+        if self.centerface is None or self.people is None:
+            return faces
+        wanted = [i for i, p in enumerate(prepared) if p.objects is not None and self._wants_faces(found[i])]
+        squares = [prepared[i].objects for i in wanted]
+        more = self.centerface.detect(
+            [s[0] for s in squares if s is not None],
+            [s[1] for s in squares if s is not None],
+            [prepared[i].size for i in wanted],
+        )
+        for i, photo_faces in zip(wanted, more, strict=True):
+            faces[i] = photo_faces
+        return faces
+
+    def _wants_faces(self, objects: Detections | None) -> bool:
+        """CenterFace runs where the detector saw enough people (or the detector is off)."""
+        if "detector" not in self.stages or objects is None or self.people is None:
+            return True
+        floor = self.people.centerface
+        return sum(1 for p in objects.persons if p.score >= PERSON_FLOOR) >= floor.min_persons
 
     def _objects(self, prepared: Sequence[Prepared]) -> list[Detections | None]:
-        if self.objects is None:
+        if self.objects is None or "detector" not in self.stages:
             return [None for _ in prepared]
         inputs = [p.objects for p in prepared if p.objects is not None]
         return list(self.objects.detect(inputs, [p.size for p in prepared]))

@@ -22,6 +22,15 @@ from typing import Any
 from batchtag.taggers import LANGS, Tag
 from batchtag.taggers.faces import DetectorSettings, Face
 
+
+@dataclass(frozen=True)
+class CenterFaceSettings:
+    """The ``faces`` stage's knobs (``[centerface]`` in ``people.toml``, with their reasons)."""
+
+    min_score: float = 0.5  # a heatmap peak below this is not a face
+    nms_iou: float = 0.3  # boxes overlapping more than this are one face
+    min_persons: int = 2  # with the detector on, faces are looked for only from this many people
+
 TAG_KEYS = frozenset(
     {
         "id",
@@ -136,6 +145,20 @@ def parse_detector(table: dict[str, Any], where: str) -> DetectorSettings:
     return DetectorSettings(**values)
 
 
+def parse_centerface(table: dict[str, Any], where: str) -> CenterFaceSettings:
+    known = {f.name for f in fields(CenterFaceSettings)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for key in ("min_score", "nms_iou"):
+        if key in table:
+            values[key] = _fraction(table, key, where)
+    if "min_persons" in table:
+        values["min_persons"] = _count(table, "min_persons", where, 1)
+    return CenterFaceSettings(**values)
+
+
 def _tag(name: str, confidence: float) -> Tag:
     return Tag(tag_name=name, tag_confidence=max(0, min(100, round(100.0 * confidence))))
 
@@ -143,10 +166,17 @@ def _tag(name: str, confidence: float) -> Tag:
 class PeopleRules:
     """The detector settings and the people tags of ``people.toml``, in one language."""
 
-    def __init__(self, detector: DetectorSettings, tags: Sequence[PeopleTag], lang: str = "zh") -> None:
+    def __init__(
+        self,
+        detector: DetectorSettings,
+        tags: Sequence[PeopleTag],
+        lang: str = "zh",
+        centerface: CenterFaceSettings = CenterFaceSettings(),
+    ) -> None:
         if lang not in LANGS:
             raise ValueError(f"unknown lang {lang!r}; choose one of {', '.join(LANGS)}")
         self.detector = detector
+        self.centerface = centerface
         self.tags = tuple(tags)
         self.lang = lang
 
@@ -159,17 +189,18 @@ class PeopleRules:
             data = tomllib.loads(source.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        unknown = sorted(set(data) - {"detector", "tag"})
+        unknown = sorted(set(data) - {"detector", "centerface", "tag"})
         if unknown:
             raise ValueError(f"{where}: unknown section(s) {', '.join(unknown)}")
         detector = parse_detector(data.get("detector", {}), f"{where} [detector]")
+        centerface = parse_centerface(data.get("centerface", {}), f"{where} [centerface]")
         tags = [parse_tag(t, f"{where} [[tag]] #{i + 1}") for i, t in enumerate(data.get("tag", []))]
         if not tags:
             raise ValueError(f"{where}: no [[tag]] entries")
         ids = [t.id for t in tags]
         if len(set(ids)) != len(ids):
             raise ValueError(f"{where}: duplicate tag ids in {ids}")
-        return cls(detector, tags, lang)
+        return cls(detector, tags, lang, centerface)
 
     def uses(self, source: str) -> bool:
         """Whether any tag counts boxes of ``source`` (so the stage is worth running for people)."""
