@@ -241,9 +241,16 @@ def bands_table(results: Sequence[Result]) -> list[str]:
         lines.append(f"| {r.config} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        *(f"- {r.config}: tags below {mostly_wrong_below(r.bands)} are mostly wrong" for r in results),
+        *(f"- {r.config}: {mostly_wrong(r)}" for r in results),
     ]
     return lines
+
+
+def mostly_wrong(result: Result) -> str:
+    floor = mostly_wrong_below(result.bands)
+    if floor:
+        return f"tags below {floor} are mostly wrong (fewer right than wrong in some band below)"
+    return "no band holds more wrong tags than right ones"
 
 
 def kinds_table(results: Sequence[Result]) -> list[str]:
