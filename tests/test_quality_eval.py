@@ -16,7 +16,7 @@ from PIL import Image
 
 from bench.quality import dataset
 from bench.quality.dataset import HALVES, KINDS, PHOTOS, Vocabulary, load, load_vocabulary, parse_photos
-from bench.quality.evaluate import configurations, report, run_all
+from bench.quality.evaluate import configurations, people_tags, report, run_all
 from bench.quality.score import Score, bands, choose_threshold, judge, mostly_wrong_below, score
 
 # --- the scoring, by hand ----------------------------------------------------------------------
@@ -97,6 +97,15 @@ def test_confidence_bands_say_below_what_tags_are_mostly_wrong(photos: list[data
     ]
     assert mostly_wrong_below(table) == 40
     assert mostly_wrong_below([(10, 5, 5)]) == 0
+
+
+def test_people_tags_are_counted_where_expected_and_where_wrong(photos: list[dataset.Photo]) -> None:
+    wrong_person = {**TAGGED, "a.jpg": [*TAGGED["a.jpg"], ("person", 70)]}
+    counts = people_tags(photos, wrong_person, 0, VOCABULARY)
+    assert counts["person in one"] == (1, 1)
+    assert counts["person without people"] == (1, 1)  # a.jpg has no people and no fair "person"
+    assert counts["group photo without people"] == (0, 1)
+    assert people_tags(photos, TAGGED, 60, VOCABULARY)["person in one"] == (0, 1)  # 50 < 60
 
 
 def test_a_synonym_given_for_two_names_is_an_error() -> None:
