@@ -20,7 +20,7 @@ from batchtag.errors import EXIT_STATUS, Outcome, UsageError, exit_status
 from batchtag.export.commands import add_export_parser, add_report_parser, command_export, command_report
 from batchtag.interrupts import EXIT_INTERRUPTED, INTERRUPTS
 from batchtag.sign_command import add_sign_parser, command_sign
-from batchtag.taggers import LANGS, TAGGERS
+from batchtag.taggers import DEFAULT_MIN_CONFIDENCE, DEFAULT_STAGES, LANGS, STAGES, TAGGERS
 
 if TYPE_CHECKING:
     from batchtag.config import RunConfig
@@ -138,9 +138,31 @@ def add_run_parser(commands: Any) -> None:
         dest="faces",
         action="store_const",
         const=False,
-        help="embedded model tagger without its face detector (local endpoint only)",
+        help="embedded model tagger without its face stages (local endpoint only)",
     )
+    add_stage_options(p, default=None)
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+
+def add_stage_options(p: argparse.ArgumentParser, default: bool | None) -> None:
+    """``--stages`` and ``--float-classifier`` of run (embedded only) and serve."""
+    p.add_argument(
+        "--stages",
+        metavar="LIST",
+        help="model tagger stages, comma-separated, from "
+        + ",".join(STAGES)
+        + " (default: "
+        + ",".join(s for s in STAGES if s in DEFAULT_STAGES)
+        + "; blazeface is the "
+        "face stage of earlier versions, kept for comparison)",
+    )
+    p.add_argument(
+        "--float-classifier",
+        action="store_const",
+        const=True,
+        default=default,
+        help="model tagger: the unquantized classifier (slower, for comparing; default: INT8)",
+    )
 
 
 def add_serve_parser(commands: Any) -> None:
@@ -157,7 +179,16 @@ def add_serve_parser(commands: Any) -> None:
         "--no-faces",
         dest="faces",
         action="store_false",
-        help="model tagger without its face detector (no 人物/合影/人像 tags from faces)",
+        help="model tagger without its face stages (people come from the object detector's boxes only)",
+    )
+    add_stage_options(p, default=False)
+    p.add_argument(
+        "--min-confidence",
+        type=int,
+        default=DEFAULT_MIN_CONFIDENCE,
+        metavar="N",
+        help="model tagger: leave tags below N (0-100) out of the answers (default: %(default)s, "
+        "set on an evaluation set's tuning half; 0 answers every tag)",
     )
     p.add_argument(
         "--credentials",
@@ -262,6 +293,8 @@ def run_flags(args: argparse.Namespace) -> dict[str, Any]:
         "retag",
         "cluster",
         "faces",
+        "stages",
+        "float_classifier",
     )
     return {name: getattr(args, name) for name in names}
 
@@ -332,6 +365,9 @@ def command_serve(args: argparse.Namespace) -> int:
             tagger=args.tagger,
             lang=args.lang,
             faces=args.faces,
+            min_confidence=args.min_confidence,
+            stages=args.stages,
+            float_classifier=args.float_classifier,
             credentials=credentials,
             qps_limit=args.qps_limit,
             inject_latency_ms=args.inject_latency_ms,

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from batchtag import api
 from batchtag.errors import ConfigError
 from batchtag.records import Settings
-from batchtag.taggers import LANGS, TAGGERS
+from batchtag.taggers import LANGS, TAGGERS, parse_stages
 
 LOCAL = "local"
 ENV_PREFIX = "BATCHTAG_"
@@ -45,6 +45,8 @@ class RunConfig:
     tagger: str = "model"  # the embedded server's tagger (endpoint = local only)
     lang: str = "zh"
     faces: bool = True  # the embedded model tagger's people stage (endpoint = local only)
+    stages: str | None = None  # the embedded model tagger's stages, comma-separated; None: defaults
+    float_classifier: bool = False  # the embedded model tagger's classifier unquantized (comparisons)
     max_image_bytes: int = api.MAX_IMAGE_BYTES
     exclude: list[str] = field(default_factory=list)  # globs the directory walk leaves out
     include_hidden: bool = False  # walk hidden and system folders too
@@ -86,6 +88,10 @@ class RunConfig:
             raise ConfigError(f"--tagger must be one of {', '.join(TAGGERS)}")
         if self.lang not in LANGS:
             raise ConfigError(f"--lang must be one of {', '.join(LANGS)}")
+        try:
+            parse_stages(self.stages)
+        except ValueError as exc:
+            raise ConfigError(f"--stages: {exc}") from None
         if self.cluster:
             from batchtag.cluster import ClusterError, parse_cluster_address
 

@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from batchtag.errors import Outcome, UsageError, exit_status
+from batchtag.taggers import DEFAULT_MIN_CONFIDENCE
 
 FORMATS = ("xmp", "csv", "parquet")
 
@@ -30,9 +31,7 @@ def add_export_parser(commands: Any) -> None:
     p.add_argument(
         "-o", "--output", metavar="PATH", help="the table to write (default: OUT with .csv/.parquet)"
     )
-    p.add_argument(
-        "--min-confidence", type=int, default=0, metavar="N", help="leave out tags below N (0-100)"
-    )
+    add_min_confidence(p)
     p.add_argument(
         "--xmp-naming",
         choices=NAMINGS,
@@ -40,6 +39,23 @@ def add_export_parser(commands: Any) -> None:
         help="sidecar names: photo.jpg.xmp (default: digiKam, darktable) or photo.xmp (lightroom)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
+
+
+def add_min_confidence(p: argparse.ArgumentParser) -> None:
+    """``--min-confidence`` of export and report: the tagger's own default threshold."""
+    p.add_argument(
+        "--min-confidence",
+        type=int,
+        default=DEFAULT_MIN_CONFIDENCE,
+        metavar="N",
+        help="leave out tags below N (0-100; default: %(default)s, the threshold batchtag serve and "
+        "the embedded model answer with; 0 shows every tag in OUT)",
+    )
+
+
+def check_min_confidence(value: int) -> None:
+    if not 0 <= value <= 100:
+        raise UsageError("--min-confidence must be between 0 and 100")
 
 
 def add_report_parser(commands: Any) -> None:
@@ -50,6 +66,7 @@ def add_report_parser(commands: Any) -> None:
     )
     p.add_argument("out_file", metavar="OUT.jsonl", help="results of batchtag run")
     p.add_argument("-o", "--output", required=True, metavar="report.html")
+    add_min_confidence(p)
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
 
 
@@ -61,8 +78,7 @@ def command_export(args: argparse.Namespace) -> int:
     from batchtag.export.common import progress_bar, read_records
 
     try:
-        if not 0 <= args.min_confidence <= 100:
-            raise UsageError("--min-confidence must be between 0 and 100")
+        check_min_confidence(args.min_confidence)
         if args.format == "xmp" and args.output:
             raise UsageError("xmp sidecars go beside the images; -o is for csv and parquet")
         with progress_bar(f"export {args.format}", args.progress) as bar:
@@ -99,14 +115,14 @@ def export_table(records: Any, args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from batchtag.export.common import progress_bar, read_records
+    from batchtag.export.common import at_confidence, progress_bar, read_records
     from batchtag.export.report import write_report
 
     try:
+        check_min_confidence(args.min_confidence)
         with progress_bar("report", args.progress) as bar:
-            result = write_report(
-                read_records(args.out_file, bar), args.output, os.path.basename(args.out_file), bar
-            )
+            records = at_confidence(read_records(args.out_file, bar), args.min_confidence)
+            result = write_report(records, args.output, os.path.basename(args.out_file), bar)
     except Exception as exc:
         return known_error(exc)
     print(

@@ -124,7 +124,11 @@ def create_app(config: ServeConfig, tagger: Tagger | None = None) -> web.Applica
 
 def create_state(config: ServeConfig, tagger: Tagger | None = None) -> ServerState:
     """Everything behind the HTTP layer (tagger, limits, quota); ``start()`` it on a loop."""
-    tagger = tagger if tagger is not None else load_tagger(config.tagger, config.lang, config.faces)
+    tagger = (
+        tagger
+        if tagger is not None
+        else load_tagger(config.tagger, config.lang, config.faces, min_confidence=config.min_confidence)
+    )
     return ServerState(
         config=config,
         tagger=tagger,

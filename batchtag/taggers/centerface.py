@@ -57,7 +57,9 @@ def decode(
     w = np.exp(scale[1, ys, xs].astype(np.float64)) * STRIDE
     cy = (ys + offset[0, ys, xs] + 0.5) * STRIDE
     cx = (xs + offset[1, ys, xs] + 0.5) * STRIDE
-    boxes = np.stack([(cx - w / 2) / size_x, (cy - h / 2) / size_y, (cx + w / 2) / size_x, (cy + h / 2) / size_y], 1)
+    boxes = np.stack(
+        [(cx - w / 2) / size_x, (cy - h / 2) / size_y, (cx + w / 2) / size_x, (cy + h / 2) / size_y], 1
+    )
     return weighted_nms(boxes, heat[0, ys, xs].astype(np.float64), nms_iou)
 
 
@@ -78,7 +80,9 @@ class CenterFace:
         """Heatmap, scale and offset for a (N, 3, H, W) RGB 0..255 batch."""
         return self.session.run(list(OUTPUTS), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
 
-    def detect(self, squares: list[np.ndarray], scales: list[float], sizes: list[tuple[int, int]]) -> list[list[Face]]:
+    def detect(
+        self, squares: list[np.ndarray], scales: list[float], sizes: list[tuple[int, int]]
+    ) -> list[list[Face]]:
         """Faces per photo (photo coordinates 0..1) from the detector's BGR letterboxed squares.
 
         ``scales``: each photo's photo-to-input scale; ``sizes``: each photo's (width, height).

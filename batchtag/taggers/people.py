@@ -31,6 +31,7 @@ class CenterFaceSettings:
     nms_iou: float = 0.3  # boxes overlapping more than this are one face
     min_persons: int = 2  # with the detector on, faces are looked for only from this many people
 
+
 TAG_KEYS = frozenset(
     {
         "id",
