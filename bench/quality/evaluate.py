@@ -30,6 +30,7 @@ class Config:
     name: str
     stages: frozenset[str] | None = None
     faces: bool = True
+    float_classifier: bool = False  # the classifier before INT8 quantization (``int8=False``)
 
 
 def configurations() -> list[Config]:
@@ -49,7 +50,18 @@ def configurations() -> list[Config]:
     configs += [Config(f"{base} + {s}", frozenset({base, s})) for s in stages[1:]]
     configs = [c for c in configs if c.stages != default]
     ordered = [s for s in stages if s in default]
-    return [*configs, Config(f"final: {' + '.join(ordered)}")]
+    return [*before_issue_18(stages), *configs, Config(f"final: {' + '.join(ordered)}")]
+
+
+def before_issue_18(stages: Sequence[str]) -> list[Config]:
+    """The default before issue 18 (the float classifier and the BlazeFace face stage), where
+    the tagger can still be built that way: the baseline the new stages are compared with."""
+    from batchtag.taggers import load_tagger
+
+    if "blazeface" not in stages or "int8" not in inspect.signature(load_tagger).parameters:
+        return []
+    old = frozenset({stages[0], "blazeface"})
+    return [Config("before: float classifier + blazeface", old, float_classifier=True)]
 
 
 def default_min_confidence() -> int | None:
@@ -70,6 +82,8 @@ def build_tagger(config: Config) -> Any:
         options["stages"] = config.stages
     if "min_confidence" in accepted:
         options["min_confidence"] = 0
+    if config.float_classifier:
+        options["int8"] = False
     return load_tagger("model", LANG, **options)
 
 
