@@ -26,6 +26,7 @@ SECTIONS = {
     "cluster": "bench.s7_cluster",
     "embedded": "bench.s8_embedded",
     "quality": "bench.s9_quality",
+    "stages": "bench.s10_stages",
 }
 
 

@@ -46,6 +46,18 @@ DATA = REPO / "batchtag" / "taggers" / "data"
 SOURCE = DATA / "efficientnet_lite0.onnx"
 OUTPUT = DATA / "efficientnet_lite0_int8.onnx"
 MIN_TOP5_AGREEMENT = 0.99
+FIXTURE = REPO / "tests" / "data" / "classifier_int8_reference.npz"
+FIXTURE_SEED = 18  # the fixture's input is regenerated from this seed, only the outputs are stored
+
+
+def reference_input() -> np.ndarray:
+    """(2, 3, 224, 224) float32 standard normal: a normalised-image-like input, from a seed."""
+    return np.random.default_rng(FIXTURE_SEED).standard_normal((2, 3, 224, 224), dtype=np.float32)
+
+
+def record_reference(model: ImageNetClassifier) -> None:
+    """The INT8 model's logits on ``reference_input``, for tests/test_stages.py's parity test."""
+    np.savez_compressed(FIXTURE, seed=FIXTURE_SEED, logits=model.logits(reference_input()))
 
 
 class Photos(CalibrationDataReader):
@@ -105,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )
-    result = agreement(classifier, ImageNetClassifier(model_path=OUTPUT), held_out)
+    quantized = ImageNetClassifier(model_path=OUTPUT)
+    record_reference(quantized)
+    result = agreement(classifier, quantized, held_out)
     print(f"wrote {OUTPUT}; on {len(held_out)} held-out photos: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     if result["float_top1_in_int8_top5"] < MIN_TOP5_AGREEMENT:
         print(f"agreement below {MIN_TOP5_AGREEMENT}", file=sys.stderr)
