@@ -122,7 +122,7 @@ class Result:
     missed: dict[str, int] = field(default_factory=dict)  # held-out, at the chosen threshold
     wrong: dict[str, int] = field(default_factory=dict)
     by_kind: dict[str, Score] = field(default_factory=dict)  # held-out, at the chosen threshold
-    people: dict[str, tuple[int, int]] = field(default_factory=dict)  # both halves, see people_tags
+    people: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # per half: people_tags
 
 
 def evaluate(
@@ -156,7 +156,7 @@ def judge_config(
         bands=bands(halves["tune"], tagged, vocabulary),
         missed=missed,
         wrong=wrong,
-        people=people_tags(photos, tagged, threshold, vocabulary),
+        people={h: people_tags(ps, tagged, threshold, vocabulary) for h, ps in halves.items()},
         by_kind={
             kind: score([p for p in halves["held-out"] if p.kind == kind], tagged, threshold, vocabulary)
             for kind in KINDS
@@ -170,7 +170,7 @@ def people_tags(
     """Per expected people tag and people class ("group photo in group"): (photos where it was
     returned, photos that expect it); and per people tag, how often it came, wrongly, on a photo
     without people as a subject ("person without people": tiny figures a label calls fair do
-    not count). Both halves: the classes are small."""
+    not count)."""
     counts: dict[str, tuple[int, int]] = {}
     names = {tag for expected, fair in PEOPLE_TAGS.values() for tag in (*expected, *fair)}
     for photo in photos:
@@ -275,12 +275,13 @@ def kinds_table(results: Sequence[Result]) -> list[str]:
     return lines
 
 
-def people_table(results: Sequence[Result]) -> list[str]:
-    """Markdown: how often each people tag came where expected (and where not)."""
-    keys = sorted({k for r in results for k in r.people}, key=lambda k: ("without" in k, k))
+def people_table(results: Sequence[Result], half: str) -> list[str]:
+    """Markdown: how often each people tag came where expected (and where not) in ``half``."""
+    keys = sorted({k for r in results for k in r.people[half]}, key=lambda k: ("without" in k, k))
     lines = ["| configuration | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for r in results:
-        cells = [f"{r.people[k][0]}/{r.people[k][1]}" if k in r.people else "—" for k in keys]
+        counts = r.people[half]
+        cells = [f"{counts[k][0]}/{counts[k][1]}" if k in counts else "—" for k in keys]
         lines.append(f"| {r.config} | " + " | ".join(cells) + " |")
     return lines
 
@@ -311,11 +312,17 @@ def report(results: Sequence[Result], photos: Sequence[Photo], default: int | No
         "",
         *kinds_table(results),
         "",
-        "## People tags (both halves, at the chosen threshold): photos with the tag / photos",
+        "## People tags (at the chosen threshold): photos with the tag / photos",
         "",
         "Without people: photos with no people as a subject where the tag came wrongly.",
         "",
-        *people_table(results),
+        "Held-out half:",
+        "",
+        *people_table(results, "held-out"),
+        "",
+        "Tuning half:",
+        "",
+        *people_table(results, "tune"),
         "",
         "## Share of right tags by confidence (tuning half; tags in the band)",
         "",
