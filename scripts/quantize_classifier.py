@@ -77,7 +77,9 @@ class Photos(CalibrationDataReader):
         return {self.input_name: self.classifier.normalize(pixels[None])}
 
 
-def agreement(float_model: ImageNetClassifier, int8_model: ImageNetClassifier, photos: list[Path]) -> dict[str, float]:
+def agreement(
+    float_model: ImageNetClassifier, int8_model: ImageNetClassifier, photos: list[Path]
+) -> dict[str, float]:
     """Top-1 equal, float top-1 in INT8 top-5, and the mean top-5 overlap."""
     pixels = []
     for path in photos:
@@ -120,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     quantized = ImageNetClassifier(model_path=OUTPUT)
     record_reference(quantized)
     result = agreement(classifier, quantized, held_out)
-    print(f"wrote {OUTPUT}; on {len(held_out)} held-out photos: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    print(
+        f"wrote {OUTPUT}; on {len(held_out)} held-out photos: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in result.items())
+    )
     if result["float_top1_in_int8_top5"] < MIN_TOP5_AGREEMENT:
         print(f"agreement below {MIN_TOP5_AGREEMENT}", file=sys.stderr)
         return 1

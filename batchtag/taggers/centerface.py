@@ -9,8 +9,9 @@ Why this and not BlazeFace (``faces.py``): on group photos BlazeFace short-range
 no faces narrower than ~12 % of the photo; CenterFace on the same 320 px image the object
 detector sees finds most of them (the numbers are in ``data/people.toml``). It costs about as
 much as the object detector, so the model tagger runs it only on photos where the detector
-counted at least two people (``people.toml``'s ``[centerface] min_persons``), where counting
-faces decides 合影 / 人群.
+counted at least three people (``people.toml``'s ``[centerface] min_persons``), where counting
+faces decides 合影 / 人群. It is not a default stage: with the detector's person boxes
+counting people, it changed neither recall nor precision on the evaluation set.
 
 What the network sees: RGB 0..255 float32, any size divisible by 32; here the detector's own
 letterboxed square (``objects.letterbox``, channels back to RGB), so the photo is resized once

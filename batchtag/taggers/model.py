@@ -8,8 +8,9 @@ Stages (``batchtag.taggers.STAGES``; which ones run is the tagger's ``stages``):
   categories (动物, 食物);
 - ``detector``: YOLOX-nano's 80 COCO classes (``objects.py``, ``data/coco_rules.csv``:
   bilingual names and the same categories), and its person boxes for the people rules;
-- ``faces``: CenterFace (``centerface.py``) counting small faces for the people rules, on the
-  detector's own input; with the detector on, only for photos with 2+ people in it;
+- ``faces`` (not a default): CenterFace (``centerface.py``) counting small faces for the
+  people rules, on the detector's own input; with the detector on, only for photos with 3+
+  people in it;
 - ``blazeface``: the face stage before issue 18 (``faces.py``), kept for comparison.
 
 ImageNet has no person class, so people come from ``people.py`` (``data/people.toml``):

@@ -35,11 +35,12 @@ PAD_VALUE = 114
 NUM_CLASSES = 80
 PERSON = 0  # COCO class index of "person"
 # The input side. The final tagger's recall / precision on the evaluation set's tuning half
-# (bench/quality) at 256 / 320 / 352 / 384 / 416 px: 0.614 / 0.912, 0.614 / 0.923,
-# 0.619 / 0.913, 0.608 / 0.911, 0.636 / 0.915. 416 px finds ~4 more of 170 things but costs
-# 1.7x the detector's CPU, and the default then ran at 0.91x the images/s of the default before
-# issue 18 on real photos (bench section `stages`); 256 px lost small people (75 of the 100
-# persons found at 416 px on COCO photos, against 92 at 320).
+# (bench/quality) with the first people rules, at 256 / 320 / 352 / 384 / 416 px: .614 / .912,
+# .614 / .923, .619 / .913, .608 / .911, .636 / .915; with today's rules at 256 / 288 / 320:
+# .619 / .911, .619 / .925, .642 / .925. 416 px found ~4 more of 170 things for 1.7x the
+# detector's CPU (the default then ran at 0.91x the images/s of the default before issue 18
+# on real photos, bench section `stages`); 256 px lost small people (75 of the 100 persons
+# found at 416 px on COCO photos, against 92 at 320).
 DEFAULT_SIZE = 320
 RULE_COLUMNS = ("index", "coco_name", "label_en", "label_zh", "threshold", "categories")
 
