@@ -40,7 +40,7 @@ from batchtag.server.imaging import DecodeLimits, decode_base64, decode_image
 from batchtag.server.quota import QuotaLimiter
 from batchtag.server.urlfetch import UrlFetcher
 from batchtag.signing import SignedFields, check_body, verify_header
-from batchtag.taggers import Tag, Tagger, load_tagger, preparer
+from batchtag.taggers import Tag, Tagger, load_tagger, parse_stages, preparer
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,14 @@ def create_state(config: ServeConfig, tagger: Tagger | None = None) -> ServerSta
     tagger = (
         tagger
         if tagger is not None
-        else load_tagger(config.tagger, config.lang, config.faces, min_confidence=config.min_confidence)
+        else load_tagger(
+            config.tagger,
+            config.lang,
+            config.faces,
+            stages=parse_stages(config.stages),
+            min_confidence=config.min_confidence,
+            int8=not config.float_classifier,
+        )
     )
     return ServerState(
         config=config,

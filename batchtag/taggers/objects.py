@@ -38,9 +38,9 @@ PERSON = 0  # COCO class index of "person"
 # (bench/quality) with the first people rules, at 256 / 320 / 352 / 384 / 416 px: .614 / .912,
 # .614 / .923, .619 / .913, .608 / .911, .636 / .915; with today's rules at 256 / 288 / 320:
 # .619 / .911, .619 / .925, .642 / .925. 416 px found ~4 more of 170 things for 1.7x the
-# detector's CPU (the default then ran at 0.91x the images/s of the default before issue 18
-# on real photos, bench section `stages`); 256 px lost small people (75 of the 100 persons
-# found at 416 px on COCO photos, against 92 at 320).
+# detector's CPU. 256 px would bring the default back to the old default's cost (bench section
+# `stages`), but on the test photos it lost a crowd's people, saw a person beside a dog and a
+# cow in a horse; 75 of the 100 persons found at 416 px on COCO photos, against 92 at 320.
 DEFAULT_SIZE = 320
 RULE_COLUMNS = ("index", "coco_name", "label_en", "label_zh", "threshold", "categories")
 
