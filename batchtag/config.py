@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 from batchtag import api
 from batchtag.errors import ConfigError
 from batchtag.records import Settings
-from batchtag.taggers import LANGS, TAGGERS
+from batchtag.taggers.base import DEFAULT_STAGES, LANGS, STAGES, TAGGERS, parse_stages
 
 LOCAL = "local"
 ENV_PREFIX = "BATCHTAG_"
@@ -169,7 +169,24 @@ class RunConfig:
         kind="bool",
         action="store_const",
         const=False,
-        help="embedded model tagger without its face detector (local endpoint only)",
+        help="embedded model tagger without its face stages (local endpoint only)",
+    )
+    stages: str | None = setting(
+        None,
+        flags=("--stages",),
+        metavar="LIST",
+        help="model tagger stages, comma-separated, from "
+        + ",".join(STAGES)
+        + " (default: "
+        + ",".join(s for s in STAGES if s in DEFAULT_STAGES)
+        + "; blazeface is the face stage of earlier versions, kept for comparison; local endpoint only)",
+    )
+    float_classifier: bool = setting(
+        False,
+        flags=("--float-classifier",),
+        kind="bool",
+        action="store_true",
+        help="model tagger: the unquantized classifier (slower, for comparing; default: INT8)",
     )
     max_image_bytes: int = setting(api.MAX_IMAGE_BYTES, kind="int")  # --config only
     max_file_bytes: int = setting(MAX_FILE_BYTES, kind="int")  # larger files are refused unread
@@ -203,6 +220,10 @@ class RunConfig:
             raise ConfigError("--qps must be positive")
         if self.retries < 0:
             raise ConfigError("--retries must be 0 or more")
+        try:
+            parse_stages(self.stages)
+        except ValueError as exc:
+            raise ConfigError(f"--stages: {exc}") from None
         if self.timeout <= 0:
             raise ConfigError("--timeout must be positive")
         if self.tagger not in TAGGERS:

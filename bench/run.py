@@ -25,6 +25,8 @@ SECTIONS = {
     "peers": "bench.s6_peers",
     "cluster": "bench.s7_cluster",
     "embedded": "bench.s8_embedded",
+    "quality": "bench.s9_quality",
+    "stages": "bench.s10_stages",
 }
 
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {name} done in {section.seconds:.1f} s", file=sys.stderr, flush=True)
     total = time.monotonic() - started
     env = versions() | {"load generator": "wrk" if have_wrk() else "aiohttp fallback (wrk not installed)"}
-    (out / "latest.md").write_text(render(sections, env, total, args.quick, names))
+    (out / "latest.md").write_text(render(sections, env, total, args.quick, args.only or []))
     (out / "latest.json").write_text(
         json.dumps(
             {

@@ -3,10 +3,10 @@
 Each baseline is measured in the same run as what it is compared with, alternating:
 - the direct loop (``bench/direct_loop.py``): what a careful user writes without batchtag
   (draft decode, resize, crop, the same ONNX classifier at batch 16, one process), on
-  generated 4000x3000 JPEGs; ``batchtag run --no-faces`` (the same model) on the same files
-  must be at least as fast; the default run, with the face detector too, is reported beside;
+  generated 4000x3000 JPEGs; ``batchtag run --stages classifier --float-classifier`` (the same model) on the same files
+  must be at least as fast; the default run (all default stages) is reported beside;
 - the raw model: ``ImageNetClassifier.predict`` on a prepared batch of 16 in this process;
-  ``batchtag run --no-faces`` on 640 px JPEGs should reach 0.8 of it.
+  ``batchtag run --stages classifier --float-classifier`` on 640 px JPEGs should reach 0.8 of it.
 Then where an image's CPU goes: the server's own decode (with its decode floor) and the
 tagger's prepare, timed on the same files, next to the model's CPU an image.
 """
@@ -77,7 +77,7 @@ def run(ctx: Ctx) -> Section:
     # 384 images: enough full batches that the first and last (smaller) ones weigh little, as
     # in a real archive; the raw model is measured on full batches.
     sets = {"640 px": unique_copies(ctx, "photos-640-unique", make_photos(ctx, 640, ctx.pick(32, 384)))}
-    tagger = ModelTagger(faces=False)
+    tagger = ModelTagger(stages={"classifier"}, int8=False)  # the direct loop's model
     limits = create_state(ServeConfig(tagger="model"), tagger).limits  # the server's own decode floor
     classifier: ImageNetClassifier = tagger.classifier
     batch = classifier.normalize(
@@ -118,8 +118,10 @@ def run(ctx: Ctx) -> Section:
         rate, cpu = marginal(loop, start, len(camera))
         direct.append(rate)
         direct_cpu.append(cpu)
-        start = embedded_run(single, 1, "embedded, 1 image", "--no-faces")
-        run = embedded_run(manifest, len(camera), "embedded 4000x3000", "--no-faces")
+        start = embedded_run(single, 1, "embedded, 1 image", "--stages", "classifier", "--float-classifier")
+        run = embedded_run(
+            manifest, len(camera), "embedded 4000x3000", "--stages", "classifier", "--float-classifier"
+        )
         rate, cpu = marginal(run, start, len(camera))
         embedded.append(rate)
         embedded_cpu.append(cpu)
@@ -132,7 +134,11 @@ def run(ctx: Ctx) -> Section:
         raw_rates.append(rate)
         raw_cpu.append(cpu)
         n = len(sets["640 px"])
-        small_rate, cpu = marginal(embedded_run(small, n, "embedded 640 px", "--no-faces"), start, n)
+        small_rate, cpu = marginal(
+            embedded_run(small, n, "embedded 640 px", "--stages", "classifier", "--float-classifier"),
+            start,
+            n,
+        )
         small_rates.append(small_rate)
         small_cpu.append(cpu)
         small_ratios.append(small_rate / rate)
@@ -161,7 +167,7 @@ def run(ctx: Ctx) -> Section:
     ratio = median(pair_ratios)
     section.add(
         Row(
-            f"embedded `batchtag run --no-faces` (the same model), the same {len(camera)} JPEGs",
+            f"embedded `batchtag run --stages classifier --float-classifier` (the same model), the same {len(camera)} JPEGs",
             repeats,
             median(embedded),
             "img/s",
@@ -175,12 +181,12 @@ def run(ctx: Ctx) -> Section:
     )
     section.add(
         Row(
-            f"embedded `batchtag run` (default: with the face detector), the same {len(camera)} JPEGs",
+            f"embedded `batchtag run` (default stages: INT8 classifier, detector, faces), the same {len(camera)} JPEGs",
             repeats,
             median(faces),
             "img/s",
             median(faces) / median(direct),
-            "ratio to the direct loop (which runs no face detector)",
+            "ratio to the direct loop (which runs the classifier only)",
             None,
             f"{fmt(median(faces_cpu))} ms CPU an image; start-up subtracted",
             faces,
@@ -189,7 +195,7 @@ def run(ctx: Ctx) -> Section:
     ratio = median(small_ratios)
     section.add(
         Row(
-            f"embedded `batchtag run --no-faces`, {len(sets['640 px'])} 640 px JPEGs",
+            f"embedded `batchtag run --stages classifier --float-classifier`, {len(sets['640 px'])} 640 px JPEGs",
             repeats,
             median(small_rates),
             "img/s",

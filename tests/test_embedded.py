@@ -78,11 +78,19 @@ async def test_embedded_answers_exactly_what_the_http_server_answers(serve, cred
     assert all(tags for status, _, tags in expected.values() if status == "ok")
 
 
-def test_no_faces_runs_the_embedded_model_without_its_face_detector(tmp_path):
-    """`batchtag run --no-faces` (the bench's same-model comparison) reaches the embedded tagger."""
+def test_stages_and_no_faces_reach_the_embedded_tagger(tmp_path):
+    """`batchtag run --stages ... [--no-faces]` (the bench's same-model comparisons) reach the
+    embedded tagger: the default's person box, BlazeFace's face, and neither."""
     photo = Path(__file__).resolve().parent.parent / "examples" / "photos" / "grace_hopper.jpg"
     tags = {}
-    for label, flags in (("default", ()), ("no-faces", ("--no-faces",))):
+    blazeface = ("--stages", "classifier,blazeface", "--float-classifier")
+    runs = {
+        "default": (),
+        "blazeface": blazeface,
+        "blazeface, no-faces": (*blazeface, "--no-faces"),
+        "classifier": ("--stages", "classifier", "--float-classifier"),
+    }
+    for label, flags in runs.items():
         out = tmp_path / f"{label}.jsonl"
         done = run_cli(
             "run", photo, "-o", out, "--lang", "en", "--no-progress", *flags, env={"BATCHTAG_ENDPOINT": ""}
@@ -90,6 +98,7 @@ def test_no_faces_runs_the_embedded_model_without_its_face_detector(tmp_path):
         assert done.returncode == 0, done.stderr
         (record,) = load_records(out)
         tags[label] = {t["tag_name"] for t in record["tags"]}
-    assert "portrait" in tags["default"]  # only the face detector gives it (one large face)
-    assert "portrait" not in tags["no-faces"]
-    assert tags["no-faces"]  # the classifier's own tags are still there
+    assert "portrait" in tags["default"]  # the detector's person box fills the frame
+    assert "portrait" in tags["blazeface"]  # one large face
+    assert "portrait" not in tags["blazeface, no-faces"] and "portrait" not in tags["classifier"]
+    assert tags["classifier"]  # the classifier's own tags are still there

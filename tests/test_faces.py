@@ -27,7 +27,9 @@ def detector() -> F.FaceDetector:
 
 @pytest.fixture(scope="module", params=["zh", "en"])
 def tagger(request: pytest.FixtureRequest) -> ModelTagger:
-    return ModelTagger(request.param, detector=F.FaceDetector())
+    # The BlazeFace stage as it was the default before issue 18 (test_taggers_stages.py has the rest).
+    stages = {"classifier", "blazeface"}
+    return ModelTagger(request.param, detector=F.FaceDetector(), stages=stages, int8=False, min_confidence=0)
 
 
 def photo(name: str) -> Image.Image:
@@ -176,11 +178,21 @@ def test_prepared_inputs_carry_both_models_inputs(tagger: ModelTagger) -> None:
     assert tagger.tag_batch([prepared]) == tagger.tag_batch([Image.open(PHOTOS / "cameraman_gray.jpg")])
 
 
-def test_without_faces_the_classifier_alone_tags() -> None:
-    tagger = load_tagger("model", "en", faces=False)
-    assert isinstance(tagger, ModelTagger) and tagger.detector is None
+def test_the_classifier_alone_tags_no_person() -> None:
+    tagger = load_tagger("model", "en", stages={"classifier"})
+    assert isinstance(tagger, ModelTagger) and tagger.detector is None and tagger.objects is None
     (tags,) = tagger.tag_batch([photo("astronaut_eileen_collins.jpg")])
-    assert "person" not in names(tags)  # ImageNet has no person class: the detector adds it
+    assert "person" not in names(tags)  # ImageNet has no person class: the other stages add it
+    prepared = tagger.prepare(photo("coffee.jpg"))
+    assert prepared.faces is None and prepared.objects is None
+
+
+def test_without_faces_the_object_detector_still_finds_the_person() -> None:
+    tagger = load_tagger("model", "en", faces=False)
+    assert isinstance(tagger, ModelTagger) and tagger.detector is None and tagger.centerface is None
+    assert tagger.objects is not None
+    (tags,) = tagger.tag_batch([photo("astronaut_eileen_collins.jpg")])
+    assert "person" in names(tags)
     assert tagger.prepare(photo("coffee.jpg")).faces is None
 
 
@@ -206,8 +218,9 @@ def test_people_tag_counts_faces_by_score_and_size() -> None:
 
 def test_packaged_rules_load_in_both_languages() -> None:
     zh, en = PeopleRules.load("zh"), PeopleRules.load("en")
-    assert [t.label("zh") for t in zh.tags] == ["人物", "合影", "人像"]
-    assert [t.label("en") for t in en.tags] == ["person", "group photo", "portrait"]
+    assert {t.label("zh") for t in zh.tags} == {"人物", "合影", "人像", "人群"}
+    assert {t.label("en") for t in en.tags} == {"person", "group photo", "portrait", "crowd"}
+    assert {t.source for t in zh.tags} == {"faces", "persons"}
     assert zh.detector.tiles == 1 and 0.5 < zh.tags[0].min_score < 0.79  # between cat and cameraman
 
 

@@ -4,10 +4,12 @@ share is here: the usage exit status, one-line errors and a closed stdout."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 from batchtag.errors import EXIT_STATUS, UsageError, exit_status
+from batchtag.taggers.base import DEFAULT_MIN_CONFIDENCE
 
 EXIT_USAGE = EXIT_STATUS[UsageError]
 
@@ -29,3 +31,21 @@ def known_error(exc: Exception) -> int:
         raise exc
     print(f"batchtag: error: {exc.message}", file=sys.stderr)
     return exit_status(exc)
+
+
+def add_min_confidence(p: argparse.ArgumentParser) -> None:
+    """``--min-confidence`` of export and report: the tagger's own default threshold, so
+    sidecars and reports show what the API answers."""
+    p.add_argument(
+        "--min-confidence",
+        type=int,
+        default=DEFAULT_MIN_CONFIDENCE,
+        metavar="N",
+        help="leave out tags below N (0-100; default: %(default)s, the threshold batchtag serve and "
+        "the embedded model answer with; 0 shows every tag in OUT)",
+    )
+
+
+def check_min_confidence(value: int) -> None:
+    if not 0 <= value <= 100:
+        raise UsageError("--min-confidence must be between 0 and 100")

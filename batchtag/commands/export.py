@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from batchtag.commands import known_error
+from batchtag.commands import add_min_confidence, check_min_confidence, known_error
 from batchtag.errors import Outcome, UsageError, exit_status
 
 FORMATS = ("xmp", "csv", "parquet")
@@ -31,9 +31,7 @@ def add_export_parser(commands: Any) -> None:
     p.add_argument(
         "-o", "--output", metavar="PATH", help="the table to write (default: OUT with .csv/.parquet)"
     )
-    p.add_argument(
-        "--min-confidence", type=int, default=0, metavar="N", help="leave out tags below N (0-100)"
-    )
+    add_min_confidence(p)
     p.add_argument(
         "--xmp-naming",
         choices=NAMINGS,
@@ -51,8 +49,7 @@ def command_export(args: argparse.Namespace) -> int:
     from batchtag.export.common import progress_bar, read_records
 
     try:
-        if not 0 <= args.min_confidence <= 100:
-            raise UsageError("--min-confidence must be between 0 and 100")
+        check_min_confidence(args.min_confidence)
         if args.format == "xmp" and args.output:
             raise UsageError("xmp sidecars go beside the images; -o is for csv and parquet")
         with progress_bar(f"export {args.format}", args.progress) as bar:

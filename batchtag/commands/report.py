@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from batchtag.commands import known_error
+from batchtag.commands import add_min_confidence, check_min_confidence, known_error
 from batchtag.errors import Outcome, exit_status
 
 
@@ -20,18 +20,19 @@ def add_report_parser(commands: Any) -> None:
     )
     p.add_argument("out_file", metavar="OUT.jsonl", help="results of batchtag run")
     p.add_argument("-o", "--output", required=True, metavar="report.html")
+    add_min_confidence(p)
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from batchtag.export.common import progress_bar, read_records
+    from batchtag.export.common import at_confidence, progress_bar, read_records
     from batchtag.export.report import write_report
 
     try:
+        check_min_confidence(args.min_confidence)
         with progress_bar("report", args.progress) as bar:
-            result = write_report(
-                read_records(args.out_file, bar), args.output, os.path.basename(args.out_file), bar
-            )
+            records = at_confidence(read_records(args.out_file, bar), args.min_confidence)
+            result = write_report(records, args.output, os.path.basename(args.out_file), bar)
     except Exception as exc:
         return known_error(exc)
     print(

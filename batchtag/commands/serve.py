@@ -11,7 +11,7 @@ from typing import Any
 
 from batchtag.commands import EXIT_USAGE
 from batchtag.errors import Outcome, exit_status
-from batchtag.taggers import LANGS, TAGGERS
+from batchtag.taggers import DEFAULT_MIN_CONFIDENCE, DEFAULT_STAGES, LANGS, STAGES, TAGGERS
 
 
 def add_serve_parser(commands: Any) -> None:
@@ -28,7 +28,29 @@ def add_serve_parser(commands: Any) -> None:
         "--no-faces",
         dest="faces",
         action="store_false",
-        help="model tagger without its face detector (no 人物/合影/人像 tags from faces)",
+        help="model tagger without its face stages (people come from the object detector's boxes only)",
+    )
+    p.add_argument(
+        "--stages",
+        metavar="LIST",
+        help="model tagger stages, comma-separated, from "
+        + ",".join(STAGES)
+        + " (default: "
+        + ",".join(s for s in STAGES if s in DEFAULT_STAGES)
+        + "; blazeface is the face stage of earlier versions, kept for comparison)",
+    )
+    p.add_argument(
+        "--float-classifier",
+        action="store_true",
+        help="model tagger: the unquantized classifier (slower, for comparing; default: INT8)",
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=int,
+        default=DEFAULT_MIN_CONFIDENCE,
+        metavar="N",
+        help="model tagger: leave tags below N (0-100) out of the answers (default: %(default)s, "
+        "set on an evaluation set's tuning half; 0 answers every tag)",
     )
     p.add_argument(
         "--credentials",
@@ -117,6 +139,9 @@ def command_serve(args: argparse.Namespace) -> int:
             tagger=args.tagger,
             lang=args.lang,
             faces=args.faces,
+            min_confidence=args.min_confidence,
+            stages=args.stages,
+            float_classifier=args.float_classifier,
             credentials=credentials,
             qps_limit=args.qps_limit,
             inject_latency_ms=args.inject_latency_ms,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -17,6 +18,13 @@ from batchtag.results_file import check_results_file
 def tags_at_least(record: Record, min_confidence: int) -> list[dict[str, Any]]:
     """The record's tags with a confidence of ``min_confidence`` or more, in its order."""
     return [t for t in record.tags if t["tag_confidence"] >= min_confidence]
+
+
+def at_confidence(records: Iterable[Record], min_confidence: int) -> Iterator[Record]:
+    """The records with their tags below ``min_confidence`` left out (what the report shows)."""
+    for record in records:
+        kept = tags_at_least(record, min_confidence)
+        yield record if len(kept) == len(record.tags) else dataclasses.replace(record, tags=kept)
 
 
 @contextmanager

@@ -176,7 +176,13 @@ async def open_client(
     if config.is_local:
         from batchtag.server import EmbeddedService, ServeConfig
 
-        serve_config = ServeConfig(tagger=config.tagger, lang=config.lang, faces=config.faces)
+        serve_config = ServeConfig(
+            tagger=config.tagger,
+            lang=config.lang,
+            faces=config.faces,
+            stages=config.stages,
+            float_classifier=config.float_classifier,
+        )
         async with EmbeddedService(serve_config) as service:
             yield embedded_client(service, limiter, policy)
         return

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from batchtag import api
 from batchtag.signing import Credentials
+from batchtag.taggers.base import DEFAULT_MIN_CONFIDENCE
 
 MIB = 1024 * 1024
 
@@ -35,6 +36,12 @@ class ServeConfig:
     tagger: str = "model"  # "model" | "color"
     lang: str = "zh"  # "zh" | "en"
     faces: bool = True  # the model tagger's people stage (face detector); off: --no-faces
+    min_confidence: int = DEFAULT_MIN_CONFIDENCE  # tags below this are not answered (--min-confidence)
+    stages: str | None = None  # the model tagger's stages, comma-separated (--stages); None: defaults
+    float_classifier: bool = False  # the unquantized classifier (--float-classifier)
+    min_confidence: int = DEFAULT_MIN_CONFIDENCE  # tags below this are not answered (--min-confidence)
+    stages: str | None = None  # the model tagger's stages, comma-separated (--stages); None: defaults
+    float_classifier: bool = False  # the unquantized classifier (--float-classifier)
     credentials: list[Credentials] = field(default_factory=list)
     qps_limit: float | None = None  # per appid; None = unlimited
     inject_latency_ms: float = 0.0

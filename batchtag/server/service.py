@@ -26,7 +26,7 @@ from batchtag.server.faults import FaultInjector
 from batchtag.server.imaging import DecodeLimits, decode_base64, decode_image
 from batchtag.server.quota import QuotaLimiter
 from batchtag.server.urlfetch import UrlFetcher
-from batchtag.taggers import Tag, Tagger, load_tagger, preparer
+from batchtag.taggers import Tag, Tagger, load_tagger, parse_stages, preparer
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,18 @@ class ServerState:
 
 def create_state(config: ServeConfig, tagger: Tagger | None = None) -> ServerState:
     """Everything behind the HTTP layer (tagger, limits, quota); ``start()`` it on a loop."""
-    tagger = tagger if tagger is not None else load_tagger(config.tagger, config.lang, config.faces)
+    tagger = (
+        tagger
+        if tagger is not None
+        else load_tagger(
+            config.tagger,
+            config.lang,
+            config.faces,
+            stages=parse_stages(config.stages),
+            min_confidence=config.min_confidence,
+            int8=not config.float_classifier,
+        )
+    )
     return ServerState(
         config=config,
         tagger=tagger,

@@ -4,7 +4,7 @@ Apart from the package so that the taggers can import it without a cycle."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 if TYPE_CHECKING:  # the CLI reads TAGGERS and LANGS before anything heavy is loaded
@@ -40,8 +40,48 @@ def preparer(tagger: Tagger) -> Callable[[Image.Image], Any] | None:
 # The one list of each: the CLI's choices, RunConfig's and ServeConfig's checks read these.
 TAGGERS = ("model", "color")
 LANGS = ("zh", "en")
+# The model tagger's stages, and the ones it runs unless told otherwise (see the docstring).
+STAGES = ("classifier", "detector", "faces", "blazeface")
+# "faces" (CenterFace) is not a default: on the evaluation set it changed neither recall nor
+# precision once the detector's person boxes count people, for 16 % more CPU a photo.
+DEFAULT_STAGES = frozenset({"classifier", "detector"})
+# Tags below this confidence are not returned by default (serve, run, export, report). Set on
+# the tuning half of bench/quality (python -m bench.quality): the final tagger's highest F1 is
+# at 21 (recall 0.61, precision 0.92 there; held-out 0.56 / 0.85); tags scoring 10-19 were
+# right half of the time, 20-29 three times in four, 30 and up 0.76-1.00 per band.
+DEFAULT_MIN_CONFIDENCE = 21
 
 
 def confidence(share: float) -> int:
     """The API's 0..100 integer confidence of a probability or share in 0..1."""
     return max(0, min(100, round(100.0 * share)))
+
+
+def check_stages(stages: Iterable[str]) -> frozenset[str]:
+    """The model tagger's stage set, validated: known names, and the classifier always in."""
+    chosen = frozenset(stages)
+    unknown = sorted(chosen - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    if "classifier" not in chosen:
+        raise ValueError("the classifier stage is always needed (the other stages add to its tags)")
+    return chosen
+
+
+def parse_stages(text: str | None) -> frozenset[str] | None:
+    """``--stages classifier,detector`` as a checked set; None or empty: the defaults."""
+    if not text:
+        return None
+    return check_stages(name.strip() for name in text.split(",") if name.strip())
+
+
+def check_min_confidence(value: int) -> int:
+    """A minimum confidence is a whole number 0..100, as the API's confidences are."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise ValueError(f"min confidence must be a whole number 0..100, got {value!r}")
+    return value
+
+
+def above(tags: list[Tag], min_confidence: int) -> list[Tag]:
+    """The tags at or above ``min_confidence`` (the one place the threshold is applied)."""
+    return [t for t in tags if t["tag_confidence"] >= min_confidence]

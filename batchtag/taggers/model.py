@@ -1,35 +1,87 @@
-"""The real tagger: EfficientNet-Lite0 + the label rules, and BlazeFace + the people rules.
+"""The real tagger: up to three stages on one decoded image, merged into one tag list.
 
-The classifier gives ImageNet probabilities; the rules turn them into labels people search
-for (猫, 咖啡) and broad categories (动物, 食物). ImageNet has no person class, so a face
-detector adds 人物 / 合影 / 人像 (``people.py``, thresholds in ``data/people.toml``).
+Stages (``batchtag.taggers.STAGES``; which ones run is the tagger's ``stages``):
 
-``prepare`` (the classifier's resize, crop and normalise, and the detector's letterboxed
-views of the same decoded image) runs per request in the server's decode threads;
-``tag_batch`` only stacks the prepared inputs and runs each model once for the batch.
+- ``classifier``: EfficientNet-Lite0's ImageNet probabilities (INT8 by default,
+  ``scripts/quantize_classifier.py``) through the label rules (``rules.py``,
+  ``data/imagenet_rules.csv``): breeds, foods, scenes (seashore, alp) and objects, and broad
+  categories (动物, 食物);
+- ``detector``: YOLOX-nano's 80 COCO classes (``objects.py``, ``data/coco_rules.csv``:
+  bilingual names and the same categories), and its person boxes for the people rules;
+- ``faces`` (not a default): CenterFace (``centerface.py``) counting small faces for the
+  people rules, on the detector's own input; with the detector on, only for photos with 3+
+  people in it;
+- ``blazeface``: the face stage before issue 18 (``faces.py``), kept for comparison.
+
+ImageNet has no person class, so people come from ``people.py`` (``data/people.toml``):
+人物 / 人像 from faces or person boxes, 合影 for a posed group, 人群 for many small people.
+
+Merging: a name given by several stages (狗 from the detector and the classifier, 人物 from a
+face and a person box) appears once with the highest confidence; specific names come first,
+most confident first, then broad categories; then everything below ``min_confidence`` goes and
+at most ``max_tags`` stay. Confidences are each stage's own probability-like score x 100 (the
+classifier's summed softmax, the detector's objectness x class score, the face score).
+
+``prepare`` (each stage's resize of the same decoded image) runs per request in the server's
+decode threads; ``tag_batch`` only stacks the prepared inputs and runs each model once for the
+batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from batchtag.taggers.base import Tag
-from batchtag.taggers.faces import FaceDetector, Views, prepare_views
+from batchtag.taggers.base import DEFAULT_MIN_CONFIDENCE, DEFAULT_STAGES, Tag, above, check_stages, confidence
+from batchtag.taggers.centerface import CenterFace
+from batchtag.taggers.faces import Face, FaceDetector, Views, prepare_views
 from batchtag.taggers.imagenet import RESIZE_SIZE, ImageNetClassifier, to_rgb
+from batchtag.taggers.objects import CocoRule, Detections, ObjectDetector, read_coco_rules
 from batchtag.taggers.people import PeopleRules
-from batchtag.taggers.rules import LabelRules
+from batchtag.taggers.rules import DEFAULT_MAX_TAGS, LabelRules, _data_file, read_categories
+
+Named = list[tuple[str, int]]  # (tag name, confidence 0..100)
+INT8_CLASSIFIER = Path(__file__).resolve().parent / "data" / "efficientnet_lite0_int8.onnx"
+# A person box counts towards CenterFace's gate from this score (the people rules' own floor).
+PERSON_FLOOR = 0.4
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """One image made ready for both models; ``faces`` is None when the people stage is off."""
+    """One image made ready for every stage; a stage that is off has None."""
 
     pixels: np.ndarray  # (3, 224, 224) uint8: the classifier's crop, normalised a batch at a time
-    faces: Views | None
+    faces: Views | None  # BlazeFace's views (the blazeface stage)
+    objects: tuple[np.ndarray, float] | None  # the letterboxed square of detector and CenterFace, its scale
+    size: tuple[int, int]  # the decoded photo's (width, height)
+
+
+class ObjectRules:
+    """COCO class scores to (specific, broad) names in one language (``data/coco_rules.csv``)."""
+
+    def __init__(self, lang: str) -> None:
+        categories = read_categories(_data_file("categories.csv"))
+        self.rules: list[CocoRule] = read_coco_rules(set(categories))
+        self.names = [r.label(lang) for r in self.rules]
+        self.thresholds = np.array([r.threshold for r in self.rules])
+        self.category_names = {cid: c.label(lang) for cid, c in categories.items()}
+
+    def parts(self, class_scores: np.ndarray) -> tuple[Named, Named]:
+        """Classes at or above their threshold, and their categories at the best member's score."""
+        hits = np.flatnonzero(class_scores >= self.thresholds)
+        hits = hits[np.argsort(-class_scores[hits], kind="stable")]
+        specific = [(self.names[i], confidence(float(class_scores[i]))) for i in hits]
+        broad: dict[str, int] = {}
+        for i in hits:
+            for cid in self.rules[i].categories:
+                name = self.category_names[cid]
+                broad.setdefault(name, confidence(float(class_scores[i])))
+        return specific, list(broad.items())
 
 
 class ModelTagger:
@@ -48,19 +100,47 @@ class ModelTagger:
         classifier: ImageNetClassifier | None = None,
         faces: bool = True,
         detector: FaceDetector | None = None,
+        stages: Iterable[str] | None = None,
+        min_confidence: int = DEFAULT_MIN_CONFIDENCE,
+        objects: ObjectDetector | None = None,
+        max_tags: int = DEFAULT_MAX_TAGS,
+        int8: bool = True,
     ) -> None:
-        self.classifier = classifier or ImageNetClassifier()
-        self.rules = LabelRules.load(lang)
-        self.people = PeopleRules.load(lang) if faces else None
-        self.detector = None
-        if self.people is not None:
+        """``stages``: see ``batchtag.taggers`` (default ``DEFAULT_STAGES``); ``faces=False``
+        drops the face stages; ``int8=False`` runs the float classifier (for comparisons)."""
+        chosen = check_stages(DEFAULT_STAGES if stages is None else stages)
+        if not faces:
+            chosen -= {"faces", "blazeface"}
+        self.stages = chosen
+        self.min_confidence = min_confidence
+        self.max_tags = max_tags
+        self.classifier = classifier or ImageNetClassifier(model_path=INT8_CLASSIFIER if int8 else None)
+        # The classifier's own cut is left to the merge, which sees every stage's names.
+        self.rules = LabelRules.load(lang, max_tags=1000)
+        people_needed = bool(chosen & {"faces", "blazeface", "detector"})
+        self.people = PeopleRules.load(lang) if people_needed else None
+        self.detector = None  # BlazeFace (the attribute keeps its pre-issue-18 name)
+        if "blazeface" in chosen and self.people is not None:
             self.detector = detector or FaceDetector(settings=self.people.detector)
+        self.centerface = None
+        if "faces" in chosen and self.people is not None:
+            settings = self.people.centerface
+            self.centerface = CenterFace(min_score=settings.min_score, nms_iou=settings.nms_iou)
+        self.objects = None
+        self.object_rules = None
+        if "detector" in chosen or "faces" in chosen:
+            self.objects = objects or ObjectDetector()  # CenterFace takes the detector's input too
+        if "detector" in chosen:
+            self.object_rules = ObjectRules(lang)
 
     def prepare(self, image: Image.Image) -> Prepared:
         """The network inputs for one image (thread-safe)."""
         image = to_rgb(image)
-        views = prepare_views(image, self.people.detector) if self.people is not None else None
-        return Prepared(self.classifier.crop_pixels(image), views)
+        views = (
+            prepare_views(image, self.people.detector) if self.detector is not None and self.people else None
+        )
+        objects = self.objects.prepare(image) if self.objects is not None else None
+        return Prepared(self.classifier.crop_pixels(image), views, objects, image.size)
 
     def tag_batch(self, items: list[Any]) -> list[list[Tag]]:
         """Tags for prepared inputs (from ``prepare``); plain images are prepared here."""
@@ -68,11 +148,76 @@ class ModelTagger:
             return []
         prepared = [item if isinstance(item, Prepared) else self.prepare(item) for item in items]
         probs = self.classifier.predict(self.classifier.normalize(np.stack([p.pixels for p in prepared])))
-        tags: list[list[Tag]] = self.rules.tags_batch(probs)  # type: ignore[assignment]
-        if self.people is None or self.detector is None:
-            return tags
-        faces = self.detector.detect([p.faces for p in prepared if p.faces is not None])
+        classified = self.rules.parts_batch(probs)
+        found = self._objects(prepared)
+        faces = self._faces(prepared, found)
         return [
-            self.people.merge(found, classifier_tags, self.rules.max_tags)
-            for found, classifier_tags in zip(faces, tags, strict=True)
+            self._merge(parts, photo_faces, objects)
+            for parts, photo_faces, objects in zip(classified, faces, found, strict=True)
         ]
+
+    def _faces(self, prepared: Sequence[Prepared], found: Sequence[Detections | None]) -> list[list[Face]]:
+        """Faces per photo from the face stage that is on (CenterFace where it is asked for)."""
+        faces: list[list[Face]] = [[] for _ in prepared]
+        if self.detector is not None:
+            faces = self.detector.detect([p.faces for p in prepared if p.faces is not None])
+        if self.centerface is None or self.people is None:
+            return faces
+        wanted = [i for i, p in enumerate(prepared) if p.objects is not None and self._wants_faces(found[i])]
+        squares = [prepared[i].objects for i in wanted]
+        more = self.centerface.detect(
+            [s[0] for s in squares if s is not None],
+            [s[1] for s in squares if s is not None],
+            [prepared[i].size for i in wanted],
+        )
+        for i, photo_faces in zip(wanted, more, strict=True):
+            faces[i] = photo_faces
+        return faces
+
+    def _wants_faces(self, objects: Detections | None) -> bool:
+        """CenterFace runs where the detector saw enough people (or the detector is off)."""
+        if "detector" not in self.stages or objects is None or self.people is None:
+            return True
+        floor = self.people.centerface
+        return sum(1 for p in objects.persons if p.score >= PERSON_FLOOR) >= floor.min_persons
+
+    def _objects(self, prepared: Sequence[Prepared]) -> list[Detections | None]:
+        if self.objects is None or "detector" not in self.stages:
+            return [None for _ in prepared]
+        inputs = [p.objects for p in prepared if p.objects is not None]
+        return list(self.objects.detect(inputs, [p.size for p in prepared]))
+
+    def _merge(
+        self, classified: tuple[Named, Named], faces: list[Face], objects: Detections | None
+    ) -> list[Tag]:
+        """One photo's tags from every stage (see the module docstring)."""
+        specific, broad = list(classified[0]), list(classified[1])
+        persons: list[Face] = []
+        if objects is not None and self.object_rules is not None:
+            more_specific, more_broad = self.object_rules.parts(objects.class_scores)
+            specific += more_specific
+            broad += more_broad
+            persons = objects.persons
+        if self.people is not None:
+            specific = [
+                (t["tag_name"], t["tag_confidence"]) for t in self.people.tags_for(faces, persons)
+            ] + specific
+        return above(merge_named(specific, broad), self.min_confidence)[: self.max_tags]
+
+
+def merge_named(specific: Named, broad: Named) -> list[Tag]:
+    """Each name once at its best confidence; specific names first, then broad, each by confidence.
+
+    A name that is both (狗 is a label and a category) counts as specific.
+    """
+    best_specific: dict[str, int] = {}
+    for name, conf in specific:
+        best_specific[name] = max(conf, best_specific.get(name, 0))
+    best_broad: dict[str, int] = {}
+    for name, conf in broad:
+        best_broad[name] = max(conf, best_broad.get(name, 0))
+    for name in best_specific.keys() & best_broad.keys():
+        best_specific[name] = max(best_specific[name], best_broad.pop(name))
+    ordered = sorted(best_specific.items(), key=lambda kv: -kv[1])
+    ordered += sorted(best_broad.items(), key=lambda kv: -kv[1])
+    return [Tag(tag_name=name, tag_confidence=conf) for name, conf in ordered]

@@ -1,8 +1,10 @@
-"""Faces to people tags (人物 / person, 合影 / group photo, 人像 / portrait), from ``people.toml``.
+"""Faces and person boxes to people tags (人物, 合影, 人像, 人群), from ``people.toml``.
 
-The rules are data: each tag names the faces it counts (score and size floors) and how many
-of them it needs; the thresholds sit next to the detector scores they were chosen from in
-``data/people.toml``. ``PeopleRules.merge`` puts the people tags in front of the classifier's
+The rules are data: each tag names what it counts (faces from the face stage, or person boxes
+from the object detector), their score floor and size range, and how many it needs; the
+thresholds sit next to the scores they were chosen from in ``data/people.toml``. Several
+``[[tag]]`` entries may give the same name (人物 from a face, 人物 from a person box): the
+photo gets it once, with the best of their confidences. ``PeopleRules.merge`` puts the people tags in front of the classifier's
 tags, so that a tag the classifier also gives (its "person" category) appears once, with the
 higher confidence.
 """
@@ -20,16 +22,40 @@ from typing import Any
 from batchtag.taggers.base import LANGS, Tag
 from batchtag.taggers.faces import DetectorSettings, Face
 
-TAG_KEYS = frozenset({"id", "label_en", "label_zh", "min_score", "min_faces", "max_faces", "min_face_area"})
+
+@dataclass(frozen=True)
+class CenterFaceSettings:
+    """The ``faces`` stage's knobs (``[centerface]`` in ``people.toml``, with their reasons)."""
+
+    min_score: float = 0.5  # a heatmap peak below this is not a face
+    nms_iou: float = 0.3  # boxes overlapping more than this are one face
+    min_persons: int = 2  # with the detector on, faces are looked for only from this many people
+
+
+TAG_KEYS = frozenset(
+    {
+        "id",
+        "label_en",
+        "label_zh",
+        "source",
+        "min_score",
+        "min_faces",
+        "max_faces",
+        "min_face_area",
+        "max_face_area",
+    }
+)
+SOURCES = ("faces", "persons")
 
 
 @dataclass(frozen=True)
 class PeopleTag:
     """One ``[[tag]]`` of ``people.toml``.
 
-    Counted faces: score >= ``min_score`` and box area >= ``min_face_area`` (share of the
-    photo). The tag applies when ``min_faces`` <= count <= ``max_faces``; its confidence is
-    the score of the ``min_faces``-th strongest counted face, the weakest one it needed.
+    Counted boxes (faces, or person boxes when ``source`` is "persons"): score >= ``min_score``
+    and ``min_face_area`` <= box area <= ``max_face_area`` (shares of the photo). The tag
+    applies when ``min_faces`` <= count <= ``max_faces``; its confidence is the score of the
+    ``min_faces``-th strongest counted box, the weakest one it needed.
     """
 
     id: str
@@ -39,13 +65,19 @@ class PeopleTag:
     min_faces: int = 1
     max_faces: int | None = None
     min_face_area: float = 0.0
+    max_face_area: float = 1.0
+    source: str = "faces"
 
     def label(self, lang: str) -> str:
         return self.label_zh if lang == "zh" else self.label_en
 
     def confidence(self, faces: Sequence[Face]) -> float | None:
         """The tag's score for a photo's faces (strongest first), or None when it does not apply."""
-        counted = [f.score for f in faces if f.score >= self.min_score and f.area >= self.min_face_area]
+        counted = [
+            f.score
+            for f in faces
+            if f.score >= self.min_score and self.min_face_area <= f.area <= self.max_face_area
+        ]
         if len(counted) < self.min_faces or (self.max_faces is not None and len(counted) > self.max_faces):
             return None
         return sorted(counted, reverse=True)[self.min_faces - 1]
@@ -84,7 +116,12 @@ def parse_tag(table: dict[str, Any], where: str) -> PeopleTag:
     assert min_faces is not None
     if max_faces is not None and max_faces < min_faces:
         raise ValueError(f"{where}: max_faces {max_faces} is below min_faces {min_faces}")
+    source = table.get("source", "faces")
+    if source not in SOURCES:
+        raise ValueError(f"{where}: source must be one of {', '.join(SOURCES)}, got {source!r}")
     return PeopleTag(
+        source=source,
+        max_face_area=_fraction(table, "max_face_area", where, 1.0),
         id=table["id"].strip(),
         label_en=table["label_en"].strip(),
         label_zh=table["label_zh"].strip(),
@@ -109,6 +146,20 @@ def parse_detector(table: dict[str, Any], where: str) -> DetectorSettings:
     return DetectorSettings(**values)
 
 
+def parse_centerface(table: dict[str, Any], where: str) -> CenterFaceSettings:
+    known = {f.name for f in fields(CenterFaceSettings)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for key in ("min_score", "nms_iou"):
+        if key in table:
+            values[key] = _fraction(table, key, where)
+    if "min_persons" in table:
+        values["min_persons"] = _count(table, "min_persons", where, 1)
+    return CenterFaceSettings(**values)
+
+
 def _tag(name: str, confidence: float) -> Tag:
     return Tag(tag_name=name, tag_confidence=max(0, min(100, round(100.0 * confidence))))
 
@@ -116,10 +167,17 @@ def _tag(name: str, confidence: float) -> Tag:
 class PeopleRules:
     """The detector settings and the people tags of ``people.toml``, in one language."""
 
-    def __init__(self, detector: DetectorSettings, tags: Sequence[PeopleTag], lang: str = "zh") -> None:
+    def __init__(
+        self,
+        detector: DetectorSettings,
+        tags: Sequence[PeopleTag],
+        lang: str = "zh",
+        centerface: CenterFaceSettings = CenterFaceSettings(),
+    ) -> None:
         if lang not in LANGS:
             raise ValueError(f"unknown lang {lang!r}; choose one of {', '.join(LANGS)}")
         self.detector = detector
+        self.centerface = centerface
         self.tags = tuple(tags)
         self.lang = lang
 
@@ -132,22 +190,33 @@ class PeopleRules:
             data = tomllib.loads(source.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        unknown = sorted(set(data) - {"detector", "tag"})
+        unknown = sorted(set(data) - {"detector", "centerface", "tag"})
         if unknown:
             raise ValueError(f"{where}: unknown section(s) {', '.join(unknown)}")
         detector = parse_detector(data.get("detector", {}), f"{where} [detector]")
+        centerface = parse_centerface(data.get("centerface", {}), f"{where} [centerface]")
         tags = [parse_tag(t, f"{where} [[tag]] #{i + 1}") for i, t in enumerate(data.get("tag", []))]
         if not tags:
             raise ValueError(f"{where}: no [[tag]] entries")
         ids = [t.id for t in tags]
         if len(set(ids)) != len(ids):
             raise ValueError(f"{where}: duplicate tag ids in {ids}")
-        return cls(detector, tags, lang)
+        return cls(detector, tags, lang, centerface)
 
-    def tags_for(self, faces: Sequence[Face]) -> list[Tag]:
-        """The people tags one photo's faces earn, in file order."""
-        found = ((t.label(self.lang), t.confidence(faces)) for t in self.tags)
-        return [_tag(name, conf) for name, conf in found if conf is not None]
+    def uses(self, source: str) -> bool:
+        """Whether any tag counts boxes of ``source`` (so the stage is worth running for people)."""
+        return any(t.source == source for t in self.tags)
+
+    def tags_for(self, faces: Sequence[Face], persons: Sequence[Face] = ()) -> list[Tag]:
+        """The people tags one photo's faces and person boxes earn, in file order, each name once."""
+        boxes = {"faces": faces, "persons": persons}
+        best: dict[str, float] = {}
+        for t in self.tags:
+            conf = t.confidence(boxes[t.source])
+            if conf is not None:
+                name = t.label(self.lang)
+                best[name] = max(conf, best.get(name, 0.0))
+        return [_tag(name, conf) for name, conf in best.items()]
 
     def merge(self, faces: Sequence[Face], classifier_tags: list[Tag], max_tags: int) -> list[Tag]:
         """People tags first, then the classifier's; a name given by both keeps the higher confidence."""

@@ -312,6 +312,22 @@ class LabelRules:
         cats = self.category_probs(probs)
         return [self._row_tags(label_row, cat_row) for label_row, cat_row in zip(labels, cats, strict=True)]
 
+    def parts_batch(self, probs: np.ndarray) -> list[tuple[list[tuple[str, int]], list[tuple[str, int]]]]:
+        """Per image, the passing (specific, broad) (name, confidence) lists, before any cut.
+
+        For a tagger that merges these with other stages' tags (``model.py``); ``tags_batch``
+        is the classifier's answer on its own.
+        """
+        labels = self.label_probs(probs)
+        cats = self.category_probs(probs)
+        return [
+            (
+                _passing(self.label_names, label_row, self.label_thresholds),
+                _passing(self.category_names, cat_row, self.category_thresholds),
+            )
+            for label_row, cat_row in zip(labels, cats, strict=True)
+        ]
+
     def _row_tags(self, label_row: np.ndarray, cat_row: np.ndarray) -> list[Tag]:
         specific = _passing(self.label_names, label_row, self.label_thresholds)
         broad = _passing(self.category_names, cat_row, self.category_thresholds)
