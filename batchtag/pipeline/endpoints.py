@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from batchtag import codes
 from batchtag.clock import SYSTEM_CLOCK, Clock
+from batchtag.endpoint_specs import EndpointSpec
 from batchtag.errors import CredentialsRefused, EndpointUnreachable
 from batchtag.pipeline.budget import RequestBudget
 from batchtag.pipeline.client import Answer, EndpointHealth, RetryPolicy, TagClient, open_tag_client
@@ -58,25 +59,6 @@ class State(enum.Enum):
     UP = "up"
     DOWN = "down"  # probed with back-off
     REFUSED = "refused"  # credentials refused: out for the run
-
-
-@dataclass(frozen=True)
-class EndpointSpec:
-    """One endpoint as the config declares it (``[[endpoints]]`` or a repeated ``--endpoint``)."""
-
-    url: str
-    appid: str
-    secret_id: str
-    secret_key: str = dataclasses.field(repr=False)
-    qps: float | None = None
-    name: str = ""  # for messages and records; scheme://host:port when not given
-    weight: float = 1.0
-    tagger: str | None = None
-    lang: str | None = None
-
-    @property
-    def credentials(self) -> Credentials:
-        return Credentials(self.appid, self.secret_id, self.secret_key)
 
 
 @dataclass
@@ -277,7 +259,7 @@ async def open_endpoint_pool(
             client = await stack.enter_async_context(
                 open_tag_client(
                     spec.url,
-                    spec.credentials,
+                    Credentials(spec.appid, spec.secret_id, spec.secret_key),
                     bucket,
                     AdaptiveRateLimiter(spec.qps),
                     policy,

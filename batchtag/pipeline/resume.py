@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from batchtag.errors import ConfigError
 from batchtag.keyset import KeySet, fingerprint
 from batchtag.pipeline.dedupe import ContentIndex
 from batchtag.pipeline.sources import Item
@@ -203,3 +204,14 @@ class ResumeFilter:
             retried = self._checkpoint.errors.contains_many(fingerprints[known])  # transient
             skipped.retagged += int(other.sum())
             skipped.changed += int((~other & ~retried).sum())
+
+
+def refuse_other_settings(checkpoint: Checkpoint, settings: Settings, out: str) -> None:
+    """Never a silent mix of endpoints, taggers or languages in one OUT."""
+    if not len(checkpoint.other_settings):
+        return
+    other = checkpoint.other_example.describe() if checkpoint.other_example else "other settings"
+    raise ConfigError(
+        f"{out} holds {len(checkpoint.other_settings):,} records made with {other}; this run uses "
+        f"{settings.describe()}: use the same settings, another -o, or --retag to redo them into {out}"
+    )
