@@ -25,6 +25,7 @@ SECTIONS = {
     "peers": "bench.s6_peers",
     "cluster": "bench.s7_cluster",
     "embedded": "bench.s8_embedded",
+    "endpoints": "bench.s9_endpoints",
 }
 
 
