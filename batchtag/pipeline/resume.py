@@ -73,7 +73,9 @@ class Checkpoint:
     def to_do(self, key_fps: np.ndarray, state_fps: np.ndarray) -> np.ndarray:
         """Which items still need work: not unchanged by state, nor (for items without a
         stat or records without facts) by key."""
-        unchanged = self.unchanged.contains_many(state_fps) | self.unchanged.contains_many(key_fps)
+        unchanged = self.unchanged.contains_many(key_fps)
+        if state_fps is not key_fps:  # items without a stat: their state is their key
+            unchanged |= self.unchanged.contains_many(state_fps)
         return ~unchanged
 
 
@@ -170,18 +172,21 @@ class ResumeFilter:
         skipped = Skipped()
         if not chunk:
             return [], skipped
-        chunk = [item.with_stat() for item in chunk]
+        chunk = [item if item.kind == "url" else item.with_stat() for item in chunk]
         fingerprints = np.fromiter(
             (fingerprint(item.key) for item in chunk), dtype=np.uint64, count=len(chunk)
         )
-        states = np.fromiter(
-            (
-                state_fingerprint(fp, item.size, item.mtime_ns)
-                for item, fp in zip(chunk, fingerprints.tolist(), strict=True)
-            ),
-            dtype=np.uint64,
-            count=len(chunk),
-        )
+        if any(item.size is not None for item in chunk):
+            states = np.fromiter(
+                (
+                    fp if item.size is None else state_fingerprint(fp, item.size, item.mtime_ns)
+                    for item, fp in zip(chunk, fingerprints.tolist(), strict=True)
+                ),
+                dtype=np.uint64,
+                count=len(chunk),
+            )
+        else:  # URLs (and files that cannot be stat'ed): the state is the key
+            states = fingerprints
         to_do = self._checkpoint.to_do(fingerprints, states)
         done = ~to_do
         if done.any():
