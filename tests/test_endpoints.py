@@ -123,6 +123,19 @@ def test_failover_moves_items_probes_with_backoff_and_takes_the_member_back():
     assert len(late) > 10, "it takes its share again"
 
 
+def test_requests_in_flight_when_a_member_goes_out_do_not_push_its_probe_back():
+    """Eight requests in flight fail together when an endpoint dies: one signal, so its
+    first probe is still 1 s away, not 2**8 s."""
+    clock = FakeClock(start=0.0)
+    pool = pool_of(clock, FakeEndpoint(clock, 4.0, ok), FakeEndpoint(clock, 4.0, ok))
+    member = pool.members[0]
+    for _ in range(8):
+        pool.take_out(member, "connection refused")
+    assert member.state is State.DOWN and member.next_probe == 1.0 and member.probe_wait == 1.0
+    pool.take_out(member, "connection refused", probe=True)
+    assert member.probe_wait == 2.0 and member.next_probe == 2.0
+
+
 def test_5xx_and_busy_codes_take_a_member_out_but_timeouts_do_not_move_the_item():
     """A 503 answer definitely did not tag the item: it moves. A timeout may have been
     processed: the pool hands its answer back (the item's own error, not moved)."""

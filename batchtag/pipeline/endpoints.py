@@ -128,12 +128,13 @@ class EndpointPool:
         attempts = 0
         while True:
             member = await self.choose()
-            answer = await self.send_to(member, payload)
+            probe = member.probing  # set by choose() for this send alone: nothing awaited since
+            answer = await self.send_to(member, payload, probe)
             attempts += answer.attempts
             if codes.stops_run(answer.code):
                 self.refuse(member, answer)
             elif answer.endpoint_down:
-                self.take_out(member, answer.message)
+                self.take_out(member, answer.message, probe)
             else:
                 self.back_in(member)
                 member.sent += 1
@@ -142,7 +143,7 @@ class EndpointPool:
                 return answer
             self.moved += 1
 
-    async def send_to(self, member: Member, payload: Payload) -> Answer:
+    async def send_to(self, member: Member, payload: Payload, probe: bool = False) -> Answer:
         """The item's attempts on ``member``. Nothing is awaited between the choice and the
         member's limiter, so its queue count is right for the next choice."""
         body = with_appid(payload.body, self.appid, member.client.appid, self.bucket)
@@ -152,7 +153,8 @@ class EndpointPool:
             return await member.client.attempt_item(sent)
         finally:
             member.in_flight -= 1
-            member.probing = False
+            if probe:
+                member.probing = False
 
     async def choose(self) -> Member:
         """A member due for a probe, else the up member with the most headroom; waits
@@ -175,17 +177,20 @@ class EndpointPool:
             waits = [m.next_probe - now for m in live if not m.probing]
             await self.clock.sleep(max(0.0, min(waits)) if waits else IDLE_POLL_S)
 
-    def take_out(self, member: Member, why: str) -> None:
-        """The endpoint failed a request for its own reasons: out, probed with back-off."""
+    def take_out(self, member: Member, why: str, probe: bool = False) -> None:
+        """The endpoint failed a request for its own reasons: out, probed with back-off.
+        Only a failed probe backs off further: the requests that were in flight when it went
+        away fail together and say nothing new."""
         now = self.clock.monotonic()
         member.last_error = why
         if member.state is State.UP:
             member.state = State.DOWN
             member.down_since = now
             log.warning("%s is not answering (%s): its items go to the other endpoints", member.name, why)
-        elif member.state is State.DOWN:
+            member.next_probe = now + member.probe_wait
+        elif member.state is State.DOWN and probe:
             member.probe_wait = min(member.probe_wait * 2, self.probe_max_wait_s)
-        member.next_probe = now + member.probe_wait
+            member.next_probe = now + member.probe_wait
         if self.none_up_since is None and not any(m.state is State.UP for m in self.members):
             self.none_up_since = now
 
