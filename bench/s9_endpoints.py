@@ -222,7 +222,7 @@ def dry_run_files(ctx: Ctx, n: int, done: int) -> tuple[Path, Path]:
 
 
 def dry_run_at_scale(ctx: Ctx, section: Section) -> None:
-    n = ctx.pick(100_000, 1_000_000)
+    n = ctx.pick(20_000, 1_000_000)
     done = n * 9 // 10
     manifest, out = dry_run_files(ctx, n, done)
     tiny, tiny_out = dry_run_files(ctx, 1, 0)
