@@ -114,6 +114,8 @@ def test_several_endpoints_with_cluster_are_refused_with_one_line(tmp_path):
         build_config({**BASE, **flags}, None, RUN_CREDS)
 
 
-def test_max_requests_must_be_positive():
+def test_max_requests_must_be_positive_and_without_cluster():
     with pytest.raises(ConfigError, match="--max-requests must be at least 1"):
         build_config({**BASE, "max_requests": 0}, None, {})
+    with pytest.raises(ConfigError, match="--max-requests does not work with --cluster yet"):
+        build_config({**BASE, "max_requests": 5, "cluster": "local:1"}, None, {})
