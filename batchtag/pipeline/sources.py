@@ -210,7 +210,9 @@ def _file_item(entry: os.DirEntry[str], key: str) -> Item:
 def read_txt(lines: Iterable[str], base: str | None, name: str) -> Iterator[Item]:
     for line in lines:
         text = line.strip()
-        if text and not text.startswith("#"):
+        if text.startswith(COMMON_URL_STARTS):  # entry_item's first case, inline: most lines
+            yield Item(text, "url", text)
+        elif text and not text.startswith("#"):
             yield entry_item(text, base)
 
 
