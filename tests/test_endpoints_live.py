@@ -12,7 +12,7 @@ import signal
 from collections import Counter
 from pathlib import Path
 
-from batchtag import run_batch
+from batchtag import codes, run_batch
 from batchtag.server.app import STATE
 from batchtag.signing import Credentials
 from tests.support import (
@@ -67,6 +67,48 @@ async def test_quotas_add_up_with_no_code_15(serve, creds, tmp_path):
     assert by_endpoint == {"ep0": small_ok, "ep1": large_ok}
     assert summary.endpoints == {"ep0": small_ok, "ep1": large_ok}
     assert {r["settings"]["endpoint"] for r in records} == {config.settings().endpoint}
+
+
+async def test_an_endpoint_answering_503_and_busy_codes_loses_its_items_to_the_other(serve, creds, tmp_path):
+    """Every request to ``sick`` fails (503, code 203 or a dropped connection): the items it
+    refused end ok on ``well``, and ``sick`` never answered one ok."""
+    sick, well = await serve(inject_error_rate=1.0), await serve()
+    expected = tiny_jpegs(tmp_path / "in", 60, variety=60)
+    out = tmp_path / "out.jsonl"
+    config = pool_config(creds, [tmp_path / "in"], out, (sick, 30), (well, 30), outage_wait=60.0)
+    summary = await asyncio.wait_for(run_batch(config.validate()), 120)
+    records = read_out(out).records
+    assert sorted(r["key"] for r in records) == expected
+    # A dropped connection may have been processed (the client cannot tell): it is retried
+    # on the same endpoint, and after every retry dropped ((1/3)**4 of the items that went
+    # there) ends as a transient error record a rerun does again. Never moved, never lost.
+    moved_or_ok = [r for r in records if r["status"] == "ok"]
+    ambiguous = [r for r in records if r["status"] != "ok"]
+    assert all(r["endpoint"] == "ep1" for r in moved_or_ok)
+    assert all(r["endpoint"] == "ep0" and r["code"] == codes.CLIENT_TRANSPORT_ERROR for r in ambiguous)
+    assert len(moved_or_ok) >= 55
+    assert answered(sick)[0] == 0 and answered(well)[0] == 60
+    faults = sick.app[STATE].faults.counts
+    assert faults["http_503"] + faults["code_203"] > 0
+    assert summary.exit_code == (1 if ambiguous else 0)
+
+
+async def test_a_timed_out_request_is_not_moved_to_another_endpoint(serve, creds, tmp_path):
+    """``slow`` answers after 3 s, the client gives up after 1 s: a timed-out request may
+    have been processed, so its item is retried on ``slow`` and ends there (a transient
+    error record a rerun does again), never sent to ``fast`` as well."""
+    slow, fast = await serve(inject_latency_ms=3000), await serve()
+    tiny_jpegs(tmp_path / "in", 24, variety=24)
+    out = tmp_path / "out.jsonl"
+    config = pool_config(
+        creds, [tmp_path / "in"], out, (slow, None), (fast, None), timeout=1.0, retries=1, concurrency=4
+    )
+    await asyncio.wait_for(run_batch(config.validate()), 120)
+    records = read_out(out).records
+    timed_out = [r for r in records if r["code"] == codes.CLIENT_TIMEOUT]
+    assert timed_out, "some items went to the slow endpoint"
+    assert all(r["endpoint"] == "ep0" and r["attempts"] == 2 for r in timed_out)
+    assert answered(fast)[0] == sum(r["endpoint"] == "ep1" for r in records), "fast saw only its own items"
 
 
 async def test_one_endpoint_with_wrong_credentials_among_good_ones(serve, creds, tmp_path, caplog):

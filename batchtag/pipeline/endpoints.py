@@ -136,7 +136,8 @@ class EndpointPool:
             elif answer.endpoint_down:
                 self.take_out(member, answer.message, probe)
             else:
-                self.back_in(member)
+                if answer.http_status is not None:  # the service answered: it is there
+                    self.back_in(member)
                 member.sent += 1
                 answer.attempts = attempts
                 answer.endpoint = member.name
