@@ -184,6 +184,20 @@ def is_transient_http(status: int) -> bool:
     return status in TRANSIENT_HTTP_STATUSES
 
 
+# The API's own "busy / internal failure" answers: with HTTP 5xx and no connection at all,
+# they say the endpoint is in trouble, not the item (an endpoint pool takes it out).
+ENDPOINT_TROUBLE_CODES = frozenset({INTERNAL_PACK, INTERNAL_UNPACK, INTERNAL_LINK, INTERNAL_TIMEOUT})
+
+
+def says_endpoint_down(code: int, http_status: int | None, unreachable: bool) -> bool:
+    """A failure that is the endpoint's, and that definitely did not tag the item: no
+    connection, an HTTP 5xx, or a busy/internal code. A timeout is not one: the request
+    may have been processed (endpoints.py says why that matters)."""
+    if unreachable or code in ENDPOINT_TROUBLE_CODES:
+        return True
+    return code == CLIENT_HTTP_ERROR and http_status is not None and 500 <= http_status <= 599
+
+
 def is_rate_limit(code: int | None = None, http_status: int | None = None) -> bool:
     """Both ways a server says "slow down": the API's code 15 and plain HTTP 429."""
     return code == RATE_LIMITED or http_status == 429

@@ -16,7 +16,16 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from batchtag import api
-from batchtag.errors import ConfigError
+from batchtag.endpoint_specs import (
+    EndpointSpec,
+    RunCredentials,
+    UrlRules,
+    check_entries,
+    declared,
+    first_url,
+    resolve,
+)
+from batchtag.errors import EXIT_STATUS, ConfigError, Outcome
 from batchtag.records import Settings
 from batchtag.taggers.base import DEFAULT_STAGES, LANGS, STAGES, TAGGERS, parse_stages
 
@@ -63,7 +72,10 @@ class RunConfig:
         LOCAL,
         flags=("--endpoint",),
         env=True,
-        help="API base URL, or 'local' (default) for the embedded tagger",
+        action="append",
+        help="API base URL, or 'local' (default) for the embedded tagger; repeat it for several "
+        "endpoints that share the credentials (--qps is then each one's quota; [[endpoints]] in "
+        "--config for endpoints with their own)",
     )
     appid: str = setting("", flags=("--appid",), env=True, kind="text_or_number", help="env BATCHTAG_APPID")
     secret_id: str = setting(
@@ -190,16 +202,43 @@ class RunConfig:
     )
     max_image_bytes: int = setting(api.MAX_IMAGE_BYTES, kind="int")  # --config only
     max_file_bytes: int = setting(MAX_FILE_BYTES, kind="int")  # larger files are refused unread
+    endpoints: list[Any] = setting(  # noqa: RUF009 - [[endpoints]] tables, in --config only
+        kind="endpoints", factory=list
+    )
+    service: str = setting("")  # several endpoints: what records' settings name (default: the first URL)
+    dry_run: bool = setting(
+        False,
+        flags=("--dry-run",),
+        kind="bool",
+        action="store_true",
+        help="count the items that are new, changed, copies, done or left out, the requests the run "
+        "would send and their time at the quotas; send nothing, write nothing",
+    )
+    max_requests: int | None = setting(
+        None,
+        flags=("--max-requests",),
+        kind="int",
+        metavar="N",
+        help=f"stop cleanly after N requests, every answer written (exit {EXIT_STATUS[Outcome.REQUEST_LIMIT]}); "
+        "rerun to go on",
+    )
 
     @property
     def is_local(self) -> bool:
-        return self.endpoint == LOCAL
+        return self.endpoint == LOCAL and not self.endpoints
+
+    @property
+    def several_endpoints(self) -> bool:
+        return len(self.endpoints) > 1
 
     def settings(self) -> Settings:
         """What shapes the tags, as records carry it: the endpoint without credentials,
         query or fragment; the tagger and language only where the run chooses them."""
         if self.is_local:
             return Settings(LOCAL, self.tagger, self.lang)
+        if self.endpoints:
+            service = self.service or public_endpoint(first_url(self.endpoints))
+            return Settings(service, declared(self.endpoints, "tagger"), declared(self.endpoints, "lang"))
         return Settings(public_endpoint(self.endpoint))
 
     @property
@@ -241,7 +280,16 @@ class RunConfig:
             raise ConfigError("--outage-wait must be 0 or more")
         if self.max_file_bytes < 1:
             raise ConfigError("max-file-bytes must be positive")
-        if not self.is_local:
+        if self.max_requests is not None and self.max_requests < 1:
+            raise ConfigError("--max-requests must be at least 1")
+        if self.max_requests is not None and self.cluster:
+            raise ConfigError("--max-requests does not work with --cluster yet: leave one of them out")
+        if self.endpoints:
+            if self.cluster and self.several_endpoints:
+                raise ConfigError(
+                    "--cluster takes one endpoint for now: several endpoints run without --cluster"
+                )
+        elif not self.is_local:
             check_endpoint(self.endpoint)
             given = {"appid": self.appid, "secret_id": self.secret_id, "secret_key": self.secret_key_given}
             missing = [name for name, value in given.items() if not value]
@@ -257,11 +305,21 @@ class RunConfig:
     def secret_key_given(self) -> bool:
         return bool(self.secret_key or self.secret_key_file)
 
+    @property
+    def endpoint_specs(self) -> list[EndpointSpec]:
+        """Several endpoints, resolved by ``load_secret_key`` (empty for one endpoint)."""
+        return self.__dict__.get("_endpoint_specs", [])
+
     def load_secret_key(self) -> RunConfig:
         """The secret key from ``secret_key_file`` (once; the one read of getting settings
-        ready, kept out of ``validate``)."""
+        ready, kept out of ``validate``); with several endpoints, each one's credentials too
+        (their key files and environment variables), none twice, one tagger."""
         if self.secret_key_file and not self.secret_key:
             self.secret_key = read_secret_key_file(self.secret_key_file)
+        if self.endpoints:
+            run = RunCredentials(self.appid, self.secret_id, self.secret_key, self.qps)
+            rules = UrlRules(check_endpoint, public_url, read_secret_key_file)
+            self.__dict__["_endpoint_specs"] = resolve(self.endpoints, run, rules)
         return self
 
 
@@ -366,6 +424,8 @@ def typed_value(name: str, value: Any, origin: str) -> Any:
         if not isinstance(value, bool):
             raise wrong("true or false")
         return value
+    if kind == "endpoints":
+        return check_entries(value, origin)
     if kind == "paths":
         values = [value] if isinstance(value, str) else value
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
@@ -398,7 +458,7 @@ def build_config(
     ]
     merged: dict[str, Any] = {}
     for layer in layers:
-        merged.update(secret_key_source(layer, merged))
+        merged.update(endpoint_source(secret_key_source(layer, merged), merged))
     try:
         config = RunConfig(**merged)
     except TypeError as exc:
@@ -415,6 +475,23 @@ def secret_key_source(layer: dict[str, Any], below: dict[str, Any]) -> dict[str,
         below.pop("secret_key_file", None)
     if layer.get("secret_key_file"):
         below.pop("secret_key", None)
+    return layer
+
+
+def endpoint_source(layer: dict[str, Any], below: dict[str, Any]) -> dict[str, Any]:
+    """One endpoint or several: a layer that gives either overrides both below it. A repeated
+    ``--endpoint`` arrives as a list: one URL is the plain single endpoint."""
+    given = layer.get("endpoint")
+    if isinstance(given, list):
+        layer = dict(layer)
+        if len(given) == 1:
+            layer["endpoint"] = given[0]
+        else:
+            layer["endpoints"] = layer.pop("endpoint")
+    if layer.get("endpoint"):
+        below.pop("endpoints", None)
+    if layer.get("endpoints"):
+        below.pop("endpoint", None)
     return layer
 
 

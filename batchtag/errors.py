@@ -197,6 +197,7 @@ class Outcome(Enum):
     SOME_FAILED = "finished, and some of this run's items have error records"
     NO_ITEMS = "the sources held no items at all (an empty folder, a disk that did not mount)"
     INTERRUPTED = "interrupted (Ctrl-C, SIGTERM) after writing every finished record"
+    REQUEST_LIMIT = "stopped after --max-requests requests, every answer written: rerun to go on"
 
 
 EXIT_STATUS: dict[Outcome | type[BaseException], int] = {
@@ -205,6 +206,7 @@ EXIT_STATUS: dict[Outcome | type[BaseException], int] = {
     UsageError: 2,  # also argparse's own usage errors (cli.Parser)
     BrokenPipeError: 2,  # stdout's reader left (``| head``): what was to be printed was not
     Outcome.NO_ITEMS: 3,
+    Outcome.REQUEST_LIMIT: 5,
     Outcome.INTERRUPTED: 130,
     KeyboardInterrupt: 130,  # a signal before the event loop runs
 }

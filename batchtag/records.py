@@ -193,6 +193,7 @@ KEY_END = b'","source":"'
 STATUS_ERROR = (b'file","status":"error"', b'url","status":"error"')
 # An ok record in our layout: the status, then the code (the fields ``parse_record`` needs).
 STATUS_OK_CODE = (b'file","status":"ok","code":', b'url","status":"ok","code":')
+URL_OK_CODE = STATUS_OK_CODE[1]
 
 
 def read_key_bytes_and_status(line: bytes) -> tuple[bytes, Status | None]:
@@ -383,6 +384,7 @@ def scan_lines(
     tail_len = len(tail) if tail else 0
     start, start_len, key_end, end_len = KEY_START, len(KEY_START), KEY_END, len(KEY_END)
     fact_skip, hash_skip = len(FILE_OPEN), len(HASH_FIELD)
+    xxh3, add_key, add_state, add_flag = xxhash.xxh3_64_intdigest, keys.append, states.append, flags.append
     position = 0
     for number, line in enumerate(lines, start=1):
         line_at = position
@@ -390,6 +392,19 @@ def scan_lines(
         if stop is not None and number % check_every == 0 and stop.is_set():
             scan.stopped = True
             break
+        # The commonest line of a URL run's OUT: an ok URL record with the current settings,
+        # its key unescaped. What the general path below decides for it, in a fifth fewer
+        # steps (no file facts: its state is its key; flag 0: same settings, not an error).
+        if tail is not None and line.endswith(tail) and line.startswith(start):
+            end = line.find(key_end, start_len)
+            if end > 0 and line.startswith(URL_OK_CODE, end + end_len):
+                key = line[start_len:end]
+                if b"\\" not in key and line.find(start, 1) < 0:
+                    key_fp = xxh3(key)
+                    add_key(key_fp)
+                    add_state(key_fp)
+                    add_flag(SAME_SETTINGS * 4)
+                    continue
         end = line.find(key_end, start_len) if line.startswith(start) else -1
         key = line[start_len:end] if end > 0 else b"\\"
         transient = False

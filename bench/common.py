@@ -242,9 +242,11 @@ def serve(
     allow_private_urls: bool = False,
     startup_timeout_s: float = 60.0,
     extra_args: Sequence[str] = (),
+    port: int | None = None,
 ) -> Iterator[Server]:
-    """``batchtag serve`` in a subprocess on a free port with a temporary credentials file."""
-    port = free_port()
+    """``batchtag serve`` in a subprocess on a free port (or ``port``: a restart) with a
+    temporary credentials file."""
+    port = port or free_port()
     creds_dir = Path(tempfile.mkdtemp(prefix="bench-creds-", dir=ctx.work))
     creds_file = write_credentials(creds_dir / "credentials.json", BENCH_CREDS)
     args = batchtag_command(
@@ -294,7 +296,12 @@ def client_env() -> dict[str, str]:
 
 
 def start_client(
-    ctx: Ctx, sources: Sequence[str | Path], out: Path, endpoint: str, *options: str, fresh: bool = True
+    ctx: Ctx,
+    sources: Sequence[str | Path],
+    out: Path,
+    endpoint: str | None,
+    *options: str,
+    fresh: bool = True,
 ) -> tuple[subprocess.Popen[bytes], Path, Path]:
     """``batchtag run`` as a subprocess; credentials through the environment, never argv.
     ``fresh`` deletes OUT first (a resume test keeps it)."""
@@ -309,8 +316,7 @@ def start_client(
         *map(str, sources),
         "-o",
         str(out),
-        "--endpoint",
-        endpoint,
+        *(["--endpoint", endpoint] if endpoint else []),  # None: the endpoints of --config
         "--no-progress",
         "--summary-json",
         str(summary),
@@ -354,7 +360,7 @@ def run_client(
     ctx: Ctx,
     sources: Sequence[str | Path],
     out: Path,
-    endpoint: str,
+    endpoint: str | None,
     *options: str,
     timeout_s: float = 300.0,
     fresh: bool = True,

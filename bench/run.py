@@ -27,6 +27,7 @@ SECTIONS = {
     "embedded": "bench.s8_embedded",
     "quality": "bench.s9_quality",
     "stages": "bench.s10_stages",
+    "endpoints": "bench.s11_endpoints",
 }
 
 

@@ -32,8 +32,10 @@ def test_defaults_are_the_embedded_tagger():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_shipped_configs_load(path):
+def test_shipped_configs_load(path, monkeypatch):
     env = {"BATCHTAG_APPID": "1", "BATCHTAG_SECRET_ID": "id", "BATCHTAG_SECRET_KEY": "key"}
+    monkeypatch.setenv("TEAM_A_SECRET_KEY", "a")  # configs/two-appids.toml
+    monkeypatch.setenv("TEAM_B_SECRET_KEY", "b")
     config = build_config(BASE, str(path), env)
     assert config.concurrency >= 1
 

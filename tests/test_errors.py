@@ -89,7 +89,7 @@ def test_api_error_answers_with_the_tables_message_then_the_detail():
 
 
 def test_exit_statuses_come_from_the_table():
-    assert [errors.exit_status(o) for o in errors.Outcome] == [0, 1, 3, 130]
+    assert [errors.exit_status(o) for o in errors.Outcome] == [0, 1, 3, 130, 5]
     assert errors.exit_status(errors.SinkError("x")) == errors.exit_status(errors.ConfigError) == 2
     assert errors.exit_status(errors.SummaryError("x")) == 2
     assert errors.exit_status(errors.CredentialsRefused(codes.SIGNATURE_FAILED, "m")) == 2
@@ -105,6 +105,7 @@ def test_summary_outcome_decides_its_exit_code():
     assert Summary(found=1, previous_errors=1).outcome is errors.Outcome.ALL_OK  # this run's outcome
     assert Summary(found=1, errors=1).outcome is errors.Outcome.SOME_FAILED
     assert Summary(errors=1, interrupted=True).exit_code == 130
+    assert Summary(found=9, errors=1, limit_reached=True).exit_code == 5  # --max-requests
 
 
 def test_the_modules_raise_errors_of_the_tree(tmp_path):

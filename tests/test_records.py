@@ -170,3 +170,20 @@ def test_scan_with_settings_still_refuses_cut_and_joined_lines():
     scan = scan_lines(lines, settings, bad.append)
     assert list(scan.keys) == [fingerprint("/w"), fingerprint("/w")]
     assert bad == [2, 3]
+
+
+def test_the_url_fast_path_decides_as_the_general_path():
+    """ok URL records with the current settings take a short path in scan_lines: the same
+    keys, states and flags as the full parse gives, and still no joined or escaped lines."""
+    settings = Settings("https://svc.example")
+    url = Record("https://x.example/a.jpg", "url", "ok", 0, "m", [], 1, settings=settings).to_line()
+    escaped = Record('https://x.example/"q".jpg', "url", "ok", 0, "m", [], 1, settings=settings).to_line()
+    lines = [url, url[:20] + url, escaped]
+    bad = []
+    scan = scan_lines(lines, settings, bad.append)
+    assert bad == [2]
+    expected = [fingerprint("https://x.example/a.jpg"), fingerprint('https://x.example/"q".jpg')]
+    assert list(scan.keys) == expected and list(scan.states) == expected
+    assert list(scan.flags) == [0, 0]
+    general = scan_lines(lines, None, [].append)  # no settings: the general path only
+    assert list(general.keys) == expected and list(general.states) == expected

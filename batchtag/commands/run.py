@@ -104,6 +104,8 @@ def command_run(args: argparse.Namespace) -> int:
         from batchtag.config import build_config
 
         config = build_config(run_flags(args), args.config)
+        if config.dry_run:
+            return command_dry_run(config)
         summary = run_in_a_new_loop(config)
         print(summary.render(), file=sys.stderr)
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -113,3 +115,17 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"batchtag: error: {exc.message}", file=sys.stderr)
         return exit_status(exc)
     return exit_status(Outcome.INTERRUPTED) if INTERRUPTS.signalled else summary.exit_code
+
+
+def command_dry_run(config: RunConfig) -> int:
+    """``run --dry-run``: the counts on stderr (and --summary-json), nothing sent or written."""
+    from batchtag.pipeline.dryrun import dry_run
+    from batchtag.pipeline.progress import check_summary_path, write_json
+
+    if config.summary_json:
+        check_summary_path(config.summary_json)
+    estimate = dry_run(config)
+    print(estimate.render(), file=sys.stderr)
+    if config.summary_json:
+        write_json(estimate.to_dict(), config.summary_json)
+    return exit_status(Outcome.ALL_OK)

@@ -14,15 +14,14 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from batchtag.config import RunConfig, is_plain_http_to_another_host
-from batchtag.errors import ConfigError
+from batchtag.config import RunConfig, is_plain_http_to_another_host, public_url
+from batchtag.pipeline.endpoints import EndpointPool
 from batchtag.pipeline.flow import Run
 from batchtag.pipeline.local import LocalStage, open_client
 from batchtag.pipeline.progress import Progress, Summary, check_summary_path
-from batchtag.pipeline.resume import Checkpoint
+from batchtag.pipeline.resume import Checkpoint, refuse_other_settings
 from batchtag.pipeline.sink import ResultSink, Writer, open_sink, refuse_out_among_sources
 from batchtag.pipeline.sources import check_source
-from batchtag.records import Settings
 
 log = logging.getLogger("batchtag")
 
@@ -54,17 +53,6 @@ async def opened_out(
                 os.unlink(config.out)
 
 
-def refuse_other_settings(checkpoint: Checkpoint, settings: Settings, out: str) -> None:
-    """Never a silent mix of endpoints, taggers or languages in one OUT."""
-    if not len(checkpoint.other_settings):
-        return
-    other = checkpoint.other_example.describe() if checkpoint.other_example else "other settings"
-    raise ConfigError(
-        f"{out} holds {len(checkpoint.other_settings):,} records made with {other}; this run uses "
-        f"{settings.describe()}: use the same settings, another -o, or --retag to redo them into {out}"
-    )
-
-
 async def run_batch(
     config: RunConfig, progress: bool | None = None, *, writer: Writer | None = None
 ) -> Summary:
@@ -82,12 +70,14 @@ async def run_batch(
     if config.summary_json:
         check_summary_path(config.summary_json)
     refuse_out_among_sources(config.out, config.sources)
-    if not config.is_local and is_plain_http_to_another_host(config.endpoint):
-        log.warning(
-            "%s is plain http: each request's signature travels in clear text and can be replayed "
-            "until it expires; use https",
-            config.endpoint_name,
-        )
+    urls = [spec.url for spec in config.endpoint_specs] or ([] if config.is_local else [config.endpoint])
+    for url in urls:
+        if is_plain_http_to_another_host(url):
+            log.warning(
+                "%s is plain http: each request's signature travels in clear text and can be replayed "
+                "until it expires; use https",
+                public_url(url),
+            )
     bar = Progress(config.progress if progress is None else progress)
     try:
         async with opened_out(config, writer) as (sink, checkpoint):
@@ -111,7 +101,10 @@ async def tag_into(
 
         return await run_on_cluster(config, sink, checkpoint, progress)
     async with open_client(config) as client:
-        return await Run(config, sink, checkpoint, progress, LocalStage(config, client)).execute()
+        summary = await Run(config, sink, checkpoint, progress, LocalStage(config, client)).execute()
+        if isinstance(client, EndpointPool):
+            summary.endpoints = client.counts()
+        return summary
 
 
 def run(config: RunConfig, progress: bool | None = None) -> Summary:

@@ -33,6 +33,7 @@ from batchtag import api, codes, signing
 from batchtag.clock import SYSTEM_CLOCK, Clock
 from batchtag.config import LOCAL
 from batchtag.errors import ApiFailure, CredentialsRefused, EndpointUnreachable
+from batchtag.pipeline.budget import RequestBudget
 from batchtag.pipeline.payload import Payload
 from batchtag.pipeline.ratelimit import AdaptiveRateLimiter
 
@@ -117,10 +118,16 @@ class Answer:
     attempts: int = 1
     http_status: int | None = None
     unreachable: bool = False
+    endpoint: str | None = None  # the pool member that answered (several endpoints only)
 
     @property
     def ok(self) -> bool:
         return self.code == codes.OK
+
+    @property
+    def endpoint_down(self) -> bool:
+        """The endpoint's failure, not the item's: a pool sends the item elsewhere."""
+        return codes.says_endpoint_down(self.code, self.http_status, self.unreachable)
 
 
 def parse_answer(status: int, body: bytes) -> list[dict[str, Any]]:
@@ -165,6 +172,8 @@ class TagClient:
         policy: RetryPolicy,
         health: EndpointHealth | None = None,
         embedded: EmbeddedService | None = None,
+        budget: RequestBudget | None = None,
+        hand_back: bool = False,
     ) -> None:
         self._session = session
         self._url = api.detect_url(endpoint)
@@ -174,6 +183,24 @@ class TagClient:
         self.policy = policy
         self.health = health or EndpointHealth(endpoint, clock=policy.clock)
         self._embedded = embedded
+        self.budget = budget  # --max-requests: every attempt takes one
+        # In an endpoint pool: failures that are the endpoint's come back at once, unretried,
+        # so the pool sends the item to another endpoint (endpoints.py).
+        self.hand_back = hand_back
+
+    @property
+    def limiter(self) -> AdaptiveRateLimiter:
+        return self._limiter
+
+    def _hands_back(self, failure: ApiFailure) -> bool:
+        return self.hand_back and codes.says_endpoint_down(
+            failure.code, failure.http_status, failure.unreachable
+        )
+
+    async def attempt_item(self, payload: Payload) -> Answer:
+        """The item's attempts on this endpoint alone, without the outage probing of
+        ``detect``: an endpoint pool decides what an endpoint's failure means."""
+        return await self._attempts(payload, self.policy.retries)
 
     @property
     def wants_body(self) -> bool:
@@ -226,7 +253,7 @@ class TagClient:
         try:
             tags = await self._attempt(payload)
         except ApiFailure as failure:
-            if not failure.transient or retries < 1:
+            if not failure.transient or retries < 1 or self._hands_back(failure):
                 return Answer(
                     failure.code,
                     failure.message,
@@ -244,7 +271,9 @@ class TagClient:
         attempts = 0
         pending: ApiFailure | None = first
         retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda exc: isinstance(exc, ApiFailure) and exc.transient),
+            retry=retry_if_exception(
+                lambda exc: isinstance(exc, ApiFailure) and exc.transient and not self._hands_back(exc)
+            ),
             stop=stop_any(stop_after_attempt(retries + 1), self._gave_up_on_endpoint),
             wait=wait_exponential_jitter(
                 multiplier=self.policy.initial_wait_s, max=self.policy.max_wait_s, jitter=self.policy.jitter_s
@@ -284,6 +313,8 @@ class TagClient:
 
     async def _attempt(self, payload: Payload) -> list[dict[str, Any]]:
         await self._limiter.acquire()
+        if self.budget is not None:
+            self.budget.spend()
         if self._embedded is not None:
             return await self._tag_embedded(payload)
         headers = {"Content-Type": "application/json", "Authorization": self._signatures.current()}
@@ -324,10 +355,15 @@ class TagClient:
         return clean_tags(tags)
 
 
-def embedded_client(service: EmbeddedService, limiter: AdaptiveRateLimiter, policy: RetryPolicy) -> TagClient:
+def embedded_client(
+    service: EmbeddedService,
+    limiter: AdaptiveRateLimiter,
+    policy: RetryPolicy,
+    budget: RequestBudget | None = None,
+) -> TagClient:
     """A TagClient for the embedded tagger: no session, no signature, no HTTP."""
     credentials = signing.Credentials("embedded", "", "")
-    return TagClient(None, LOCAL, credentials, "", limiter, policy, embedded=service)
+    return TagClient(None, LOCAL, credentials, "", limiter, policy, embedded=service, budget=budget)
 
 
 @contextlib.asynccontextmanager
@@ -340,6 +376,8 @@ async def open_tag_client(
     concurrency: int,
     timeout_s: float,
     health: EndpointHealth | None = None,
+    budget: RequestBudget | None = None,
+    hand_back: bool = False,
 ) -> AsyncIterator[TagClient]:
     """A TagClient on its own session: one connection per request in flight, at most, and
     ``timeout_s`` for each whole request (connecting: ``CONNECT_TIMEOUT_S`` at most, so a
@@ -347,4 +385,14 @@ async def open_tag_client(
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
     timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, CONNECT_TIMEOUT_S))
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        yield TagClient(session, endpoint, credentials, bucket, limiter, policy, health)
+        yield TagClient(
+            session,
+            endpoint,
+            credentials,
+            bucket,
+            limiter,
+            policy,
+            health,
+            budget=budget,
+            hand_back=hand_back,
+        )

@@ -18,8 +18,10 @@ from batchtag import codes
 from batchtag.config import RunConfig, public_url
 from batchtag.errors import InputError, RunStopped
 from batchtag.pipeline import recording
+from batchtag.pipeline.budget import RequestBudget, RequestLimitReached
 from batchtag.pipeline.client import EndpointHealth, RetryPolicy, TagClient, embedded_client, open_tag_client
 from batchtag.pipeline.dedupe import FOLLOW, Dedupe
+from batchtag.pipeline.endpoints import EndpointPool, open_endpoint_pool
 from batchtag.pipeline.payload import (
     READ_BATCH_BYTES,
     READ_BATCH_FILES,
@@ -39,9 +41,10 @@ from batchtag.signing import Credentials
 class LocalStage:
     """Prepare and send here: a ``stage.MiddleStage``."""
 
-    def __init__(self, config: RunConfig, client: TagClient) -> None:
+    def __init__(self, config: RunConfig, client: TagClient | EndpointPool) -> None:
         self.config = config
         self.client = client
+        self.limit_reached = False  # --max-requests spent: what is left is passed over
         # A few preparers keep a small buffer of encoded payloads ahead of the senders; small,
         # because a payload can be 13 MB of base64.
         self.preparers = max(1, min(8, config.concurrency // 4))
@@ -62,6 +65,7 @@ class LocalStage:
 
     def start(self, ends: Ends) -> list[asyncio.Task[None]]:
         self.items, self.results, self.dedupe = ends.items, ends.results, ends.dedupe
+        self.summary = ends.summary
         tasks = [asyncio.create_task(self.prepare(), name=f"prepare-{i}") for i in range(self.preparers)]
         tasks += [asyncio.create_task(self.send(), name=f"send-{i}") for i in range(self.config.concurrency)]
         return tasks
@@ -72,6 +76,8 @@ class LocalStage:
         stopped = False
         while not stopped:
             items, stopped = await self.next_items()
+            if self.limit_reached:
+                continue  # --max-requests spent: passed over, as the senders do
             for item, read in zip(items, await self.read_files(items), strict=True):
                 ready = await self.build(item, read)
                 if isinstance(ready, Record):
@@ -150,18 +156,31 @@ class LocalStage:
     async def send(self) -> None:
         while (ready := await self.ready.get()) is not STOP:
             item, payload = ready
+            if self.limit_reached:
+                continue  # not sent, no record: a rerun does it like any item a stop left
             started = time.monotonic()
             try:
                 answer = await self.client.detect(payload)
+            except RequestLimitReached:
+                self.stop_sending()
+                continue
             except RunStopped:
                 raise  # credentials refused or no endpoint: no record, the whole run stops
             except Exception as exc:  # a bug must cost one item, not the run
                 await self.results.put(recording.internal_error_record(item, exc))
                 continue
             elapsed_ms = round((time.monotonic() - started) * 1000)
-            await self.results.put(
-                recording.result_record(item, answer, payload.notes, elapsed_ms, payload.facts)
-            )
+            record = recording.result_record(item, answer, payload.notes, elapsed_ms, payload.facts)
+            if answer.endpoint is not None:
+                record.extra["endpoint"] = answer.endpoint
+            await self.results.put(record)
+
+    def stop_sending(self) -> None:
+        """--max-requests spent: every request in flight finishes and is written; the items
+        still coming are passed over unsent (the walk runs to its end, so every task ends
+        as in a finished run) and the run ends as a clean stop with its own exit status."""
+        self.limit_reached = True
+        self.summary.limit_reached = True
 
 
 @contextlib.asynccontextmanager
@@ -171,8 +190,21 @@ async def open_client(
     """The run's one client against its endpoint (the embedded tagger, in this process, when
     there is none); a cluster worker opens one a process, with its own limiter, and shares
     it between its chunks."""
-    limiter = limiter or AdaptiveRateLimiter(config.qps)
     policy = RetryPolicy(retries=config.retries)
+    budget = RequestBudget(config.max_requests) if config.max_requests else None
+    if config.endpoints:
+        async with open_endpoint_pool(
+            config.endpoint_specs,
+            config.bucket,
+            policy,
+            config.concurrency,
+            config.timeout,
+            config.outage_wait,
+            budget,
+        ) as pool:
+            yield pool  # type: ignore[misc]
+        return
+    limiter = limiter or AdaptiveRateLimiter(config.qps)
     if config.is_local:
         from batchtag.server import EmbeddedService, ServeConfig
 
@@ -184,7 +216,7 @@ async def open_client(
             float_classifier=config.float_classifier,
         )
         async with EmbeddedService(serve_config) as service:
-            yield embedded_client(service, limiter, policy)
+            yield embedded_client(service, limiter, policy, budget)
         return
     credentials = Credentials(config.appid, config.secret_id, config.secret_key)
     async with open_tag_client(
@@ -196,5 +228,6 @@ async def open_client(
         config.concurrency,
         config.timeout,
         EndpointHealth(public_url(config.endpoint), outage_wait_s=config.outage_wait, clock=policy.clock),
+        budget,
     ) as client:
         yield client

@@ -64,6 +64,18 @@ def body_head(appid: str, bucket: str, source_field: str) -> bytes:
     return json.dumps(head, separators=(",", ":"))[:-1].encode() + b',"' + source_field.encode() + b'":"'
 
 
+def with_appid(body: bytes, appid: str, new_appid: str, bucket: str) -> bytes:
+    """``body`` (built for ``appid``) for another appid: only the head differs, so an
+    endpoint pool sends one encoded image through endpoints with their own appids."""
+    if appid == new_appid or not body:
+        return body
+    for source_field in ("image", "url"):
+        head = body_head(appid, bucket, source_field)
+        if body.startswith(head):
+            return body_head(new_appid, bucket, source_field) + body[len(head) :]
+    raise ValueError("body was not built by body_bytes")
+
+
 FILE_KINDS = {
     stat.S_IFIFO: "a named pipe (FIFO)",
     stat.S_IFCHR: "a character device",

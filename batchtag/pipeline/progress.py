@@ -55,6 +55,8 @@ class Summary:
     left_out: LeftOut = field(default_factory=LeftOut)  # what the walk did not take
     wall_s: float = 0.0
     interrupted: bool = False
+    limit_reached: bool = False  # --max-requests spent: stopped cleanly, resumable
+    endpoints: dict[str, int] = field(default_factory=dict)  # items each endpoint answered (several)
     workers: Counter[str] = field(default_factory=Counter)  # records per cluster worker (--cluster)
 
     def count(self, record: Record) -> None:
@@ -106,6 +108,8 @@ class Summary:
         """This run's outcome: errors left by earlier runs are reported, not held against it."""
         if self.interrupted:
             return Outcome.INTERRUPTED
+        if self.limit_reached:
+            return Outcome.REQUEST_LIMIT
         if self.found == 0:
             return Outcome.NO_ITEMS
         return Outcome.SOME_FAILED if self.errors else Outcome.ALL_OK
@@ -121,30 +125,23 @@ class Summary:
         data["workers"] = dict(sorted(self.workers.items()))
         if not self.workers:
             del data["workers"]
+        if not self.endpoints:
+            del data["endpoints"]
         data["items_per_s"] = round(self.items_per_s, 2)
         data["requests_per_s"] = round(self.attempts / self.wall_s, 2) if self.wall_s > 0 else 0.0
         data["exit_code"] = self.exit_code
         return data
 
     def write_json(self, path: str) -> None:
-        """``-`` is standard output; SummaryError when ``path`` cannot be written."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path == "-":
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            return
-        try:
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(text)
-        except OSError as exc:
-            raise SummaryError(f"--summary-json {path}: {exc.strerror or exc}") from None
+        write_json(self.to_dict(), path)
 
     def render(self) -> str:
         """The one-screen end-of-run report."""
         lines = [
             f"batchtag: {self.done:,} items in {self.wall_s:.1f} s "
             f"({self.items_per_s:,.1f} items/s, {self.attempts:,} requests)"
-            + ("  [interrupted]" if self.interrupted else ""),
+            + ("  [interrupted]" if self.interrupted else "")
+            + ("  [stopped at --max-requests: rerun to go on]" if self.limit_reached else ""),
             f"  ok         {self.ok:>10,}",
             f"  error      {self.errors:>10,}",
         ]
@@ -184,8 +181,24 @@ class Summary:
         if self.uprighted:
             lines.append(f"  uprighted  {self.uprighted:>10,}  turned upright by their EXIF orientation")
         lines += self.left_out_lines()
+        for name, n in self.endpoints.items():
+            lines.append(f"  endpoint   {n:>10,}  answered by {name}")
         lines.append(f"  results:   {self.out}")
         return "\n".join(lines)
+
+
+def write_json(data: dict[str, Any], path: str) -> None:
+    """A summary as JSON: ``-`` is standard output; SummaryError when ``path`` cannot be written."""
+    text = json.dumps(data, indent=2) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise SummaryError(f"--summary-json {path}: {exc.strerror or exc}") from None
 
 
 class Progress:

@@ -44,9 +44,17 @@ class AdaptiveRateLimiter:
         self._lock = asyncio.Lock()
         self._recent_starts: deque[float] = deque()
         self.decreases = 0
+        self.waiting = 0  # requests inside acquire: queued for their turn
 
     async def acquire(self) -> None:
         """Wait for this request's turn; returns at its start time."""
+        self.waiting += 1
+        try:
+            await self._acquire()
+        finally:
+            self.waiting -= 1
+
+    async def _acquire(self) -> None:
         async with self._lock:
             now = self.clock.monotonic()
             if self.rate is not None:
@@ -74,6 +82,14 @@ class AdaptiveRateLimiter:
         self._recent_starts.append(now)
         while self._recent_starts[0] < now - 1.0:
             self._recent_starts.popleft()
+
+    def next_start(self) -> float:
+        """When a request asked for now would start, behind the ones already waiting here:
+        how an endpoint pool compares the headroom of its endpoints."""
+        now = self.clock.monotonic()
+        if self.rate is None:
+            return now
+        return max(now, self._next_start, self._window_opens()) + self.waiting / self.rate
 
     def observed_rate(self) -> float:
         return float(len(self._recent_starts))

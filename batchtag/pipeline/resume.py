@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from batchtag.errors import ConfigError
 from batchtag.keyset import KeySet, fingerprint
 from batchtag.pipeline.dedupe import ContentIndex
 from batchtag.pipeline.sources import Item
@@ -72,7 +73,9 @@ class Checkpoint:
     def to_do(self, key_fps: np.ndarray, state_fps: np.ndarray) -> np.ndarray:
         """Which items still need work: not unchanged by state, nor (for items without a
         stat or records without facts) by key."""
-        unchanged = self.unchanged.contains_many(state_fps) | self.unchanged.contains_many(key_fps)
+        unchanged = self.unchanged.contains_many(key_fps)
+        if state_fps is not key_fps:  # items without a stat: their state is their key
+            unchanged |= self.unchanged.contains_many(state_fps)
         return ~unchanged
 
 
@@ -169,18 +172,21 @@ class ResumeFilter:
         skipped = Skipped()
         if not chunk:
             return [], skipped
-        chunk = [item.with_stat() for item in chunk]
+        chunk = [item if item.kind == "url" else item.with_stat() for item in chunk]
         fingerprints = np.fromiter(
             (fingerprint(item.key) for item in chunk), dtype=np.uint64, count=len(chunk)
         )
-        states = np.fromiter(
-            (
-                state_fingerprint(fp, item.size, item.mtime_ns)
-                for item, fp in zip(chunk, fingerprints.tolist(), strict=True)
-            ),
-            dtype=np.uint64,
-            count=len(chunk),
-        )
+        if any(item.size is not None for item in chunk):
+            states = np.fromiter(
+                (
+                    fp if item.size is None else state_fingerprint(fp, item.size, item.mtime_ns)
+                    for item, fp in zip(chunk, fingerprints.tolist(), strict=True)
+                ),
+                dtype=np.uint64,
+                count=len(chunk),
+            )
+        else:  # URLs (and files that cannot be stat'ed): the state is the key
+            states = fingerprints
         to_do = self._checkpoint.to_do(fingerprints, states)
         done = ~to_do
         if done.any():
@@ -203,3 +209,14 @@ class ResumeFilter:
             retried = self._checkpoint.errors.contains_many(fingerprints[known])  # transient
             skipped.retagged += int(other.sum())
             skipped.changed += int((~other & ~retried).sum())
+
+
+def refuse_other_settings(checkpoint: Checkpoint, settings: Settings, out: str) -> None:
+    """Never a silent mix of endpoints, taggers or languages in one OUT."""
+    if not len(checkpoint.other_settings):
+        return
+    other = checkpoint.other_example.describe() if checkpoint.other_example else "other settings"
+    raise ConfigError(
+        f"{out} holds {len(checkpoint.other_settings):,} records made with {other}; this run uses "
+        f"{settings.describe()}: use the same settings, another -o, or --retag to redo them into {out}"
+    )

@@ -82,6 +82,7 @@ def file_key(path: str) -> str:
 
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+COMMON_URL_STARTS = ("https://", "http://")
 _SCHEMELESS_URLS = ("http:", "https:", "ftp:", "file:", "data:", "javascript:", "mailto:")
 
 
@@ -114,8 +115,12 @@ def path_item(path: str, base: str | None = None) -> Item:
 
 
 def entry_item(text: str, base: str | None) -> Item:
-    """One manifest entry: a URL or a path (relative paths are relative to the manifest)."""
-    return url_item(text) if looks_like_url(text) else path_item(text, base)
+    """One manifest entry: a URL or a path (relative paths are relative to the manifest).
+    The common http(s) URL skips the scheme regex: a million-line manifest is read whole on
+    every resume."""
+    if text.startswith(COMMON_URL_STARTS) or looks_like_url(text):
+        return Item(text, "url", text)
+    return path_item(text, base)
 
 
 # --- directories ---------------------------------------------------------------------------
@@ -205,7 +210,9 @@ def _file_item(entry: os.DirEntry[str], key: str) -> Item:
 def read_txt(lines: Iterable[str], base: str | None, name: str) -> Iterator[Item]:
     for line in lines:
         text = line.strip()
-        if text and not text.startswith("#"):
+        if text.startswith(COMMON_URL_STARTS):  # entry_item's first case, inline: most lines
+            yield Item(text, "url", text)
+        elif text and not text.startswith("#"):
             yield entry_item(text, base)
 
 
