@@ -34,9 +34,11 @@ import contextlib
 import enum
 import os
 import signal
-import socket
-import threading
 from collections.abc import Callable
+
+TYPE_CHECKING = False  # typing, socket and threading load after the handlers are in
+if TYPE_CHECKING:
+    import socket
 
 # The exit status of an interrupted run. errors.EXIT_STATUS reads it from here, so that
 # this module, the first one loaded, needs nothing from the package (codes, typing).
@@ -81,6 +83,9 @@ class Interrupts:
         self._installed = True
         for signum in SIGNALS:
             signal.signal(signum, self._handle)
+        import socket  # only now: every import before the handlers is a window of Python's default
+        import threading
+
         reader, writer = socket.socketpair()
         writer.setblocking(False)
         self._keep = (reader, writer)  # the sockets live as long as the process

@@ -9,7 +9,7 @@ the counts: exit status, tracebacks, and whether the handler was installed when 
 signal went (SigCgt in /proc; "not-handled" is the interpreter's start-up before it, or
 the exit's last clean-up after it, where the signals are ignored).
 
-    python scripts/signal_storm.py --runs 24 [--seed 1]
+    python scripts/signal_storm.py --runs 24 [--seed 1] [--max-delay 3]  # 3: start-up only
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=24)
     parser.add_argument("--photos", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--max-delay", type=float, help="draw moments up to this (s); default 1.2 whole runs")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +79,7 @@ def main() -> None:
         counts: collections.Counter[str] = collections.Counter()
         for number in range(args.runs):
             signum = rng.choice([signal.SIGTERM, signal.SIGINT])
-            delay = rng.uniform(0, whole * 1.2)
+            delay = rng.uniform(0, args.max_delay or whole * 1.2)
             err = work / f"{number}.err"
             proc = start(work / "photos", work / f"{number}.jsonl", err)
             time.sleep(delay)
