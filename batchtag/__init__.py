@@ -7,7 +7,9 @@ so ``batchtag --help`` and signal handling start before numpy and aiohttp load.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+# Not typing's: importing typing costs more than the rest of this package's first module,
+# and a Ctrl-C or SIGTERM before `batchtag`'s handlers are in gets Python's default.
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from batchtag.config import RunConfig
     from batchtag.pipeline.batch import run, run_batch
     from batchtag.pipeline.progress import Summary

@@ -1,12 +1,18 @@
+"""``python -m batchtag`` and the ``batchtag`` command: the signal handlers go in before
+anything slow is imported, so Ctrl-C and SIGTERM mean 130 from the first moment on
+(interrupts.py says what is left before that)."""
+
 import sys
 
-# Ctrl-C and SIGTERM mean exit 130 from the first moment on: before the slow imports.
-from batchtag.interrupts import EXIT_INTERRUPTED, INTERRUPTS
+from batchtag.interrupts import INTERRUPTS
 
-try:
+
+def main() -> int:
     INTERRUPTS.install()
-    from batchtag.cli import main
-except KeyboardInterrupt:
-    sys.exit(EXIT_INTERRUPTED)
+    from batchtag.cli import main as cli_main
 
-sys.exit(main())
+    return cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

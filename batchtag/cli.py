@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
             format="batchtag: %(levelname)s: %(message)s",
         )
+        if args.command in ("export", "report"):
+            INTERRUPTS.raising()  # their temp files are removed by the exception
         code = COMMANDS[args.command](args)
         sys.stdout.flush()
         sys.stderr.flush()

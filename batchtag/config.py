@@ -32,6 +32,8 @@ from batchtag.taggers.base import DEFAULT_STAGES, LANGS, STAGES, TAGGERS, parse_
 LOCAL = "local"
 ENV_PREFIX = "BATCHTAG_"
 MAX_FILE_BYTES = 200 * 1024 * 1024  # larger files are refused unread (default of max_file_bytes)
+CLUSTER_CONNECT_TIMEOUT_S = 10.0  # a scheduler on a LAN answers in milliseconds; Dask's own is 30 s
+CLUSTER_TLS_FIELDS = ("cluster_tls_ca", "cluster_tls_cert", "cluster_tls_key")
 
 
 def setting(
@@ -173,7 +175,31 @@ class RunConfig:
         flags=("--cluster",),
         env=True,
         metavar="ADDRESS",
-        help="run on Dask: local:N (N worker processes here) or a scheduler address tcp://HOST:PORT",
+        help="run on Dask: local:N (N worker processes here) or a scheduler address "
+        "tcp://HOST:PORT or tls://HOST:PORT",
+    )
+    cluster_connect_timeout: float = setting(
+        CLUSTER_CONNECT_TIMEOUT_S,
+        flags=("--cluster-connect-timeout",),
+        kind="float",
+        metavar="S",
+        help="seconds to reach the Dask scheduler and complete its handshake before the run "
+        "stops with exit 2 (default 10)",
+    )
+    cluster_tls_ca: str = setting(
+        "", flags=("--cluster-tls-ca",), metavar="FILE", help="tls:// scheduler: the CA certificate (PEM)"
+    )
+    cluster_tls_cert: str = setting(
+        "",
+        flags=("--cluster-tls-cert",),
+        metavar="FILE",
+        help="tls:// scheduler: this client's certificate (PEM, may include the key)",
+    )
+    cluster_tls_key: str = setting(
+        "",
+        flags=("--cluster-tls-key",),
+        metavar="FILE",
+        help="tls:// scheduler: the client certificate's key",
     )
     faces: bool = setting(
         True,
@@ -246,6 +272,16 @@ class RunConfig:
         """The endpoint fit for messages: scheme, host and port only."""
         return public_url(self.endpoint)
 
+    def check_cluster_tls(self) -> None:
+        """TLS files only with a tls:// scheduler, and the CA and certificate together (the
+        files themselves are read by Dask when the run connects: no I/O here)."""
+        given = [name for name in CLUSTER_TLS_FIELDS if getattr(self, name)]
+        if given and not (self.cluster or "").startswith("tls://"):
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ConfigError(f"{flags} need a tls:// scheduler address in --cluster")
+        if given and not (self.cluster_tls_ca and self.cluster_tls_cert):
+            raise ConfigError("a tls:// scheduler needs both --cluster-tls-ca and --cluster-tls-cert")
+
     def validate(self) -> RunConfig:
         """Check the values, without I/O (a secret-key file counts as a key here; it is read
         by ``load_secret_key``)."""
@@ -276,6 +312,9 @@ class RunConfig:
                 parse_cluster_address(self.cluster)
             except ClusterError as exc:
                 raise ConfigError(str(exc)) from None
+        self.check_cluster_tls()
+        if self.cluster_connect_timeout <= 0:
+            raise ConfigError("--cluster-connect-timeout must be positive")
         if self.outage_wait < 0:
             raise ConfigError("--outage-wait must be 0 or more")
         if self.max_file_bytes < 1:

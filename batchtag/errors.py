@@ -34,6 +34,7 @@ from __future__ import annotations
 from enum import Enum
 
 from batchtag import codes
+from batchtag.interrupts import EXIT_INTERRUPTED
 
 
 class BatchtagError(Exception):
@@ -207,8 +208,8 @@ EXIT_STATUS: dict[Outcome | type[BaseException], int] = {
     BrokenPipeError: 2,  # stdout's reader left (``| head``): what was to be printed was not
     Outcome.NO_ITEMS: 3,
     Outcome.REQUEST_LIMIT: 5,
-    Outcome.INTERRUPTED: 130,
-    KeyboardInterrupt: 130,  # a signal before the event loop runs
+    Outcome.INTERRUPTED: EXIT_INTERRUPTED,  # 130, the shells' 128 + SIGINT
+    KeyboardInterrupt: EXIT_INTERRUPTED,  # export and report, which raise on a signal
 }
 
 

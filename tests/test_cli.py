@@ -4,7 +4,6 @@ import errno
 import json
 import os
 import signal
-import time
 
 import pytest
 
@@ -220,9 +219,9 @@ def test_ctrl_c_on_a_huge_manifest_stops_the_orderly_way(tmp_path, spawner):
     """1.5M lines with the progress bar on: nothing in the run (no second walk of the
     sources to count them, no resume scan, no walker chunk) may hold Ctrl-C up. The proof is
     the orderly summary: anything holding the stop up past ``interrupts.GRACE_S`` (1.5 s)
-    ends in the watchdog's bare exit instead. The wall-clock bound is loose on purpose (the
-    old counting walk took 33 s): on a CI machine whose cores are busy elsewhere, a second
-    of wall time is not a second of this process's time."""
+    ends in the watchdog's bare exit instead (no summary). No wall-clock bound: on a CI
+    machine whose cores are busy elsewhere, a second of wall time is not a second of this
+    process's time."""
     manifest = tmp_path / "huge.txt"
     with open(manifest, "w") as handle:
         handle.writelines(f"{tmp_path}/missing/{i:07}.jpg\n" for i in range(1_500_000))
@@ -231,10 +230,8 @@ def test_ctrl_c_on_a_huge_manifest_stops_the_orderly_way(tmp_path, spawner):
     out = tmp_path / "out.jsonl"
     proc = spawner.start("run", manifest, "-o", out, "--tagger", "color", "--config", settings)
     wait_for_lines(out, 1, proc)  # running: records are being written
-    interrupted = time.monotonic()
     proc.signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130, proc.stderr()
-    assert time.monotonic() - interrupted < 10.0
     assert "[interrupted]" in proc.stderr() and "Traceback" not in proc.stderr()
     written = out.read_bytes()
     assert written.endswith(b"\n") and 0 < written.count(b"\n") < 1_500_000

@@ -3,16 +3,18 @@ and workers started with the `dask` CLI), real `batchtag run` subprocesses, real
 
 from __future__ import annotations
 
+import http.server
 import json
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from batchtag import codes
 from batchtag.cluster import ClusterError, parse_cluster_address
-from batchtag.cluster.driver import run_on_cluster
+from batchtag.cluster.driver import run_on_cluster, shipped_config, tagger_on_every_worker
 from batchtag.cluster.worker import ChunkResult
 from batchtag.config import ConfigError, RunConfig, build_config
 from batchtag.pipeline.progress import Progress
@@ -21,6 +23,7 @@ from batchtag.records import Record
 from tests.support import (
     Proc,
     Spawner,
+    assert_refused,
     free_port,
     line_count,
     read_out,
@@ -36,13 +39,111 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "photos"
 DASK = str(Path(sys.executable).parent / "dask")
 
 
-def start_dask(spawner: Spawner, tmp_path: Path, workers: list[str]) -> tuple[str, dict[str, Proc]]:
+class Certificates:
+    """A throwaway CA and one certificate a party (scheduler, workers, the driver), each
+    for 127.0.0.1 and good for client and server use, as PEM files in ``folder``."""
+
+    def __init__(self, folder: Path, parties: list[str]) -> None:
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        folder.mkdir(parents=True)
+        self.folder = folder
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_cert = self._certificate("batchtag test CA", ca_key, ca_key, None, is_ca=True)
+        self.ca = str(self._write("ca.pem", ca_cert))
+        for party in parties:
+            key = ec.generate_private_key(ec.SECP256R1())
+            self._write(f"{party}.pem", self._certificate(party, key, ca_key, ca_cert, is_ca=False))
+            self._write(f"{party}.key", key)
+
+    @staticmethod
+    def _certificate(name: str, key, signer, issuer, is_ca: bool):
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer.subject if issuer else subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        )
+        if not is_ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            ).add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    def _write(self, name: str, thing) -> Path:
+        from cryptography.hazmat.primitives import serialization
+
+        path = self.folder / name
+        if hasattr(thing, "public_bytes"):
+            path.write_bytes(thing.public_bytes(serialization.Encoding.PEM))
+        else:
+            path.write_bytes(
+                thing.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+            path.chmod(0o600)
+        return path
+
+    def cert(self, party: str) -> str:
+        return str(self.folder / f"{party}.pem")
+
+    def key(self, party: str) -> str:
+        return str(self.folder / f"{party}.key")
+
+    def dask_args(self, party: str) -> list[str]:
+        protocol = ["--protocol", "tls"] if party == "scheduler" else []
+        return [
+            *protocol,
+            "--tls-ca-file",
+            self.ca,
+            "--tls-cert",
+            self.cert(party),
+            "--tls-key",
+            self.key(party),
+        ]
+
+    def security(self, party: str):
+        from distributed.security import Security
+
+        return Security(
+            tls_ca_file=self.ca,
+            tls_client_cert=self.cert(party),
+            tls_client_key=self.key(party),
+            require_encryption=True,
+        )
+
+
+def start_dask(
+    spawner: Spawner, tmp_path: Path, workers: list[str], tls: Certificates | None = None
+) -> tuple[str, dict[str, Proc]]:
     """A `dask scheduler` and `dask worker`s as separate processes on loopback, no
-    dashboards; returns the scheduler address once every worker has joined."""
+    dashboards; returns the scheduler address once every worker has joined. With ``tls``
+    they speak TLS and ask every peer for a certificate signed by its CA."""
     scheduler_file = tmp_path / "scheduler.json"
     scheduler = spawn_dask(
         spawner,
         "scheduler",
+        *(tls.dask_args("scheduler") if tls else []),
         "--host",
         "127.0.0.1",
         "--port",
@@ -62,6 +163,7 @@ def start_dask(spawner: Spawner, tmp_path: Path, workers: list[str]) -> tuple[st
             spawner,
             "worker",
             address,
+            *(tls.dask_args(name) if tls else []),
             "--host",
             "127.0.0.1",
             "--no-nanny",
@@ -77,7 +179,7 @@ def start_dask(spawner: Spawner, tmp_path: Path, workers: list[str]) -> tuple[st
         )
     from distributed import Client
 
-    with Client(address, timeout=60) as client:
+    with Client(address, timeout=60, security=tls.security("driver") if tls else None) as client:
         client.wait_for_workers(len(workers), timeout=120)
     return address, started
 
@@ -110,6 +212,7 @@ def test_cluster_comes_from_flag_environment_or_toml(tmp_path):
 
 
 def test_unreachable_scheduler_is_one_line_and_exit_2(tmp_path):
+    """Nothing listening: stopped by --cluster-connect-timeout (before: Dask's 30 s)."""
     result = run_cli(
         "run",
         EXAMPLES,
@@ -117,11 +220,134 @@ def test_unreachable_scheduler_is_one_line_and_exit_2(tmp_path):
         tmp_path / "out.jsonl",
         "--cluster",
         f"tcp://127.0.0.1:{free_port()}",
-        env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"},
+        "--cluster-connect-timeout",
+        "1",
+        env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "600s"},  # ours bounds it, not Dask's
     )
-    assert result.returncode == 2
-    assert result.stderr.startswith("batchtag: error: cannot reach the Dask scheduler")
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert_refused(result, "cannot reach the Dask scheduler at tcp://127.0.0.1:")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.fixture
+def http_port():
+    """A plain HTTP server on loopback: a port that answers, but not as Dask does."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_port_that_speaks_http_is_one_line_and_exit_2(tmp_path, http_port):
+    """Before: no output, a hang with no end (Dask's connect timeout does not cover the
+    first reply). The run's timeout bounds the whole handshake; the subprocess timeout
+    here only guards against the old hang."""
+    result = run_cli(
+        "run",
+        EXAMPLES,
+        "-o",
+        tmp_path / "out.jsonl",
+        "--tagger",
+        "color",
+        "--cluster",
+        f"tcp://127.0.0.1:{http_port}",
+        "--cluster-connect-timeout",
+        "2",
+        timeout=180,
+    )
+    assert_refused(
+        result, f"tcp://127.0.0.1:{http_port}", "no handshake within 2 s", "--cluster-connect-timeout"
+    )
+
+
+def test_the_connect_timeout_and_tls_settings_are_checked_and_documented(tmp_path):
+    help_text = " ".join(run_cli("run", "--help").stdout.split())
+    assert "handshake before the run stops with exit 2 (default 10)" in help_text
+    base = {"sources": ["a"], "out": "o.jsonl"}
+    with pytest.raises(ConfigError, match="--cluster-connect-timeout must be positive"):
+        build_config({**base, "cluster": "tcp://h:1", "cluster_connect_timeout": 0.0})
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    with pytest.raises(ConfigError, match="need a tls:// scheduler"):
+        build_config({**base, "cluster": "tcp://h:1", "cluster_tls_ca": str(ca)})
+    with pytest.raises(ConfigError, match="needs both --cluster-tls-ca and --cluster-tls-cert"):
+        build_config({**base, "cluster": "tls://h:1", "cluster_tls_ca": str(ca)})
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        f'cluster = "tls://h:1"\ncluster-tls-ca = "{ca}"\ncluster-tls-cert = "{ca}"\ncluster-connect-timeout = 3\n'
+    )
+    config = build_config(base, str(toml))
+    assert (
+        config.cluster_tls_ca == config.cluster_tls_cert == str(ca) and config.cluster_connect_timeout == 3.0
+    )
+
+
+class CapturingClient:
+    """Stands in for the Dask client: keeps the plugin as Dask would send it (pickled)."""
+
+    def __init__(self) -> None:
+        self.shipped: list[bytes] = []
+
+    async def register_plugin(self, plugin, name):
+        from distributed.protocol.pickle import dumps
+
+        self.shipped.append(dumps(plugin))
+
+    async def unregister_worker_plugin(self, name):
+        pass
+
+
+@pytest.mark.parametrize("endpoint", ["local", "https://api.example.com"])
+async def test_the_secret_key_goes_to_the_scheduler_only_when_the_endpoint_needs_it(endpoint):
+    """What the scheduler holds, any of its clients can read: with the embedded endpoint
+    the workers get no credentials at all; a remote endpoint needs them (README)."""
+    secret = "s3cr3t-KEY-0123456789abcdef"
+    config = RunConfig(
+        sources=["a"], out="o.jsonl", endpoint=endpoint, appid="1250000000", secret_id="AKID-ours",
+        secret_key=secret, cluster="tcp://127.0.0.1:8786",
+    )  # fmt: skip
+    client = CapturingClient()
+    async with tagger_on_every_worker(client, shipped_config(config), "run1", 1):
+        pass
+    (shipped,) = client.shipped
+    needed = endpoint != "local"
+    assert (secret.encode() in shipped) is needed
+    assert (b"AKID-ours" in shipped) is needed
+    assert config.secret_key == secret  # the driver's own settings are untouched
+
+
+def test_a_tls_scheduler_with_client_certificates_runs_and_refuses_a_client_without(spawner, tmp_path):
+    """`dask scheduler` and `dask worker` with TLS on loopback, certificates made here:
+    the run with the client certificate tags everything; without one, or over tcp://,
+    the scheduler refuses it: one line, exit 2."""
+    tls = Certificates(tmp_path / "certs", ["scheduler", "w1", "driver"])
+    address, _ = start_dask(spawner, tmp_path, ["w1"], tls=tls)
+    assert address.startswith("tls://127.0.0.1:")
+    paths = tiny_jpegs(tmp_path / "photos", 12)
+    out = tmp_path / "out.jsonl"
+    result = run_cli(
+        "run", tmp_path / "photos", "-o", out, "--tagger", "color", "--no-progress", "--cluster", address,
+        "--cluster-tls-ca", tls.ca, "--cluster-tls-cert", tls.cert("driver"), "--cluster-tls-key", tls.key("driver"),
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert sorted(read_out(out).keys) == paths
+    assert all(r["status"] == "ok" for r in read_out(out).records)
+    stranger = tmp_path / "stranger.jsonl"
+    stranger_cert = Certificates(tmp_path / "other-ca", ["driver"])  # a CA the scheduler does not trust
+    for extra in (
+        ["--cluster", address],  # no certificate
+        ["--cluster", address.replace("tls", "tcp")],  # no TLS
+        ["--cluster", address, "--cluster-tls-ca", tls.ca, "--cluster-tls-cert", stranger_cert.cert("driver"),
+         "--cluster-tls-key", stranger_cert.key("driver")],
+    ):  # fmt: skip
+        refused = run_cli(
+            "run", tmp_path / "photos", "-o", stranger, "--tagger", "color", *extra,
+            "--cluster-connect-timeout", "3", timeout=180,
+        )  # fmt: skip
+        assert_refused(refused, "cannot reach the Dask scheduler")
+        assert not stranger.exists()
 
 
 # --- end to end ------------------------------------------------------------------------------------

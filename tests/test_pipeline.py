@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import time
 
 import pytest
 
@@ -125,7 +126,10 @@ async def test_interrupted_run_resumes_with_every_key_exactly_once(serve, creds,
     out = tmp_path / "out.jsonl"
     config = run_config(server, creds, [tmp_path / "photos"], out, concurrency=4)
     task = asyncio.create_task(run_batch(config))
+    deadline = time.monotonic() + 60
     while not out.exists() or len(out.read_bytes().splitlines()) < 10:
+        assert not task.done(), "the run ended before 10 records"
+        assert time.monotonic() < deadline, "no 10 records within 60 s"
         await asyncio.sleep(0.01)
     task.cancel()
     first = await task

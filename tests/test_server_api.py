@@ -31,10 +31,12 @@ async def url_target_app() -> web.Application:
     """A second local server the API downloads ``url`` sources from."""
 
     async def slow(request: web.Request) -> web.StreamResponse:
-        """Trickles a byte every 50 ms, so only a deadline on the whole download stops it."""
+        """Trickles a byte every 50 ms for 5 s, so only a deadline on the whole download
+        stops it, and only one shorter than the server's default (10 s): a download that
+        completes is not an image (another code)."""
         response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
         await response.prepare(request)
-        for _ in range(600):
+        for _ in range(100):
             await response.write(b"\xff")  # raises once the API has hung up
             await asyncio.sleep(0.05)
         return response
@@ -217,8 +219,10 @@ async def test_url_timeout_is_answered_within_the_timeout(api_server, url_target
     _, answer = await detect(
         api_server, {"appid": creds.appid, "url": url_target + "/slow"}, signed_headers(creds)
     )
+    # the code says the configured timeout ended the trickle (the default one would not:
+    # /slow finishes first); no upper bound in wall time, which a loaded machine can miss
     assert answer["code"] == codes.URL_DOWNLOAD_TIMEOUT
-    assert URL_TIMEOUT_S <= time.monotonic() - started < URL_TIMEOUT_S + 1.5
+    assert time.monotonic() - started >= URL_TIMEOUT_S
 
 
 async def test_over_quota_is_code_15(serve, creds, detect) -> None:

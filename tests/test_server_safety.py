@@ -134,11 +134,9 @@ PRIVATE_LITERALS = [
 async def test_private_ip_literals_are_refused_before_connecting(
     color_server, creds, detect, connections, url
 ) -> None:
-    started = time.monotonic()
     _, answer = await detect(color_server, url_body(creds, url), signed_headers(creds))
     assert answer["code"] == codes.URL_FORMAT and "private address" in answer["message"]
-    assert connections == []
-    assert time.monotonic() - started < 0.5
+    assert connections == []  # refused before any connection (no wall-clock bound)
 
 
 @pytest.mark.parametrize(
@@ -193,7 +191,7 @@ async def test_never_ending_url_times_out(serve, creds, detect) -> None:
     async def trickle(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
         await response.prepare(request)
-        for _ in range(400):
+        for _ in range(100):  # 5 s: shorter than the default timeout (10 s), longer than 0.3 s
             await response.write(b"\x89")
             await asyncio.sleep(0.05)
         return response
@@ -203,10 +201,10 @@ async def test_never_ending_url_times_out(serve, creds, detect) -> None:
     runner, base = await start_site(app)
     try:
         server = await serve(allow_private_urls=True, url_timeout_s=0.3)
-        started = time.monotonic()
         _, answer = await detect(server, url_body(creds, base + "/endless.png"), signed_headers(creds))
+        # the 0.3 s timeout ended it: a completed download is not an image (another code),
+        # and the default timeout would come after the trickle's end
         assert answer["code"] == codes.URL_DOWNLOAD_TIMEOUT
-        assert time.monotonic() - started < 1.5
     finally:
         await runner.cleanup()
 

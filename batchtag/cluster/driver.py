@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -25,6 +26,7 @@ from typing import Any
 
 from distributed import Client, KilledWorker, LocalCluster
 from distributed.client import FutureCancelledError
+from distributed.security import Security
 
 from batchtag import codes
 from batchtag.cluster import ClusterAddress, ClusterError, SchedulerLost, parse_cluster_address
@@ -37,7 +39,7 @@ from batchtag.cluster.worker import (
     slowdown_topic,
     tag_chunk,
 )
-from batchtag.config import RunConfig
+from batchtag.config import CLUSTER_TLS_FIELDS, RunConfig
 from batchtag.keyset import KeySet
 from batchtag.pipeline.flow import Run
 from batchtag.pipeline.progress import Progress, Summary
@@ -74,9 +76,9 @@ async def run_on_cluster(
     address = parse_cluster_address(config.cluster or "")
     run_id = uuid.uuid4().hex[:12]
     quiet_dask(config)
-    async with connect(address) as client:
+    async with connect(address, config) as client:
         threads = await wait_for_workers(client, address)
-        async with tagger_on_every_worker(client, config, run_id, len(threads)):
+        async with tagger_on_every_worker(client, shipped_config(config), run_id, len(threads)):
             stage = ClusterStage(config, client, run_id, task, window_for(threads))
             return await Run(config, sink, checkpoint, progress, stage).execute()
 
@@ -92,8 +94,59 @@ def quiet_dask(config: RunConfig) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
+def shipped_config(config: RunConfig) -> RunConfig:
+    """The settings the workers get, through the scheduler: anyone who can talk to the
+    scheduler can read them. The embedded endpoint needs no credentials, so they stay
+    here; a remote endpoint needs them on every worker (README: More than one machine)."""
+    if not config.is_local:
+        return config
+    return dataclasses.replace(config, appid="", secret_id="", secret_key="", secret_key_file="")
+
+
+def security_for(config: RunConfig) -> Security | None:
+    """Dask's TLS settings for a tls:// scheduler given certificate files; otherwise
+    Dask's own configuration (``distributed.comm.tls``) applies."""
+    if not any(getattr(config, name) for name in CLUSTER_TLS_FIELDS):
+        return None
+    return Security(
+        tls_ca_file=config.cluster_tls_ca or None,
+        tls_client_cert=config.cluster_tls_cert or None,
+        tls_client_key=config.cluster_tls_key or None,
+        require_encryption=True,
+    )
+
+
+async def connect_to_scheduler(address: ClusterAddress, config: RunConfig) -> Client:
+    """The handshake, bounded as a whole: Dask's own connect timeout covers the TCP
+    connection but not the first reply, so a port that speaks something else (HTTP)
+    would hold the run forever."""
+    timeout = config.cluster_connect_timeout
+    client = Client(address.scheduler, asynchronous=True, timeout=timeout, security=security_for(config))
+    try:
+        return await asyncio.wait_for(asyncio.ensure_future(client), timeout)  # type: ignore[arg-type]
+    except TimeoutError:
+        await close_quietly(client.close(timeout=LOST_CLOSE_TIMEOUT_S), LOST_CLOSE_TIMEOUT_S)
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {address}: no handshake within {timeout:g} s "
+            "(--cluster-connect-timeout; is it a Dask scheduler, and tls:// if it uses TLS?)"
+        ) from None
+    except (OSError, ValueError) as exc:  # refused, TLS refused, bad certificate files
+        await close_quietly(client.close(timeout=LOST_CLOSE_TIMEOUT_S), LOST_CLOSE_TIMEOUT_S)
+        raise ClusterError(f"cannot reach the Dask scheduler at {address}: {one_line(exc)}") from None
+    except TypeError:  # Dask's way of saying a tls:// address has no TLS settings
+        await close_quietly(client.close(timeout=LOST_CLOSE_TIMEOUT_S), LOST_CLOSE_TIMEOUT_S)
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {address}: tls:// needs --cluster-tls-ca and "
+            "--cluster-tls-cert (or Dask's distributed.comm.tls settings)"
+        ) from None
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 @contextlib.asynccontextmanager
-async def connect(address: ClusterAddress) -> AsyncIterator[Client]:
+async def connect(address: ClusterAddress, config: RunConfig) -> AsyncIterator[Client]:
     """A client of the scheduler; for local:N, a LocalCluster started here and stopped after."""
     cluster = None
     try:
@@ -111,9 +164,7 @@ async def connect(address: ClusterAddress) -> AsyncIterator[Client]:
             )
             client = await Client(cluster, asynchronous=True)
         else:
-            # How long to keep trying: Dask's own setting, distributed.comm.timeouts.connect
-            # (DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT), 30 s by default.
-            client = await Client(address.scheduler, asynchronous=True)
+            client = await connect_to_scheduler(address, config)
     except (OSError, TimeoutError) as exc:
         if cluster is not None:
             await close_quietly(cluster.close())
