@@ -14,6 +14,8 @@ import hashlib
 import html
 import json
 import os
+import re
+import secrets
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -38,6 +40,14 @@ CHUNK = 64  # items whose thumbnails are made together
 TOP_TAGS = 15
 FAILED_KEYS_SHOWN = 200  # per error code, in the page; the count is always exact
 THUMB_WORKERS = min(4, os.cpu_count() or 1)
+# Characters written as \u escapes in JSON that lands in a script (see script_json).
+SCRIPT_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
 
 
 @dataclass
@@ -172,7 +182,7 @@ def write_items(
         while chunk := list(islice(records, CHUNK)):
             for record, thumb in zip(chunk, thumbnails_for(chunk, thumbs, pool, result), strict=True):
                 result.count(record)
-                handle.write(json.dumps(item_row(record, thumb), ensure_ascii=False, separators=(",", ":")))
+                handle.write(script_json(item_row(record, thumb)))
                 handle.write(",\n")
             if progress is not None:
                 progress.set_postfix(thumbnails=result.thumbnails_made, refresh=False)
@@ -244,19 +254,53 @@ def summary_html(result: ReportResult, out_name: str) -> str:
     )
 
 
+def script_json(value: Any) -> str:
+    """JSON that is safe inside a ``<script>`` element or a script file: ``<``, ``>`` and
+    ``&`` as ``\\u`` escapes (so ``</script>`` or ``<!--`` in a tag name cannot end or
+    comment out the script), and U+2028/U+2029, which old JavaScript engines read as line
+    ends. The escapes only ever occur inside JSON strings, so the value is unchanged."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    for char, escape in SCRIPT_ESCAPES.items():
+        text = text.replace(char, escape)
+    return text
+
+
+def content_security_policy(nonce: str) -> str:
+    """Only the report's own two scripts (and its one style sheet) run, marked with a nonce
+    made for this page; no inline event handler, no other script, no network: a tag name
+    that escaped its escaping still could not run or send anything anywhere."""
+    return (
+        "default-src 'none'; "
+        f"script-src 'nonce-{nonce}'; "
+        f"style-src 'nonce-{nonce}'; "
+        "img-src 'self' data:; "
+        "base-uri 'none'; form-action 'none'"
+    )
+
+
+def fill_placeholders(template: str, parts: dict[str, str]) -> str:
+    """Every placeholder replaced in one pass over the template: a value that contains a
+    placeholder's name (a tag called ``__THUMBS__``) stays as it is, never replaced again."""
+    pattern = re.compile("|".join(re.escape(name) for name in parts))
+    return pattern.sub(lambda match: parts[match.group(0)], template)
+
+
 def render_page(result: ReportResult, out_name: str, folder_name: str) -> str:
+    """The page. Each value is escaped for where it lands: HTML text and attributes with
+    ``html.escape`` (quotes included), the script's one value with ``script_json``."""
     template = resources.files("batchtag.export").joinpath("report_template.html").read_text("utf-8")
+    nonce = secrets.token_urlsafe(18)
     parts = {
+        "__CSP__": html.escape(content_security_policy(nonce)),
+        "__NONCE__": nonce,
         "__TITLE__": html.escape(f"batchtag report: {out_name}"),
         "__SUMMARY__": summary_html(result, out_name),
         "__CHART__": tag_chart(result.tags),
         "__ERRORS__": errors_table(result.by_code),
         "__ITEMS_JS__": html.escape(quote(folder_name) + "/items.js"),
-        "__THUMBS__": json.dumps(quote(folder_name) + "/thumbs/"),
+        "__THUMBS__": script_json(quote(folder_name) + "/thumbs/"),
     }
-    for placeholder, value in parts.items():
-        template = template.replace(placeholder, value)
-    return template
+    return fill_placeholders(template, parts)
 
 
 def write_report(
