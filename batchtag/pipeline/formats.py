@@ -28,7 +28,26 @@ EXIF_MARKERS = (b"Exif\x00\x00", b"eXIf")
 EXIF_SEARCH_BYTES = 128 * 1024
 JPEG_START = b"\xff\xd8"
 
+# HEIF brands (ISO/IEC 23008-12) in an ``ftyp`` box: still images and sequences, HEVC or not.
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+SNIFF_BYTES = 16
+
 _heif_registered = False
+
+
+def sniff_image(head: bytes) -> str | None:
+    """The image format the first ``SNIFF_BYTES`` bytes say, among those batchtag tags (what
+    the API takes, what it converts, RAW files, which are TIFF inside), or None. Extensions
+    lie; an export writes beside a file only when its bytes say it is an image."""
+    if api_format := api.sniff_format(head):
+        return api_format
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return "HEIF"
+    return None
 
 
 def register_heif() -> None:
