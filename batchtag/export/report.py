@@ -26,8 +26,9 @@ from itertools import islice
 from typing import IO, Any
 from urllib.parse import quote
 
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
+from batchtag.decoding import OverBudget, open_image_file, open_within_budget
 from batchtag.errors import ReportTargetError
 from batchtag.export.common import replaced_atomically
 from batchtag.records import Record
@@ -115,15 +116,19 @@ def existing_thumbnail(record: Record, folder: str) -> tuple[str | None, bool]:
 
 
 def make_thumbnail(image_path: str, thumb_path: str) -> bool:
-    """A small JPEG of the image, upright; False when the image cannot be read."""
+    """A small JPEG of the image, upright; False when the image cannot be read, is not a
+    regular file (a FIFO named in OUT must not block) or is over the decoding budget (a
+    JPEG counted at the reduced scale it is decoded at)."""
     try:
-        with Image.open(image_path) as image:
-            image.draft("RGB", (THUMB_SIDE, THUMB_SIDE))  # JPEG: decode at reduced scale
+        with (
+            open_image_file(image_path) as source,
+            open_within_budget(source, draft=("RGB", (THUMB_SIDE, THUMB_SIDE))) as image,
+        ):
             small = ImageOps.exif_transpose(image).convert("RGB")
             small.thumbnail((THUMB_SIDE, THUMB_SIDE))
             with replaced_atomically(thumb_path, "wb", durable=False) as handle:
                 small.save(handle, "JPEG", quality=THUMB_QUALITY, optimize=True)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, OverBudget):
         return False
     return True
 

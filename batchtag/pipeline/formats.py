@@ -4,7 +4,8 @@ The API takes JPEG, PNG and BMP. HEIC/HEIF (pillow-heif), WebP and TIFF are deco
 re-encoded as JPEG; camera RAW files (DNG, NEF, ARW, CR2: all TIFF inside) send the
 largest JPEG preview they embed (``raw_preview``). An image whose EXIF orientation says
 its pixels are stored turned is re-encoded upright; every other JPEG/PNG/BMP is sent
-byte for byte. Runs in a worker thread: decoding takes milliseconds to seconds.
+byte for byte. Runs in a worker thread: decoding takes milliseconds to seconds. Every
+decode here keeps to the one pixel budget (``decoding``): over it is code 20, undecoded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from batchtag import api, codes
+from batchtag.decoding import OverBudget, open_within_budget
 from batchtag.errors import InputError
 from batchtag.orientation import UPRIGHT, orientation_of, upright
 from batchtag.pipeline.raw import largest_jpeg_preview
@@ -111,12 +113,14 @@ def jpeg_has_exif(data: bytes) -> bool:
 
 def _upright_if_needed(data: bytes) -> tuple[bytes, dict[str, Any]]:
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_within_budget(io.BytesIO(data)) as image:
             orientation = orientation_of(image)
             if orientation == UPRIGHT:
                 return data, {}
             turned = upright(image.convert("RGB"), orientation)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+    except OverBudget as exc:
+        raise InputError(codes.IMAGE_TOO_LARGE, exc.message) from None
+    except (OSError, ValueError, SyntaxError):
         return data, {}  # let the service judge the bytes as they are
     return _jpeg(turned), {"uprighted": {"orientation": orientation}}
 
@@ -124,12 +128,12 @@ def _upright_if_needed(data: bytes) -> tuple[bytes, dict[str, Any]]:
 def _convert(data: bytes) -> tuple[bytes, dict[str, Any]]:
     register_heif()
     try:
-        with Image.open(io.BytesIO(data), formats=CONVERTIBLE_FORMATS) as image:
+        with open_within_budget(io.BytesIO(data), CONVERTIBLE_FORMATS) as image:
             source_format = image.format or "?"
             orientation = orientation_of(image)
             turned = upright(image.convert("RGB"), orientation)
-    except Image.DecompressionBombError:
-        raise InputError(codes.IMAGE_TOO_LARGE, "image dimensions exceed the pixel limit") from None
+    except OverBudget as exc:
+        raise InputError(codes.IMAGE_TOO_LARGE, exc.message) from None
     except Exception:  # Pillow and libheif raise a grab-bag for unreadable files
         raise InputError(codes.IMAGE_FORMAT, "not an image format batchtag can send or convert") from None
     notes: dict[str, Any] = {"converted": {"from": source_format, "to": "JPEG"}}
