@@ -31,6 +31,7 @@ from PIL import ImageOps
 from batchtag.decoding import OverBudget, open_image_file, open_within_budget
 from batchtag.errors import ReportTargetError
 from batchtag.export.common import replaced_atomically
+from batchtag.formats import register_heif
 from batchtag.records import Record
 
 MARKER = "<!-- batchtag report -->"
@@ -318,6 +319,7 @@ def write_report(
     with open(os.path.join(folder, FOLDER_MARKER), "w", encoding="utf-8") as marker:
         marker.write("made by batchtag report; rewritten by the next report to this path\n")
     result = ReportResult(path=report_path)
+    register_heif()  # HEIC photos get thumbnails too
     with replaced_atomically(os.path.join(folder, "items.js"), "w", encoding="utf-8") as handle:
         write_items(records, handle, thumbs, result, progress)
     page = render_page(result, source_name, os.path.basename(folder))
