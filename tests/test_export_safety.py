@@ -215,3 +215,30 @@ def test_as_a_user_links_crafted_keys_and_folders_it_cannot_write_are_refused_an
     made = photos / "c.jpg.xmp"
     assert "猫" in made.read_text(encoding="utf-8") and made.stat().st_uid == user.pw_uid
     assert stat.S_ISLNK(os.lstat(photos / "a.jpg.xmp").st_mode)
+
+
+def test_a_record_with_malformed_tags_is_a_broken_line_for_every_reader_not_a_traceback(tree, tmp_path):
+    photos = tree / "photos"
+    good = tagged(str(photos / "a.jpg"), "猫")
+    bad_tags = [
+        {"tag_name": 5, "tag_confidence": 90},
+        {"tag_name": "x", "tag_confidence": "90"},
+        {"nope": 1},
+        7,
+    ]
+    lines = [
+        json.dumps({**json.loads(tagged(str(photos / n), "猫").to_line()), "tags": [tag]}).encode() + b"\n"
+        for n, tag in zip(("b.jpg", "c.jpg", "b.jpg", "c.jpg"), bad_tags, strict=True)
+    ]
+    out = tree / "out.jsonl"
+    out.write_bytes(good.to_line() + b"".join(lines))
+    for args in (
+        ["export", out, "--format", "xmp"],
+        ["export", out, "--format", "csv", "-o", tmp_path / "t.csv"],
+        ["export", out, "--format", "parquet", "-o", tmp_path / "t.parquet"],
+        ["report", out, "-o", tmp_path / "r.html"],
+    ):
+        done = run_cli(*args, "--no-progress")
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert (photos / "a.jpg.xmp").exists() and not (photos / "b.jpg.xmp").exists()
+    assert len((tmp_path / "t.csv").read_text(encoding="utf-8-sig").splitlines()) == 2  # header, one row
