@@ -50,7 +50,7 @@ def key_problem(key: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class Image:
+class ImageFacts:
     """The image a sidecar describes, as found: its owner (for a new sidecar made as root)."""
 
     format: str
@@ -65,7 +65,7 @@ class Folder:
         self.fd = fd
         self.path = path
 
-    def image(self, name: str) -> Image:
+    def image(self, name: str) -> ImageFacts:
         """The image named ``name`` (FileNotFoundError when gone); Unsafe when it is not a
         regular file whose bytes are an image. Opened without blocking: a FIFO never hangs."""
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=self.fd)
@@ -78,7 +78,7 @@ class Folder:
             os.close(fd)
         if kind is None:
             raise Unsafe("the file is not an image by its bytes; no sidecar beside it")
-        return Image(kind, info.st_uid, info.st_gid)
+        return ImageFacts(kind, info.st_uid, info.st_gid)
 
     def read(self, name: str) -> tuple[bytes, os.stat_result] | None:
         """The bytes and stat of the file at ``name``, or None when there is none. Never
@@ -103,7 +103,9 @@ class Folder:
         finally:
             os.close(fd)
 
-    def replace(self, name: str, data: bytes, previous: os.stat_result | None, owner: Image | None) -> None:
+    def replace(
+        self, name: str, data: bytes, previous: os.stat_result | None, owner: ImageFacts | None
+    ) -> None:
         """``name`` holds ``data`` afterwards, atomically (temp file, fsync, rename in this
         folder). Unsafe if a symlink took the name since it was read."""
         temp = f".{name}.{secrets.token_hex(4)}.tmp"
@@ -143,7 +145,7 @@ def is_link(name: str, dir_fd: int) -> bool:
         return False
 
 
-def set_mode_and_owner(fd: int, previous: os.stat_result | None, owner: Image | None) -> None:
+def set_mode_and_owner(fd: int, previous: os.stat_result | None, owner: ImageFacts | None) -> None:
     """A replaced file keeps its mode (and owner when we are root); a new one gets the
     umask's mode and, made by root, the image's owner."""
     if previous is not None:

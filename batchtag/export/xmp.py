@@ -33,7 +33,7 @@ from typing import Literal
 from lxml import etree
 
 from batchtag.export.common import tags_at_least
-from batchtag.export.sidecar_io import Folder, Image, Unsafe, key_problem, open_folder
+from batchtag.export.sidecar_io import Folder, ImageFacts, Unsafe, key_problem, open_folder
 from batchtag.records import Record
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def serialise(tree: etree._ElementTree, original: bytes) -> bytes:
 
 
 def export_sidecar(
-    path: str, lists: dict[str, list[str]], folder: Folder | None = None, owner: Image | None = None
+    path: str, lists: dict[str, list[str]], folder: Folder | None = None, owner: ImageFacts | None = None
 ) -> Literal["created", "updated", "unchanged"]:
     """Create or merge one sidecar, in ``folder`` (the path's folder, opened here when not
     given); NotXmp if the file there is someone else's, Unsafe if it is a link or not a
