@@ -12,6 +12,7 @@ import os
 import sys
 
 import batchtag.cli
+import batchtag.config
 import batchtag.export.commands
 import batchtag.export.common
 import batchtag.export.report
@@ -32,6 +33,7 @@ def drop_to(uid: int, gid: int) -> None:
 def main() -> int:
     uid, gid, *argv = sys.argv[1:]
     batchtag.taggers.rules.parent_categories()  # its data files are read once, cached
+    batchtag.cli.make_parser()  # imports what every subcommand's parser needs (config, ...)
     drop_to(int(uid), int(gid))
     return batchtag.cli.main(argv)
 
