@@ -12,8 +12,9 @@ import os
 import sys
 
 import batchtag.cli
+import batchtag.commands.export
+import batchtag.commands.report
 import batchtag.config
-import batchtag.export.commands
 import batchtag.export.common
 import batchtag.export.report
 import batchtag.export.sidecar_io

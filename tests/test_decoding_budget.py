@@ -159,8 +159,8 @@ def test_report_makes_no_thumbnail_of_a_bomb_never_opens_a_fifo_and_bombs_cost_n
 def test_each_client_decoder_refuses_the_bomb_with_code_20_before_decoding(name):
     from batchtag.decoding import OverBudget, open_within_budget
     from batchtag.errors import InputError
-    from batchtag.formats import register_heif, sendable
-    from batchtag.raw import largest_jpeg_preview
+    from batchtag.pipeline.formats import register_heif, sendable
+    from batchtag.pipeline.raw import largest_jpeg_preview
 
     register_heif()
     data = BOMBS[name]()

@@ -31,7 +31,7 @@ from PIL import ImageOps
 from batchtag.decoding import OverBudget, open_image_file, open_within_budget
 from batchtag.errors import ReportTargetError
 from batchtag.export.common import replaced_atomically
-from batchtag.formats import register_heif
+from batchtag.pipeline.formats import register_heif
 from batchtag.records import Record
 
 MARKER = "<!-- batchtag report -->"

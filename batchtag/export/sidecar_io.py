@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from batchtag.export.common import current_umask
-from batchtag.formats import SNIFF_BYTES, sniff_image
+from batchtag.pipeline.formats import SNIFF_BYTES, sniff_image
 
 MAX_SIDECAR_BYTES = 16 * 1024 * 1024  # XMP sidecars are kilobytes; darktable's with history, hundreds
 
