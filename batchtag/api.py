@@ -9,6 +9,11 @@ HEALTH_PATH = "/healthz"
 # The client downscales above it rather than spending a request on a certain failure.
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 
+# The most pixels the service decodes (header's width x height); more is code 20, refused
+# before decoding (a decompression bomb). The client and the report keep to it too
+# (``batchtag.decoding``, the one budget).
+MAX_IMAGE_PIXELS = 50_000_000
+
 # Formats the API accepts, by the file's leading bytes (extensions lie).
 IMAGE_MAGIC = {
     b"\xff\xd8\xff": "JPEG",

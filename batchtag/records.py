@@ -270,7 +270,7 @@ _REQUIRED = ("key", "source", "status", "code", "message")
 
 def parse_record(line: bytes | str) -> Record | None:
     """The record on one line of OUT, or None when the line is not a valid record (broken
-    JSON, a missing field, a field of the wrong type)."""
+    JSON, a missing field, a field or a tag of the wrong type)."""
     try:
         data = json.loads(line)
     except ValueError:  # includes undecodable bytes
@@ -280,9 +280,20 @@ def parse_record(line: bytes | str) -> Record | None:
     for name, kind in _FIELD_TYPES.items():
         if name in data and (not isinstance(data[name], kind) or isinstance(data[name], bool)):
             return None
-    if data["status"] not in ("ok", "error"):
+    if data["status"] not in ("ok", "error") or not all(map(_is_tag, data.get("tags", ()))):
         return None
     return Record.from_dict(data)
+
+
+def _is_tag(tag: Any) -> bool:
+    """A tag in our shape: what every reader (export, report) may index without checking.
+    A crafted OUT with ``{"tag_name": 5}`` is a broken line, not a traceback later."""
+    return (
+        isinstance(tag, dict)
+        and isinstance(tag.get("tag_name"), str)
+        and isinstance(tag.get("tag_confidence"), int)
+        and not isinstance(tag["tag_confidence"], bool)
+    )
 
 
 def valid_line_mask(path: str) -> np.ndarray:

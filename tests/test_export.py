@@ -17,7 +17,7 @@ from batchtag.export.xmp import keyword_lists
 from batchtag.records import iter_valid_records
 from batchtag.taggers.rules import parent_categories
 from tests.export_helpers import TaggedPhotos, generated_out, require_tool
-from tests.support import run_cli
+from tests.support import encode_image, run_cli
 
 
 def exiftool_read(*paths: Path) -> dict[str, dict]:
@@ -316,20 +316,19 @@ def test_what_cannot_be_merged_is_refused_unchanged(tmp_path, content):
     assert sidecar.read_text(encoding="utf-8") == content
 
 
-def test_a_tag_name_xml_cannot_hold_fails_that_item_only(tmp_path):
+def test_a_tag_name_that_would_add_lines_or_is_not_xml_stops_that_item_only(tmp_path):
     from batchtag.export.xmp import export_xmp
     from batchtag.records import Record
 
-    images = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
-    for image in images:
-        image.write_bytes(b"not opened")
-    records = [
-        Record(
-            str(images[0]), "file", "ok", 0, "success", [{"tag_name": "bad\x01name", "tag_confidence": 90}]
-        ),
-        Record(str(images[1]), "file", "ok", 0, "success", [{"tag_name": "猫", "tag_confidence": 90}]),
-    ]
+    names = ["bad\x01name", "two\nlines", "cr\rhere", "tab\there", "line\u2028sep", "not xml \ufffe", "猫"]
+    records = []
+    for i, name in enumerate(names):
+        image = tmp_path / f"{i}.jpg"
+        image.write_bytes(encode_image())
+        records.append(
+            Record(str(image), "file", "ok", 0, "success", [{"tag_name": name, "tag_confidence": 90}])
+        )
     counts = export_xmp(records)
-    assert (counts.failed, counts.created) == (1, 1)
-    assert not (tmp_path / "a.jpg.xmp").exists() and (tmp_path / "b.jpg.xmp").exists()
+    assert (counts.refused, counts.failed, counts.created) == (5, 1, 1)
+    assert sorted(p.name for p in tmp_path.glob("*.xmp")) == ["6.jpg.xmp"]
     assert not list(tmp_path.glob(".*.tmp"))

@@ -38,6 +38,12 @@ def add_export_parser(commands: Any) -> None:
         default="default",
         help="sidecar names: photo.jpg.xmp (default: digiKam, darktable) or photo.xmp (lightroom)",
     )
+    p.add_argument(
+        "--csv-raw",
+        action="store_true",
+        help="csv: write cells exactly as OUT holds them; by default a text cell starting with "
+        "= + - @ tab or CR gets a leading ' so a spreadsheet shows it instead of running it",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
 
 
@@ -52,6 +58,8 @@ def command_export(args: argparse.Namespace) -> int:
         check_min_confidence(args.min_confidence)
         if args.format == "xmp" and args.output:
             raise UsageError("xmp sidecars go beside the images; -o is for csv and parquet")
+        if args.csv_raw and args.format != "csv":
+            raise UsageError("--csv-raw is for --format csv")
         with progress_bar(f"export {args.format}", args.progress) as bar:
             records = read_records(args.out_file, bar)
             if args.format == "xmp":
@@ -79,7 +87,9 @@ def export_table(records: Any, args: argparse.Namespace) -> int:
     from batchtag.export.table import write_csv, write_parquet
 
     path = args.output or default_table_path(args.out_file, args.format)
-    write = write_csv if args.format == "csv" else write_parquet
-    counts = write(records, path, args.min_confidence)
+    if args.format == "csv":
+        counts = write_csv(records, path, args.min_confidence, raw=args.csv_raw)
+    else:
+        counts = write_parquet(records, path, args.min_confidence)
     print(f"batchtag: {counts.rows} rows written to {counts.path}", file=sys.stderr)
     return exit_status(Outcome.ALL_OK)

@@ -14,6 +14,8 @@ import hashlib
 import html
 import json
 import os
+import re
+import secrets
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -24,10 +26,12 @@ from itertools import islice
 from typing import IO, Any
 from urllib.parse import quote
 
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
+from batchtag.decoding import OverBudget, open_image_file, open_within_budget
 from batchtag.errors import ReportTargetError
 from batchtag.export.common import replaced_atomically
+from batchtag.pipeline.formats import register_heif
 from batchtag.records import Record
 
 MARKER = "<!-- batchtag report -->"
@@ -38,6 +42,14 @@ CHUNK = 64  # items whose thumbnails are made together
 TOP_TAGS = 15
 FAILED_KEYS_SHOWN = 200  # per error code, in the page; the count is always exact
 THUMB_WORKERS = min(4, os.cpu_count() or 1)
+# Characters written as \u escapes in JSON that lands in a script (see script_json).
+SCRIPT_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
 
 
 @dataclass
@@ -105,15 +117,19 @@ def existing_thumbnail(record: Record, folder: str) -> tuple[str | None, bool]:
 
 
 def make_thumbnail(image_path: str, thumb_path: str) -> bool:
-    """A small JPEG of the image, upright; False when the image cannot be read."""
+    """A small JPEG of the image, upright; False when the image cannot be read, is not a
+    regular file (a FIFO named in OUT must not block) or is over the decoding budget (a
+    JPEG counted at the reduced scale it is decoded at)."""
     try:
-        with Image.open(image_path) as image:
-            image.draft("RGB", (THUMB_SIDE, THUMB_SIDE))  # JPEG: decode at reduced scale
+        with (
+            open_image_file(image_path) as source,
+            open_within_budget(source, draft=("RGB", (THUMB_SIDE, THUMB_SIDE))) as image,
+        ):
             small = ImageOps.exif_transpose(image).convert("RGB")
             small.thumbnail((THUMB_SIDE, THUMB_SIDE))
             with replaced_atomically(thumb_path, "wb", durable=False) as handle:
                 small.save(handle, "JPEG", quality=THUMB_QUALITY, optimize=True)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, OverBudget):
         return False
     return True
 
@@ -172,7 +188,7 @@ def write_items(
         while chunk := list(islice(records, CHUNK)):
             for record, thumb in zip(chunk, thumbnails_for(chunk, thumbs, pool, result), strict=True):
                 result.count(record)
-                handle.write(json.dumps(item_row(record, thumb), ensure_ascii=False, separators=(",", ":")))
+                handle.write(script_json(item_row(record, thumb)))
                 handle.write(",\n")
             if progress is not None:
                 progress.set_postfix(thumbnails=result.thumbnails_made, refresh=False)
@@ -244,19 +260,53 @@ def summary_html(result: ReportResult, out_name: str) -> str:
     )
 
 
+def script_json(value: Any) -> str:
+    """JSON that is safe inside a ``<script>`` element or a script file: ``<``, ``>`` and
+    ``&`` as ``\\u`` escapes (so ``</script>`` or ``<!--`` in a tag name cannot end or
+    comment out the script), and U+2028/U+2029, which old JavaScript engines read as line
+    ends. The escapes only ever occur inside JSON strings, so the value is unchanged."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    for char, escape in SCRIPT_ESCAPES.items():
+        text = text.replace(char, escape)
+    return text
+
+
+def content_security_policy(nonce: str) -> str:
+    """Only the report's own two scripts (and its one style sheet) run, marked with a nonce
+    made for this page; no inline event handler, no other script, no network: a tag name
+    that escaped its escaping still could not run or send anything anywhere."""
+    return (
+        "default-src 'none'; "
+        f"script-src 'nonce-{nonce}'; "
+        f"style-src 'nonce-{nonce}'; "
+        "img-src 'self' data:; "
+        "base-uri 'none'; form-action 'none'"
+    )
+
+
+def fill_placeholders(template: str, parts: dict[str, str]) -> str:
+    """Every placeholder replaced in one pass over the template: a value that contains a
+    placeholder's name (a tag called ``__THUMBS__``) stays as it is, never replaced again."""
+    pattern = re.compile("|".join(re.escape(name) for name in parts))
+    return pattern.sub(lambda match: parts[match.group(0)], template)
+
+
 def render_page(result: ReportResult, out_name: str, folder_name: str) -> str:
+    """The page. Each value is escaped for where it lands: HTML text and attributes with
+    ``html.escape`` (quotes included), the script's one value with ``script_json``."""
     template = resources.files("batchtag.export").joinpath("report_template.html").read_text("utf-8")
+    nonce = secrets.token_urlsafe(18)
     parts = {
+        "__CSP__": html.escape(content_security_policy(nonce)),
+        "__NONCE__": nonce,
         "__TITLE__": html.escape(f"batchtag report: {out_name}"),
         "__SUMMARY__": summary_html(result, out_name),
         "__CHART__": tag_chart(result.tags),
         "__ERRORS__": errors_table(result.by_code),
         "__ITEMS_JS__": html.escape(quote(folder_name) + "/items.js"),
-        "__THUMBS__": json.dumps(quote(folder_name) + "/thumbs/"),
+        "__THUMBS__": script_json(quote(folder_name) + "/thumbs/"),
     }
-    for placeholder, value in parts.items():
-        template = template.replace(placeholder, value)
-    return template
+    return fill_placeholders(template, parts)
 
 
 def write_report(
@@ -269,6 +319,7 @@ def write_report(
     with open(os.path.join(folder, FOLDER_MARKER), "w", encoding="utf-8") as marker:
         marker.write("made by batchtag report; rewritten by the next report to this path\n")
     result = ReportResult(path=report_path)
+    register_heif()  # HEIC photos get thumbnails too
     with replaced_atomically(os.path.join(folder, "items.js"), "w", encoding="utf-8") as handle:
         write_items(records, handle, thumbs, result, progress)
     page = render_page(result, source_name, os.path.basename(folder))

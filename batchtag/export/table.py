@@ -107,9 +107,30 @@ def row_of(record: Record, min_confidence: int) -> dict[str, Any]:
     return row
 
 
-def tags_cell(tags: list[dict[str, Any]]) -> str:
-    """Tags in one CSV cell: ``猫:92;动物:96`` (spreadsheet filters and splits handle this)."""
-    return ";".join(f"{t['tag_name']}:{t['tag_confidence']}" for t in tags)
+def tags_cell(tags: list[dict[str, Any]], raw: bool = False) -> str:
+    """Tags in one CSV cell: ``猫:92;动物:96`` (spreadsheet filters and splits handle this).
+    Each part is neutralised on its own too, as a split into columns makes it a cell."""
+    parts = (f"{t['tag_name']}:{t['tag_confidence']}" for t in tags)
+    return ";".join(parts if raw else map(inert_cell, parts))
+
+
+# A text cell starting with one of these is run as a formula by Excel, LibreOffice and
+# Google Sheets (=HYPERLINK(...), +cmd|' /C calc'!A0, @SUM(...)); tab and CR start one too.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def inert_cell(text: str) -> str:
+    """A text cell a spreadsheet shows rather than runs: OWASP's convention, a leading
+    single quote (the spreadsheet hides it and shows the text as it was)."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def csv_cell(value: Any, raw: bool) -> Any:
+    """A row's value as written: None empty, text made inert unless ``raw``; numbers as they
+    are (an int cannot hold a formula, and ``-1102`` stays a number)."""
+    if value is None:
+        return ""
+    return value if raw or not isinstance(value, str) else inert_cell(value)
 
 
 # --------------------------------------------------------------------------- writing safely
@@ -130,8 +151,11 @@ def is_our_csv(path: str) -> bool:
         return handle.read(len(start)) == start
 
 
-def write_csv(records: Iterable[Record], path: str, min_confidence: int = 0) -> TableCounts:
-    """UTF-8 with a byte-order mark, which is what makes Excel read Chinese tags right."""
+def write_csv(
+    records: Iterable[Record], path: str, min_confidence: int = 0, raw: bool = False
+) -> TableCounts:
+    """UTF-8 with a byte-order mark, which is what makes Excel read Chinese tags right.
+    Text cells a spreadsheet would run as a formula get a leading ``'`` unless ``raw``."""
     check_replaceable(path, is_our_csv)
     counts = TableCounts(path=path)
     with replaced_atomically(path, "w", encoding="utf-8-sig", newline="") as handle:
@@ -139,8 +163,8 @@ def write_csv(records: Iterable[Record], path: str, min_confidence: int = 0) -> 
         writer.writerow(COLUMN_NAMES)
         for record in records:
             row = row_of(record, min_confidence)
-            row["tags"] = tags_cell(row["tags"])
-            writer.writerow(["" if row[name] is None else row[name] for name in COLUMN_NAMES])
+            row["tags"] = tags_cell(row["tags"], raw)
+            writer.writerow([csv_cell(row[name], raw) for name in COLUMN_NAMES])
             counts.rows += 1
     return counts
 

@@ -9,9 +9,11 @@ category from the tagger's rules.
 An existing sidecar is merged into, never rewritten from scratch: its other properties,
 its namespace prefixes and its processing instructions stay, keywords already present are
 not added again, and a sidecar that already holds every keyword is not written at all (so
-a second export leaves the files byte-identical). Writes go to a temp file in the same
-folder, then a rename, keeping the old file's mode. A file at the sidecar's name that is not
-XMP is refused, never overwritten. The images are only ever read for their names.
+a second export leaves the files byte-identical). A file at the sidecar's name that is not
+XMP is refused, never overwritten. Where and how a sidecar is written (no symlink followed,
+only beside a file that is an image by its bytes, only for absolute normalised keys,
+temp file and rename inside the folder) is ``sidecar_io``'s job; tag text with a line
+break or control character is refused per item. Images are only read, for their first bytes.
 
 lxml, not the standard library's ElementTree: ElementTree renames every namespace prefix
 (``ns0:``) and drops the ``<?xpacket?>`` instructions and comments of a file it rewrites;
@@ -23,13 +25,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from lxml import etree
 
-from batchtag.export.common import replaced_atomically, tags_at_least
+from batchtag.export.common import tags_at_least
+from batchtag.export.sidecar_io import Folder, ImageFacts, Unsafe, key_problem, open_folder
 from batchtag.records import Record
 
 log = logging.getLogger(__name__)
@@ -71,7 +75,7 @@ class XmpCounts:
     created: int = 0
     updated: int = 0
     unchanged: int = 0
-    refused: int = 0  # a file at the sidecar's name that is not XMP, or a name clash
+    refused: int = 0  # not XMP or a link at the sidecar's name, a name clash, a key or tag text not trusted
     failed: int = 0  # the sidecar could not be written (permissions, disk)
     skipped_url: int = 0
     untagged: int = 0  # error records, or no tag at the minimum confidence
@@ -219,23 +223,34 @@ def serialise(tree: etree._ElementTree, original: bytes) -> bytes:
 # --------------------------------------------------------------------------- writing
 
 
-def export_sidecar(path: str, lists: dict[str, list[str]]) -> Literal["created", "updated", "unchanged"]:
-    """Create or merge one sidecar. NotXmp if the file there is someone else's."""
-    target = os.path.realpath(path)
-    if os.path.lexists(target) and not os.path.isfile(target):
-        raise NotXmp("not a regular file")
-    try:
-        with open(target, "rb") as handle:
-            original = handle.read()
-    except FileNotFoundError:
-        original = None
+def export_sidecar(
+    path: str, lists: dict[str, list[str]], folder: Folder | None = None, owner: ImageFacts | None = None
+) -> Literal["created", "updated", "unchanged"]:
+    """Create or merge one sidecar, in ``folder`` (the path's folder, opened here when not
+    given); NotXmp if the file there is someone else's, Unsafe if it is a link or not a
+    regular file (``sidecar_io`` does all the opening and writing)."""
+    if folder is None:
+        with open_folder(os.path.dirname(path) or ".") as opened:
+            return export_sidecar(path, lists, opened, owner)
+    name = os.path.basename(path)
+    found = folder.read(name)
+    original, previous = found if found is not None else (None, None)
     tree = parse_sidecar(original if original is not None else NEW_SIDECAR)
     changed = merge_keywords(tree, lists)
     if original is not None and not changed:
         return "unchanged"
-    with replaced_atomically(target, "wb") as handle:
-        handle.write(serialise(tree, original if original is not None else NEW_SIDECAR))
+    folder.replace(name, serialise(tree, original if original is not None else NEW_SIDECAR), previous, owner)
     return "created" if original is None else "updated"
+
+
+def text_problem(names: list[str]) -> str | None:
+    """Why these tag names cannot go into a sidecar, or None. lxml escapes markup (``<``,
+    ``&``); a line break or another control character would still put text on a line of
+    its own, or is not XML at all, so an item with one is refused rather than altered."""
+    for name in names:
+        if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in name):
+            return f"tag name {name!r} holds a line break or control character; no sidecar written"
+    return None
 
 
 def export_xmp(records: Iterable[Record], min_confidence: int = 0, naming: Naming = "default") -> XmpCounts:
@@ -252,11 +267,14 @@ def export_xmp(records: Iterable[Record], min_confidence: int = 0, naming: Namin
         if not record.ok or not names:
             counts.untagged += 1
             continue
-        if not os.path.isfile(record.key):
-            counts.missing += 1
+        if problem := key_problem(record.key):
+            refuse(counts, record.key, problem)
             continue
         path = sidecar_path(record.key, naming)
-        if os.path.realpath(path) == os.path.realpath(record.key):
+        if problem := text_problem(names):
+            refuse(counts, path, problem)
+            continue
+        if os.path.basename(path) == os.path.basename(record.key):
             refuse(counts, path, "is the image itself")
             continue
         if naming == "lightroom":
@@ -265,7 +283,15 @@ def export_xmp(records: Iterable[Record], min_confidence: int = 0, naming: Namin
                 continue
             claimed.add(path)
         try:
-            outcome = export_sidecar(path, keyword_lists(names, parents))
+            with open_folder(os.path.dirname(record.key)) as folder:
+                image = folder.image(os.path.basename(record.key))
+                outcome = export_sidecar(path, keyword_lists(names, parents), folder, image)
+        except FileNotFoundError:
+            counts.missing += 1
+            continue
+        except Unsafe as exc:
+            refuse(counts, path, str(exc))
+            continue
         except NotXmp as exc:
             refuse(counts, path, f"exists and is not an XMP sidecar ({exc}); left untouched")
             continue
@@ -273,7 +299,7 @@ def export_xmp(records: Iterable[Record], min_confidence: int = 0, naming: Namin
             counts.failed += 1
             log.warning("%s: cannot write: %s", path, exc.strerror or exc)
             continue
-        except ValueError as exc:  # a tag name XML cannot hold (control characters)
+        except ValueError as exc:  # a tag name XML cannot hold
             counts.failed += 1
             log.warning("%s: not written: %s", path, exc)
             continue

@@ -4,7 +4,8 @@ The API takes JPEG, PNG and BMP. HEIC/HEIF (pillow-heif), WebP and TIFF are deco
 re-encoded as JPEG; camera RAW files (DNG, NEF, ARW, CR2: all TIFF inside) send the
 largest JPEG preview they embed (``raw_preview``). An image whose EXIF orientation says
 its pixels are stored turned is re-encoded upright; every other JPEG/PNG/BMP is sent
-byte for byte. Runs in a worker thread: decoding takes milliseconds to seconds.
+byte for byte. Runs in a worker thread: decoding takes milliseconds to seconds. Every
+decode here keeps to the one pixel budget (``decoding``): over it is code 20, undecoded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from batchtag import api, codes
+from batchtag.decoding import OverBudget, open_within_budget
 from batchtag.errors import InputError
 from batchtag.orientation import UPRIGHT, orientation_of, upright
 from batchtag.pipeline.raw import largest_jpeg_preview
@@ -28,7 +30,26 @@ EXIF_MARKERS = (b"Exif\x00\x00", b"eXIf")
 EXIF_SEARCH_BYTES = 128 * 1024
 JPEG_START = b"\xff\xd8"
 
+# HEIF brands (ISO/IEC 23008-12) in an ``ftyp`` box: still images and sequences, HEVC or not.
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+SNIFF_BYTES = 16
+
 _heif_registered = False
+
+
+def sniff_image(head: bytes) -> str | None:
+    """The image format the first ``SNIFF_BYTES`` bytes say, among those batchtag tags (what
+    the API takes, what it converts, RAW files, which are TIFF inside), or None. Extensions
+    lie; an export writes beside a file only when its bytes say it is an image."""
+    if api_format := api.sniff_format(head):
+        return api_format
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return "HEIF"
+    return None
 
 
 def register_heif() -> None:
@@ -92,12 +113,14 @@ def jpeg_has_exif(data: bytes) -> bool:
 
 def _upright_if_needed(data: bytes) -> tuple[bytes, dict[str, Any]]:
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_within_budget(io.BytesIO(data)) as image:
             orientation = orientation_of(image)
             if orientation == UPRIGHT:
                 return data, {}
             turned = upright(image.convert("RGB"), orientation)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+    except OverBudget as exc:
+        raise InputError(codes.IMAGE_TOO_LARGE, exc.message) from None
+    except (OSError, ValueError, SyntaxError):
         return data, {}  # let the service judge the bytes as they are
     return _jpeg(turned), {"uprighted": {"orientation": orientation}}
 
@@ -105,12 +128,12 @@ def _upright_if_needed(data: bytes) -> tuple[bytes, dict[str, Any]]:
 def _convert(data: bytes) -> tuple[bytes, dict[str, Any]]:
     register_heif()
     try:
-        with Image.open(io.BytesIO(data), formats=CONVERTIBLE_FORMATS) as image:
+        with open_within_budget(io.BytesIO(data), CONVERTIBLE_FORMATS) as image:
             source_format = image.format or "?"
             orientation = orientation_of(image)
             turned = upright(image.convert("RGB"), orientation)
-    except Image.DecompressionBombError:
-        raise InputError(codes.IMAGE_TOO_LARGE, "image dimensions exceed the pixel limit") from None
+    except OverBudget as exc:
+        raise InputError(codes.IMAGE_TOO_LARGE, exc.message) from None
     except Exception:  # Pillow and libheif raise a grab-bag for unreadable files
         raise InputError(codes.IMAGE_FORMAT, "not an image format batchtag can send or convert") from None
     notes: dict[str, Any] = {"converted": {"from": source_format, "to": "JPEG"}}

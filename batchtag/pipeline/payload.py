@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from batchtag import api, codes
 from batchtag.config import MAX_FILE_BYTES
+from batchtag.decoding import NotRegularFile, OverBudget, open_regular, open_within_budget
 from batchtag.errors import InputError
 from batchtag.pipeline.formats import needs_work, sendable
 from batchtag.pipeline.sources import Item, url_problem
@@ -76,23 +77,13 @@ def with_appid(body: bytes, appid: str, new_appid: str, bucket: str) -> bytes:
     raise ValueError("body was not built by body_bytes")
 
 
-FILE_KINDS = {
-    stat.S_IFIFO: "a named pipe (FIFO)",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
-
-
 def open_regular_file(path: str, flags: int) -> int:
     """An ``opener`` for ``open``: refuses anything but a regular file before opening it
     (opening a FIFO blocks, opening some devices has effects), and opens without blocking."""
-    kind = stat.S_IFMT(os.stat(path).st_mode)
-    if kind == stat.S_IFDIR:
-        raise IsADirectoryError
-    if kind != stat.S_IFREG:
-        raise InputError(codes.CLIENT_INPUT_ERROR, f"not a regular file: {FILE_KINDS.get(kind, 'special')}")
-    return os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        return open_regular(path, flags)
+    except NotRegularFile as exc:
+        raise InputError(codes.CLIENT_INPUT_ERROR, f"not a regular file: {exc.kind}") from None
 
 
 def too_large(size: int, cap: int) -> InputError:
@@ -194,16 +185,24 @@ async def make_sendable(data: bytes, name: str) -> tuple[bytes, dict[str, Any]]:
 
 def shrink_to_fit(data: bytes, limit: int) -> tuple[bytes, dict[str, Any]]:
     """Re-encode an oversized image as a JPEG under ``limit`` bytes, halving the pixel
-    count each try. Runs in a worker thread: decoding a big image takes a while."""
+    count each try. Runs in a worker thread: decoding a big image takes a while. The pixel
+    budget counts what is decoded: a JPEG at half scale or less (``decoding``)."""
+    declared: list[tuple[int, int]] = []
+
+    def half_size(size: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+        declared.append(size)
+        return "RGB", (size[0] // 2, size[1] // 2)
+
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            original = img.size
-            img.draft("RGB", (original[0] // 2, original[1] // 2))
+        with open_within_budget(io.BytesIO(data), draft=half_size) as img:
             image = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError):
+    except OverBudget as exc:
+        raise InputError(codes.IMAGE_TOO_LARGE, exc.message) from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise InputError(
             codes.IMAGE_DECODE_FAILED, "image over the size limit and cannot be decoded to shrink it"
         ) from None
+    original = declared[0]
     width, height = original
     scale = min(1.0, (limit / max(len(data), 1)) ** 0.5)
     while True:

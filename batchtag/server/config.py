@@ -50,7 +50,7 @@ class ServeConfig:
     allow_private_urls: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-    max_pixels: int = 50_000_000  # decompression-bomb guard
+    max_pixels: int = api.MAX_IMAGE_PIXELS  # decompression-bomb guard, the one budget (decoding.py)
     url_timeout_s: float = 10.0
     url_max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     batch_max: int | None = None  # None: the tagger's max_batch

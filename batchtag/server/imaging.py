@@ -4,7 +4,8 @@ Runs in a worker thread (Pillow releases the GIL while decoding). Untrusted inpu
 bounded three ways before any pixel is decoded: the byte size, the format (JPEG, PNG and
 BMP only, so none of Pillow's rarer parsers ever sees request data), and the pixel count
 declared in the header, which is what stops a decompression bomb: a tiny PNG claiming
-20000x20000 pixels is refused with code 20 without allocating its pixels.
+20000x20000 pixels is refused with code 20 without allocating its pixels. The pixel limit
+and its check are ``batchtag.decoding``'s, shared with the client and the report.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from batchtag import api, codes
+from batchtag.decoding import OverBudget, open_within_budget
 from batchtag.errors import ApiError
 from batchtag.orientation import orientation_of, upright
 
@@ -69,8 +71,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
         raise ApiError(codes.IMAGE_EMPTY)
     if len(data) > limits.max_image_bytes:
         raise ApiError(codes.IMAGE_TOO_LARGE, _over_bytes_limit(limits.max_image_bytes))
-    image = _open_header(data)
-    _check_dimensions(image, limits.max_pixels)
+    image = _open_header(data, limits.max_pixels)
     orientation = orientation_of(image)
     if limits.min_side and image.format == "JPEG":
         # Let libjpeg decode at 1/2..1/8 scale: a 24 MP photo costs a fraction of the time.
@@ -78,27 +79,20 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
     return upright(_load_rgb(image, limits.min_side), orientation)
 
 
-def _open_header(data: bytes) -> Image.Image:
-    """Identify the format from the header only; no pixel is decoded yet."""
+def _open_header(data: bytes, max_pixels: int) -> Image.Image:
+    """Identify the format from the header only and check the declared size (the API's
+    rule, before any draft); no pixel is decoded yet."""
     try:
-        return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except Image.DecompressionBombError:
-        raise ApiError(codes.IMAGE_TOO_LARGE, "image dimensions exceed the pixel limit") from None
+        image = open_within_budget(io.BytesIO(data), ACCEPTED_FORMATS, max_pixels=max_pixels)
+    except OverBudget as exc:
+        raise ApiError(codes.IMAGE_TOO_LARGE, exc.message) from None
     except UnidentifiedImageError:
         raise ApiError(codes.IMAGE_FORMAT, "not a JPG, PNG or BMP image") from None
     except Exception:  # Pillow's header parsers raise a grab-bag (SyntaxError, struct.error, ...)
         raise ApiError(codes.IMAGE_DECODE_FAILED, "image header is corrupt") from None
-
-
-def _check_dimensions(image: Image.Image, max_pixels: int) -> None:
-    width, height = image.size
-    if width <= 0 or height <= 0:
+    if min(image.size) <= 0:
         raise ApiError(codes.IMAGE_DECODE_FAILED, "image has no pixels")
-    if width * height > max_pixels:
-        raise ApiError(
-            codes.IMAGE_TOO_LARGE,
-            f"{width}x{height} pixels exceeds the limit of {max_pixels} pixels",
-        )
+    return image
 
 
 def _load_rgb(image: Image.Image, min_side: int | None) -> Image.Image:
