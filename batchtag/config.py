@@ -16,7 +16,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from batchtag import api
-from batchtag.errors import ConfigError
+from batchtag.codes import DEFAULT_MAX_ATTEMPTS
+from batchtag.errors import DEFAULT_FAIL_ON, FAIL_ON_CHOICES, ConfigError
 from batchtag.records import Settings
 from batchtag.taggers.base import DEFAULT_STAGES, LANGS, STAGES, TAGGERS, parse_stages
 
@@ -190,6 +191,22 @@ class RunConfig:
     )
     max_image_bytes: int = setting(api.MAX_IMAGE_BYTES, kind="int")  # --config only
     max_file_bytes: int = setting(MAX_FILE_BYTES, kind="int")  # larger files are refused unread
+    max_attempts: int = setting(  # runs that try a failure that settles (a dead link)
+        DEFAULT_MAX_ATTEMPTS,
+        flags=("--max-attempts",),
+        kind="int",
+        metavar="N",
+        help=f"a failure that does not heal by retrying soon (a URL that answers 404, a 4xx) is tried "
+        f"again by later plain runs until N runs have tried it, then left as an error until "
+        f"--retry-errors (default {DEFAULT_MAX_ATTEMPTS}); within a run it gets one quick retry",
+    )
+    fail_on: str = setting(  # which outcomes exit non-zero: none, new, any (errors.py)
+        DEFAULT_FAIL_ON,
+        flags=("--fail-on",),
+        choices=FAIL_ON_CHOICES,
+        help=f"which outcomes exit non-zero: new errors of this run, any error OUT holds, or none "
+        f"(default {DEFAULT_FAIL_ON}; the table below)",
+    )
 
     @property
     def is_local(self) -> bool:
@@ -239,6 +256,10 @@ class RunConfig:
                 raise ConfigError(str(exc)) from None
         if self.outage_wait < 0:
             raise ConfigError("--outage-wait must be 0 or more")
+        if self.max_attempts < 1:
+            raise ConfigError("--max-attempts must be at least 1")
+        if self.fail_on not in FAIL_ON_CHOICES:
+            raise ConfigError(f"--fail-on must be one of {', '.join(FAIL_ON_CHOICES)}")
         if self.max_file_bytes < 1:
             raise ConfigError("max-file-bytes must be positive")
         if not self.is_local:
@@ -246,11 +267,7 @@ class RunConfig:
             given = {"appid": self.appid, "secret_id": self.secret_id, "secret_key": self.secret_key_given}
             missing = [name for name, value in given.items() if not value]
             if missing:
-                flags = ", ".join("--" + m.replace("_", "-") for m in missing)
-                raise ConfigError(
-                    f"a remote --endpoint needs {flags} (or BATCHTAG_* environment variables; "
-                    "the secret key also from --secret-key-file)"
-                )
+                raise ConfigError(f"a remote --endpoint needs {'; '.join(WHERE_TO_GIVE[m] for m in missing)}")
         return self
 
     @property
@@ -263,6 +280,16 @@ class RunConfig:
         if self.secret_key_file and not self.secret_key:
             self.secret_key = read_secret_key_file(self.secret_key_file)
         return self
+
+
+# Where each credential is best given, safest first: the secret key from a private file or
+# the environment, never --secret-key, which other users see in `ps`.
+WHERE_TO_GIVE = {
+    "appid": "the appid (--appid or BATCHTAG_APPID)",
+    "secret_id": "the secret id (--secret-id or BATCHTAG_SECRET_ID)",
+    "secret_key": "the secret key: a file only you can read (--secret-key-file FILE or "
+    "BATCHTAG_SECRET_KEY_FILE) or BATCHTAG_SECRET_KEY",
+}
 
 
 def public_endpoint(endpoint: str) -> str:
