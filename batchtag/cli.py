@@ -1,4 +1,4 @@
-"""The command line: ``batchtag run``, ``serve``, ``sign``, ``export`` and ``report``, a thin
+"""The command line: ``batchtag run``, ``serve``, ``sign``, ``export``, ``report`` and ``compact``, a thin
 dispatcher over ``batchtag.commands`` (one module a subcommand).
 
 Exit statuses come from one table, ``errors.EXIT_STATUS`` (README.md, "Exit status",
@@ -15,6 +15,7 @@ import sys
 
 from batchtag import __version__
 from batchtag.commands import EXIT_USAGE, silence_stdout
+from batchtag.commands.compact import add_compact_parser, command_compact
 from batchtag.commands.export import add_export_parser, command_export
 from batchtag.commands.report import add_report_parser, command_report
 from batchtag.commands.run import add_run_parser, command_run
@@ -29,12 +30,13 @@ COMMANDS = {
     "export": command_export,
     "report": command_report,
     "sign": command_sign,
+    "compact": command_compact,
 }
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, as the contract says
-        self.exit(EXIT_USAGE, f"batchtag: error: {message} (see batchtag {self.prog.split()[-1]} --help)\n")
+        self.exit(EXIT_USAGE, f"batchtag: error: {message} (see {self.prog} --help)\n")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -46,6 +48,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_export_parser(commands)
     add_report_parser(commands)
     add_sign_parser(commands)
+    add_compact_parser(commands)
     return parser
 
 

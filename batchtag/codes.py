@@ -13,10 +13,14 @@ from enum import Enum
 
 
 class Retry(Enum):
-    """What a client should do with a failure."""
+    """What a client should do with a failure, within a run and across runs."""
 
-    TRANSIENT = "transient"  # try again after a backoff
-    PERMANENT = "permanent"  # record the error, never retry
+    TRANSIENT = "transient"  # heals soon: retried with backoff, and again by every plain rerun
+    # Does not heal by retrying soon (a dead link, a 4xx): one quick retry within a run, then
+    # later plain runs try it again until the key has been tried in --max-attempts runs;
+    # after that it stays an error until --retry-errors.
+    SETTLES = "settles"
+    PERMANENT = "permanent"  # record the error, never retry (until --retry-errors)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,10 @@ URL_DOWNLOAD_TIMEOUT = -1506
 URL_UNREACHABLE = -1507
 URL_PROHIBITED = -5062
 
-T, P = Retry.TRANSIENT, Retry.PERMANENT
+# Runs that try a key whose failure settles before it is left alone (--max-attempts).
+DEFAULT_MAX_ATTEMPTS = 3
+
+T, S, P = Retry.TRANSIENT, Retry.SETTLES, Retry.PERMANENT
 
 _KEY = "check that the secret key (BATCHTAG_SECRET_KEY or --secret-key-file) belongs to --secret-id"
 _SIGNATURE = "the signature did not reach the service intact: a proxy in between, or a client bug"
@@ -102,13 +109,13 @@ API_CODES: dict[int, CodeInfo] = {
         CodeInfo(IMAGE_DECODE_FAILED, "image decode failed", P),
         CodeInfo(IMAGE_EMPTY, "image empty", P),
         CodeInfo(PARAMETER_EMPTY, "request parameter empty", P),
-        CodeInfo(URL_DOWNLOAD_FAILED, "downloading the url image failed", T),
+        CodeInfo(URL_DOWNLOAD_FAILED, "downloading the url image failed", S),
         CodeInfo(IMAGE_FORMAT, "illegal image format", P),
-        CodeInfo(IMAGE_DOWNLOAD_FAILED, "image download failed", T),
+        CodeInfo(IMAGE_DOWNLOAD_FAILED, "image download failed", S),
         CodeInfo(IMAGE_UNRECOGNISED, "image cannot be recognised", P),
         CodeInfo(URL_FORMAT, "url format wrong", P),
-        CodeInfo(URL_DOWNLOAD_TIMEOUT, "image download timed out", T),
-        CodeInfo(URL_UNREACHABLE, "cannot reach the server behind the url", T),
+        CodeInfo(URL_DOWNLOAD_TIMEOUT, "image download timed out", S),
+        CodeInfo(URL_UNREACHABLE, "cannot reach the server behind the url", S),
         CodeInfo(URL_PROHIBITED, "the url's image is flagged as prohibited", P),
     )
 }
@@ -126,7 +133,7 @@ CLIENT_INTERNAL_ERROR = -9099  # a bug in batchtag: costs one item, not the run
 CLIENT_CODES: dict[int, CodeInfo] = {
     info.code: info
     for info in (
-        CodeInfo(CLIENT_HTTP_ERROR, "HTTP error", T),
+        CodeInfo(CLIENT_HTTP_ERROR, "HTTP error", S),  # the status decides: see retry_class
         CodeInfo(CLIENT_TRANSPORT_ERROR, "connection failed", T),
         CodeInfo(CLIENT_TIMEOUT, "request timed out", T),
         CodeInfo(CLIENT_BAD_RESPONSE, "response is not the API's JSON", T),
@@ -170,8 +177,23 @@ def message(code: int) -> str:
     return describe(code).message
 
 
-def is_transient(code: int) -> bool:
-    return describe(code).retry is Retry.TRANSIENT
+def retry_class(code: int, http_status: int | None = None) -> Retry:
+    """How a failure is retried. A plain HTTP error (no API code) is classed by its status:
+    429 and 5xx heal soon, other 4xx answers settle, anything else is permanent."""
+    if code == CLIENT_HTTP_ERROR and http_status is not None:
+        if is_transient_http(http_status):
+            return Retry.TRANSIENT
+        return Retry.SETTLES if 400 <= http_status < 500 else Retry.PERMANENT
+    return describe(code).retry
+
+
+def is_transient(code: int, http_status: int | None = None) -> bool:
+    return retry_class(code, http_status) is Retry.TRANSIENT
+
+
+def settles(code: int, http_status: int | None = None) -> bool:
+    """A failure retried by later runs only up to --max-attempts runs (``Retry.SETTLES``)."""
+    return retry_class(code, http_status) is Retry.SETTLES
 
 
 def stops_run(code: int) -> bool:

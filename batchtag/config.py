@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from batchtag import api
+from batchtag.codes import DEFAULT_MAX_ATTEMPTS
 from batchtag.endpoint_specs import (
     EndpointSpec,
     RunCredentials,
@@ -25,7 +26,7 @@ from batchtag.endpoint_specs import (
     first_url,
     resolve,
 )
-from batchtag.errors import EXIT_STATUS, ConfigError, Outcome
+from batchtag.errors import DEFAULT_FAIL_ON, EXIT_STATUS, FAIL_ON_CHOICES, ConfigError, Outcome
 from batchtag.records import Settings
 from batchtag.taggers.base import DEFAULT_STAGES, LANGS, STAGES, TAGGERS, parse_stages
 
@@ -248,6 +249,22 @@ class RunConfig:
         help=f"stop cleanly after N requests, every answer written (exit {EXIT_STATUS[Outcome.REQUEST_LIMIT]}); "
         "rerun to go on",
     )
+    max_attempts: int = setting(  # runs that try a failure that settles (a dead link)
+        DEFAULT_MAX_ATTEMPTS,
+        flags=("--max-attempts",),
+        kind="int",
+        metavar="N",
+        help=f"a failure that does not heal by retrying soon (a URL that answers 404, a 4xx) is tried "
+        f"again by later plain runs until N runs have tried it, then left as an error until "
+        f"--retry-errors (default {DEFAULT_MAX_ATTEMPTS}); within a run it gets one quick retry",
+    )
+    fail_on: str = setting(  # which outcomes exit non-zero: none, new, any (errors.py)
+        DEFAULT_FAIL_ON,
+        flags=("--fail-on",),
+        choices=FAIL_ON_CHOICES,
+        help=f"which outcomes exit non-zero: new errors of this run, any error OUT holds, or none "
+        f"(default {DEFAULT_FAIL_ON}; the table below)",
+    )
 
     @property
     def is_local(self) -> bool:
@@ -317,6 +334,10 @@ class RunConfig:
             raise ConfigError("--cluster-connect-timeout must be positive")
         if self.outage_wait < 0:
             raise ConfigError("--outage-wait must be 0 or more")
+        if self.max_attempts < 1:
+            raise ConfigError("--max-attempts must be at least 1")
+        if self.fail_on not in FAIL_ON_CHOICES:
+            raise ConfigError(f"--fail-on must be one of {', '.join(FAIL_ON_CHOICES)}")
         if self.max_file_bytes < 1:
             raise ConfigError("max-file-bytes must be positive")
         if self.max_requests is not None and self.max_requests < 1:
@@ -333,11 +354,7 @@ class RunConfig:
             given = {"appid": self.appid, "secret_id": self.secret_id, "secret_key": self.secret_key_given}
             missing = [name for name, value in given.items() if not value]
             if missing:
-                flags = ", ".join("--" + m.replace("_", "-") for m in missing)
-                raise ConfigError(
-                    f"a remote --endpoint needs {flags} (or BATCHTAG_* environment variables; "
-                    "the secret key also from --secret-key-file)"
-                )
+                raise ConfigError(f"a remote --endpoint needs {'; '.join(WHERE_TO_GIVE[m] for m in missing)}")
         return self
 
     @property
@@ -360,6 +377,16 @@ class RunConfig:
             rules = UrlRules(check_endpoint, public_url, read_secret_key_file)
             self.__dict__["_endpoint_specs"] = resolve(self.endpoints, run, rules)
         return self
+
+
+# Where each credential is best given, safest first: the secret key from a private file or
+# the environment, never --secret-key, which other users see in `ps`.
+WHERE_TO_GIVE = {
+    "appid": "the appid (--appid or BATCHTAG_APPID)",
+    "secret_id": "the secret id (--secret-id or BATCHTAG_SECRET_ID)",
+    "secret_key": "the secret key: a file only you can read (--secret-key-file FILE or "
+    "BATCHTAG_SECRET_KEY_FILE) or BATCHTAG_SECRET_KEY",
+}
 
 
 def public_endpoint(endpoint: str) -> str:

@@ -145,10 +145,12 @@ class ApiFailure(ItemError):
         self.unreachable = unreachable  # no connection at all: says nothing about the item
 
     @property
+    def retry_class(self) -> codes.Retry:
+        return codes.retry_class(self.code, self.http_status)
+
+    @property
     def transient(self) -> bool:
-        if self.code == codes.CLIENT_HTTP_ERROR and self.http_status is not None:
-            return codes.is_transient_http(self.http_status)
-        return codes.is_transient(self.code)
+        return self.retry_class is codes.Retry.TRANSIENT
 
     @property
     def rate_limited(self) -> bool:
@@ -192,11 +194,16 @@ def api_message(code: int, detail: str = "") -> str:
 
 
 class Outcome(Enum):
-    """How a run that was not stopped by an error ended."""
+    """How a run that was not stopped by an error ended: what this run did, then what OUT
+    holds. Which of them count as a failure is the pipeline's choice (``--fail-on``)."""
 
-    ALL_OK = "every item this run did is ok, or there was nothing new to do"
-    SOME_FAILED = "finished, and some of this run's items have error records"
+    ALL_OK = "nothing that --fail-on counts: every item this run did is ok, or nothing new to do"
+    SOME_FAILED = "new errors: items that failed for the first time in this run"
     NO_ITEMS = "the sources held no items at all (an empty folder, a disk that did not mount)"
+    OLD_ERRORS = (
+        "no new errors, but OUT holds error records: earlier failures, tried again and failed "
+        "again, or settled (redo them with --retry-errors)"
+    )
     INTERRUPTED = "interrupted (Ctrl-C, SIGTERM) after writing every finished record"
     REQUEST_LIMIT = "stopped after --max-requests requests, every answer written: rerun to go on"
 
@@ -207,10 +214,52 @@ EXIT_STATUS: dict[Outcome | type[BaseException], int] = {
     UsageError: 2,  # also argparse's own usage errors (cli.Parser)
     BrokenPipeError: 2,  # stdout's reader left (``| head``): what was to be printed was not
     Outcome.NO_ITEMS: 3,
+    Outcome.OLD_ERRORS: 4,
     Outcome.REQUEST_LIMIT: 5,
     Outcome.INTERRUPTED: EXIT_INTERRUPTED,  # 130, the shells' 128 + SIGINT
     KeyboardInterrupt: EXIT_INTERRUPTED,  # export and report, which raise on a signal
 }
+
+# --fail-on: which outcomes a pipeline counts as failures. An outcome not listed here is
+# always its own status (0 is success, the rest always fail); one listed is its status only
+# under these choices, and 0 otherwise. The default ``any``: a scheduler never reads success
+# while OUT holds failures, and the two cases keep their own statuses (1 new, 4 old), so a
+# pipeline that has accepted its dead links says ``--fail-on new`` and still hears of new ones.
+FAIL_ON_CHOICES = ("none", "new", "any")
+DEFAULT_FAIL_ON = "any"
+FAILS_UNDER: dict[Outcome, tuple[str, ...]] = {
+    Outcome.SOME_FAILED: ("new", "any"),
+    Outcome.OLD_ERRORS: ("any",),
+}
+# What the rows for errors (not outcomes) say; an error class left out is not shown.
+ERROR_ROWS: dict[type[BaseException], str] = {
+    UsageError: "stopped: usage or configuration error, OUT unusable, credentials refused or the "
+    "endpoint unreachable (one line on stderr)",
+}
+
+
+def exit_rows() -> list[tuple[int, str, str]]:
+    """The exit-status table (status, when, under which --fail-on), in status order: README's
+    table and ``run --help`` are both made from it."""
+    rows = []
+    for what, status in EXIT_STATUS.items():
+        if isinstance(what, Outcome):
+            when = what.value
+            under = FAILS_UNDER.get(what)
+            fails = ", ".join(under) if under else ("never a failure" if status == 0 else "always")
+        elif what in ERROR_ROWS:
+            when, fails = ERROR_ROWS[what], "always"
+        else:
+            continue
+        rows.append((status, when, fails))
+    return sorted(rows, key=lambda row: row[0])
+
+
+def exit_table_markdown() -> str:
+    """README's exit-status table (a test checks README holds exactly this)."""
+    lines = ["| status | when | fails under `--fail-on` |", "|---:|---|---|"]
+    lines += [f"| {status} | {when} | {fails} |" for status, when, fails in exit_rows()]
+    return "\n".join(lines) + "\n"
 
 
 def exit_status(what: Outcome | BaseException | type[BaseException]) -> int:
@@ -223,3 +272,13 @@ def exit_status(what: Outcome | BaseException | type[BaseException]) -> int:
         if cls in EXIT_STATUS:
             return EXIT_STATUS[cls]
     raise KeyError(f"no exit status for {kind.__name__}")
+
+
+def counts_as_failure(outcome: Outcome, fail_on: str) -> bool:
+    """Whether ``outcome`` keeps its status under ``--fail-on fail_on`` (else it is 0)."""
+    under = FAILS_UNDER.get(outcome)
+    return under is None or fail_on in under
+
+
+if __name__ == "__main__":
+    print(exit_table_markdown(), end="")

@@ -299,6 +299,12 @@ def _is_tag(tag: Any) -> bool:
 def valid_line_mask(path: str) -> np.ndarray:
     """For each line of OUT, whether it is the valid record of its key: a complete, valid
     record line and the last such line for its key. 16 bytes a line while it runs."""
+    return record_line_masks(path)[0]
+
+
+def record_line_masks(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """For each line of OUT: whether it is its key's valid record (``valid_line_mask``), and
+    whether it is a complete, valid record at all (the rest are kept by every rewrite)."""
     numbers = array("Q")
     fingerprints = array("Q")
     total = 0
@@ -310,12 +316,14 @@ def valid_line_mask(path: str) -> np.ndarray:
                 numbers.append(number)
                 fingerprints.append(fingerprint(record.key))
     winners = np.zeros(total, dtype=bool)
+    is_record = np.zeros(total, dtype=bool)
     if numbers:
         # np.unique on the reversed arrays keeps each fingerprint's first index there: its last here.
         reversed_fps = np.frombuffer(fingerprints, dtype=np.uint64)[::-1]
         _, first_in_reversed = np.unique(reversed_fps, return_index=True)
         winners[np.frombuffer(numbers, dtype=np.uint64)[::-1][first_in_reversed]] = True
-    return winners
+        is_record[np.frombuffer(numbers, dtype=np.uint64)] = True
+    return winners, is_record
 
 
 def iter_valid_records(path: str, on_count: Callable[[int], None] | None = None) -> Iterator[Record]:
@@ -362,6 +370,10 @@ class LineScan:
     content: array = field(default_factory=lambda: array("Q"))
     content_offsets: array = field(default_factory=lambda: array("q"))
     other_settings_line: bytes | None = None  # the first line with tags made otherwise
+    # Error lines whose failure settles (codes.Retry.SETTLES): their index in ``keys`` and
+    # how many runs have tried their key (``run_attempts``, capped at 255).
+    settling_lines: array = field(default_factory=lambda: array("Q"))
+    settling_runs: array = field(default_factory=lambda: array("B"))
     stopped: bool = False  # abandoned because ``stop`` was set
 
 
@@ -396,6 +408,7 @@ def scan_lines(
     start, start_len, key_end, end_len = KEY_START, len(KEY_START), KEY_END, len(KEY_END)
     fact_skip, hash_skip = len(FILE_OPEN), len(HASH_FIELD)
     xxh3, add_key, add_state, add_flag = xxhash.xxh3_64_intdigest, keys.append, states.append, flags.append
+    settling_flag = SETTLING_FLAG
     position = 0
     for number, line in enumerate(lines, start=1):
         line_at = position
@@ -418,7 +431,7 @@ def scan_lines(
                     continue
         end = line.find(key_end, start_len) if line.startswith(start) else -1
         key = line[start_len:end] if end > 0 else b"\\"
-        transient = False
+        transient = settling = False
         # A line that ends with the current settings' tail ends with its record's own
         # closing brace (``"settings"`` cannot occur inside a string), so only a line
         # without it (the rare case) pays for the brace count of ``looks_complete``.
@@ -438,7 +451,10 @@ def scan_lines(
                 continue
             key = key_bytes(record.key)
             is_error = not record.ok
-            transient = is_error and codes.is_transient(record.code)
+            transient, settling = retry_flags(record)
+            if settling:
+                scan.settling_lines.append(len(keys))
+                scan.settling_runs.append(min(255, run_attempts(record)))
             is_file = record.source == "file"
         key_fp = xxhash.xxh3_64_intdigest(key)  # = keyset.fingerprint_bytes, inline for speed
         if same_tail:
@@ -462,8 +478,28 @@ def scan_lines(
                 scan.content_offsets.append(line_at)
         keys.append(key_fp)
         states.append(state_fp)
-        flags.append(relation * 4 + transient * 2 + is_error)
+        flags.append(relation * 4 + transient * 2 + is_error + settling * settling_flag)
     return scan
+
+
+SETTLING_FLAG = 16  # in ``LineScan.flags``: an error whose failure settles
+RUN_ATTEMPTS = "run_attempts"  # an error record's field: runs that have tried its key
+
+
+def run_attempts(record: Record) -> int:
+    """How many runs have tried this record's key so far (1 for records without the field)."""
+    value = record.extra.get(RUN_ATTEMPTS)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
+def retry_flags(record: Record) -> tuple[bool, bool]:
+    """Whether an error record's failure is transient, and whether it settles."""
+    if record.ok:
+        return False, False
+    status = record.extra.get("http_status")
+    status = status if isinstance(status, int) and not isinstance(status, bool) else None
+    kind = codes.retry_class(record.code, status)
+    return kind is codes.Retry.TRANSIENT, kind is codes.Retry.SETTLES
 
 
 def load_records(path: str) -> list[dict[str, Any]]:

@@ -343,7 +343,9 @@ def test_walk_skips_thumbnails_and_hidden_and_counts_what_it_left_out(spawner, t
     keys = set(valid(out))
     assert str(root / "@eaDir" / "a.jpg" / "SYNOPHOTO_THUMB_M.jpg") in keys
     assert str(root / ".hidden.jpg") in keys and str(root / "drafts" / "d.jpg") in keys
-    assert len(keys) == 11
+    # __MACOSX/._a.jpg is an AppleDouble resource fork, never a photo: a system file even now.
+    assert str(root / "__MACOSX" / "._a.jpg") not in keys and len(keys) == 10
+    assert json.loads(summary_path.read_text())["left_out"]["files"]["system files"] == {".jpg": 1}
 
 
 # --- settings ---------------------------------------------------------------------------------

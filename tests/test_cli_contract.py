@@ -27,16 +27,24 @@ from tests.support import (
 APPID, SECRET_ID, SECRET_KEY = CREDENTIALS.appid, CREDENTIALS.secret_id, CREDENTIALS.secret_key
 
 
-def test_a_rerun_with_nothing_new_exits_0_and_says_how_many_old_errors_out_holds(tmp_path):
+def test_a_rerun_with_nothing_new_exits_4_for_the_old_errors_or_0_with_fail_on_new(tmp_path):
+    """The exit table (errors.exit_rows): new errors 1, old errors OUT still holds 4 under the
+    default --fail-on any, 0 under --fail-on new; the summary names the failing key."""
     tiny_jpegs(tmp_path / "photos", 3)
     (tmp_path / "photos" / "broken.jpg").write_text("not an image")
     out, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
-    assert run_local(tmp_path / "photos", "-o", out).returncode == 1
+    first = run_local(tmp_path / "photos", "-o", out, "--summary-json", summary)
+    assert first.returncode == 1, first.stderr
+    failures = json.loads(summary.read_text())["failures"]
+    assert [(f["key"], f["code"]) for f in failures] == [(str(tmp_path / "photos" / "broken.jpg"), -1400)]
     rerun = run_local(tmp_path / "photos", "-o", out, "--summary-json", summary)
-    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.returncode == 4, rerun.stderr
     assert "old errors" in rerun.stderr and "--retry-errors" in rerun.stderr
     report = json.loads(summary.read_text())
-    assert (report["previous_errors"], report["done"], report["exit_code"]) == (1, 0, 0)
+    assert (report["previous_errors"], report["done"], report["exit_code"]) == (1, 0, 4)
+    assert (report["new_errors"], report["open_errors"], report["failures"]) == (0, 1, [])
+    assert run_local(tmp_path / "photos", "-o", out, "--fail-on", "new").returncode == 0
+    assert run_local(tmp_path / "photos", "-o", out, "--fail-on", "none").returncode == 0
 
 
 @pytest.mark.parametrize("kind", ["empty folder", "empty manifest"])

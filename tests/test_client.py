@@ -24,7 +24,10 @@ FAST = RetryPolicy(retries=3, initial_wait_s=0.001, max_wait_s=0.002, jitter_s=0
 
 # What each API code should do to a client, written out independently of codes.py so a
 # change to the table shows up here as a deliberate decision.
-TRANSIENT_API_CODES = {7, 8, 9, 13, 15, 200, 201, 202, 203, -1308, -1403, -1506, -1507}
+TRANSIENT_API_CODES = {7, 8, 9, 13, 15, 200, 201, 202, 203}
+# Failures that do not heal within seconds (the image behind a url is not there): one quick
+# retry in the run, later runs up to --max-attempts (issue 19).
+SETTLING_API_CODES = {-1308, -1403, -1506, -1507}
 # Answers about the credentials or the account (signature, appid, secret id, bucket): the
 # run stops instead of recording them for every item.
 RUN_STOPPING_API_CODES = {4, 5, 6, 10, 11, 12, 14, 16}
@@ -66,37 +69,41 @@ async def test_every_api_code_follows_the_retry_table(client_for, code):
             result = await client_for().detect(Payload(b"{}"))
         calls = len(mocked.requests[("POST", aiohttp.client.URL(URL))])
     assert codes.is_transient(code) == (code in TRANSIENT_API_CODES)
+    assert codes.settles(code) == (code in SETTLING_API_CODES)
     assert codes.stops_run(code) == (code in RUN_STOPPING_API_CODES)
     if code in RUN_STOPPING_API_CODES:
         assert calls == 1
         return
     assert result.code == code and result.message == codes.message(code)
-    expected = FAST.retries + 1 if code in TRANSIENT_API_CODES else 1
+    expected = FAST.retries + 1 if code in TRANSIENT_API_CODES else 2 if code in SETTLING_API_CODES else 1
     assert calls == expected == result.attempts
 
 
 @pytest.mark.parametrize(
-    ("status", "transient"),
+    ("status", "attempts"),
     [
-        (500, True),
-        (502, True),
-        (503, True),
-        (504, True),
-        (429, True),
-        (408, True),
-        (400, False),
-        (401, False),
-        (403, False),
-        (404, False),
-        (413, False),
+        (500, FAST.retries + 1),
+        (502, FAST.retries + 1),
+        (503, FAST.retries + 1),
+        (504, FAST.retries + 1),
+        (429, FAST.retries + 1),
+        (408, FAST.retries + 1),
+        (400, 2),  # 4xx settles: one quick retry, later runs up to --max-attempts
+        (401, 2),
+        (403, 2),
+        (404, 2),
+        (413, 2),
+        (501, 1),  # a 5xx that says the request can never work: permanent
     ],
 )
-async def test_plain_http_errors_without_json(client_for, status, transient):
+async def test_plain_http_errors_without_json(client_for, clock, status, attempts):
     with aioresponses() as mocked:
         mocked.post(URL, status=status, body="<html>oops</html>", repeat=True)
         result = await client_for().detect(Payload(b"{}"))
     assert result.code == codes.CLIENT_HTTP_ERROR and result.http_status == status
-    assert result.attempts == (FAST.retries + 1 if transient else 1)
+    assert result.attempts == attempts
+    if attempts == 2:
+        assert clock.slept == [FAST.settle_wait_s]  # one short wait, no backoff
 
 
 async def test_transient_then_success_records_attempts(client_for):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from batchtag import codes
+from batchtag import codes, errors
 from batchtag.signing import verify
 from tests.support import CREDENTIALS, run_cli
 
@@ -36,6 +36,17 @@ def fenced(block: str, language: str) -> str:
 
 def test_the_code_table_in_the_doc_is_the_one_in_codes_py():
     assert doc_section("codes") == codes.markdown_table(), "run: python -m batchtag.codes"
+
+
+def test_the_exit_table_in_readme_and_run_help_is_the_one_in_errors_py():
+    """README's exit-status table and `run --help` are both made from errors.exit_rows."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"<!-- exit-status:begin -->\n(.*?)<!-- exit-status:end -->", readme, re.S)
+    assert match, "README.md has no exit-status section"
+    assert match.group(1) == errors.exit_table_markdown(), "run: python -m batchtag.errors"
+    shown = " ".join(run_cli("run", "--help").stdout.split())
+    for status, when, fails in errors.exit_rows():
+        assert f"{status} {' '.join(when.split())} [fails: {fails}]" in shown
 
 
 def test_the_docs_curl_example_works_against_batchtag_serve(tmp_path, spawner):

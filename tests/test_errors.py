@@ -89,7 +89,7 @@ def test_api_error_answers_with_the_tables_message_then_the_detail():
 
 
 def test_exit_statuses_come_from_the_table():
-    assert [errors.exit_status(o) for o in errors.Outcome] == [0, 1, 3, 130, 5]
+    assert [errors.exit_status(o) for o in errors.Outcome] == [0, 1, 3, 4, 130, 5]
     assert errors.exit_status(errors.SinkError("x")) == errors.exit_status(errors.ConfigError) == 2
     assert errors.exit_status(errors.SummaryError("x")) == 2
     assert errors.exit_status(errors.CredentialsRefused(codes.SIGNATURE_FAILED, "m")) == 2
@@ -102,10 +102,37 @@ def test_exit_statuses_come_from_the_table():
 def test_summary_outcome_decides_its_exit_code():
     assert Summary().exit_code == 3  # no items found
     assert Summary(found=1).exit_code == 0
-    assert Summary(found=1, previous_errors=1).outcome is errors.Outcome.ALL_OK  # this run's outcome
-    assert Summary(found=1, errors=1).outcome is errors.Outcome.SOME_FAILED
+    assert Summary(found=1, errors=1, new_errors=1, open_errors=1).outcome is errors.Outcome.SOME_FAILED
     assert Summary(errors=1, interrupted=True).exit_code == 130
     assert Summary(found=9, errors=1, limit_reached=True).exit_code == 5  # --max-requests
+
+
+@pytest.mark.parametrize(
+    ("fail_on", "new_errors", "open_errors", "status"),
+    [
+        ("any", 0, 0, 0),
+        ("any", 2, 2, 1),
+        ("any", 0, 3, 4),  # old errors (or failed again): OUT holds them
+        ("new", 0, 3, 0),
+        ("new", 2, 5, 1),
+        ("none", 2, 5, 0),
+        ("none", 0, 5, 0),
+    ],
+)
+def test_fail_on_chooses_which_outcomes_fail(fail_on, new_errors, open_errors, status):
+    summary = Summary(found=5, errors=new_errors, new_errors=new_errors, open_errors=open_errors)
+    summary.fail_on = fail_on
+    assert summary.exit_code == status
+    assert Summary(found=0, fail_on=fail_on).exit_code == 3  # never chosen away
+    assert Summary(found=5, interrupted=True, fail_on=fail_on).exit_code == 130
+
+
+def test_the_exit_table_lists_every_outcome_once_in_status_order():
+    rows = errors.exit_rows()
+    assert [status for status, _, _ in rows] == sorted({0, 1, 2, 3, 4, 5, 130})
+    assert {errors.Outcome(when) for _, when, _ in rows if when in {o.value for o in errors.Outcome}} == set(
+        errors.Outcome
+    )
 
 
 def test_the_modules_raise_errors_of_the_tree(tmp_path):

@@ -197,7 +197,7 @@ def test_hostile_tree_each_item_gets_one_clear_record_and_the_run_completes(tmp_
     assert os.path.exists(os.fsencode(bad_key))
 
     rerun = run_cli(*args, "--summary-json", summary_json, timeout=120, cwd=tmp_path)
-    assert rerun.returncode == 0, rerun.stderr  # nothing new to do: earlier errors are reported only
+    assert rerun.returncode == 4, rerun.stderr  # nothing new failed; OUT holds the earlier errors
     again = json.loads(summary_json.read_text())  # resume read every odd key back
     assert again["previous_errors"] == sum(r["status"] == "error" for r in records.values())
     assert again["done"] == 0 and again["skipped_done"] + again["duplicates"] == len(expected) + duplicates

@@ -175,7 +175,7 @@ async def test_transient_errors_are_redone_by_a_plain_rerun_permanent_ones_with_
     out = tmp_path / "out.jsonl"
     first = await run_batch(run_config(flaky, creds, [tmp_path / "photos"], out, retries=0))
     assert first.errors == 8 and first.exit_code == 1
-    assert all(codes.is_transient(r["code"]) for r in load_records(out))
+    assert all(codes.is_transient(r["code"], r.get("http_status")) for r in load_records(out))
     healthy = await serve()
     plain_rerun = await run_batch(run_config(healthy, creds, [tmp_path / "photos"], out))
     assert plain_rerun.done == 8 and plain_rerun.ok == 8 and plain_rerun.exit_code == 0
@@ -184,7 +184,10 @@ async def test_transient_errors_are_redone_by_a_plain_rerun_permanent_ones_with_
     broken.write_text("not an image")  # a permanent error (-1400), the file unchanged after
     assert (await run_batch(run_config(healthy, creds, [tmp_path / "photos"], out))).exit_code == 1
     plain_rerun = await run_batch(run_config(healthy, creds, [tmp_path / "photos"], out))
-    assert plain_rerun.done == 0 and plain_rerun.previous_errors == 1 and plain_rerun.exit_code == 0
+    assert plain_rerun.done == 0 and plain_rerun.previous_errors == 1
+    assert plain_rerun.exit_code == 4  # --fail-on any (the default): OUT still holds an error
+    plain_rerun.fail_on = "new"
+    assert plain_rerun.exit_code == 0  # nothing new failed
     retried = await run_batch(run_config(healthy, creds, [tmp_path / "photos"], out, retry_errors=True))
     assert (retried.done, retried.errors) == (1, 1)  # done again, and still failing
     valid = {r.key: r for r in iter_valid_records(str(out))}

@@ -1,4 +1,4 @@
-"""One module a subcommand (``run``, ``serve``, ``sign``, ``export``, ``report``, ``show``),
+"""One module a subcommand (``run``, ``serve``, ``sign``, ``export``, ``report``, ``compact``, ``show``),
 each with its arguments and its exit statuses; ``batchtag.cli`` only dispatches. What they
 share is here: the usage exit status, one-line errors and a closed stdout."""
 

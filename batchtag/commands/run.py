@@ -9,7 +9,7 @@ import sys
 from dataclasses import Field, fields
 from typing import TYPE_CHECKING, Any
 
-from batchtag.errors import EXIT_STATUS, Outcome, UsageError, exit_status
+from batchtag.errors import Outcome, UsageError, exit_rows, exit_status
 from batchtag.interrupts import INTERRUPTS
 
 if TYPE_CHECKING:
@@ -18,16 +18,10 @@ if TYPE_CHECKING:
 
 
 def exit_status_help() -> str:
-    """The exit statuses for ``run --help``, from the one table."""
-    lines = ["exit status:"]
-    for what, status in sorted(EXIT_STATUS.items(), key=lambda row: row[1]):
-        if isinstance(what, Outcome):
-            lines.append(f"  {status:<4} {what.value}")
-        elif what is UsageError:
-            lines.append(
-                f"  {status:<4} usage or configuration error, OUT unusable, credentials refused or "
-                "the endpoint unreachable: one line on stderr"
-            )
+    """The exit statuses for ``run --help``, from the one table (``errors.exit_rows``)."""
+    lines = ["exit status (--fail-on chooses which outcomes fail; the others exit 0):"]
+    for status, when, fails in exit_rows():
+        lines.append(f"  {status:<4} {when} [fails: {fails}]")
     return "\n".join(lines)
 
 

@@ -38,6 +38,8 @@ FACTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "size": ("int64", ("file", "size")),
     "mtime_ns": ("int64", ("file", "mtime_ns")),
     "xxh3_128": ("string", ("file", "xxh3_128")),
+    "made": ("string", ("made",)),  # when the record was made, UTC ISO 8601 (ledger.py)
+    "run": ("string", ("run",)),  # the id of the run that made it
 }
 _PYTHON_TYPES: dict[str, type] = {"int64": int, "string": str}
 RECORD_FIELDS = ("key", "source", "status", "code", "message", "tags", "attempts")

@@ -9,11 +9,15 @@ category from the tagger's rules.
 An existing sidecar is merged into, never rewritten from scratch: its other properties,
 its namespace prefixes and its processing instructions stay, keywords already present are
 not added again, and a sidecar that already holds every keyword is not written at all (so
-a second export leaves the files byte-identical). A file at the sidecar's name that is not
-XMP is refused, never overwritten. Where and how a sidecar is written (no symlink followed,
-only beside a file that is an image by its bytes, only for absolute normalised keys,
-temp file and rename inside the folder) is ``sidecar_io``'s job; tag text with a line
-break or control character is refused per item. Images are only read, for their first bytes.
+a second export leaves the files byte-identical). Keywords batchtag wrote are recognised by
+its hierarchical root (``batchtag|...``; in ``dc:subject``, the last levels of those) and
+replaced by the current tags on every export, so a retag or another language leaves only
+the current tags; keywords a person or another program added are kept. A file at the
+sidecar's name that is not XMP is refused, never overwritten. Where and how a sidecar is
+written (no symlink followed, only beside a file that is an image by its bytes, only for
+absolute normalised keys, temp file and rename inside the folder) is ``sidecar_io``'s job;
+tag text with a line break or control character is refused per item. Images are only read,
+for their first bytes.
 
 lxml, not the standard library's ElementTree: ElementTree renames every namespace prefix
 (``ns0:``) and drops the ``<?xpacket?>`` instructions and comments of a file it rewrites;
@@ -136,17 +140,29 @@ def descriptions_of(tree: etree._ElementTree) -> list[etree._Element]:
 
 
 def merge_keywords(tree: etree._ElementTree, lists: dict[str, list[str]]) -> bool:
-    """Add the missing keywords to the document; whether anything was added."""
+    """Make the document's keywords from batchtag the current ones, keeping everyone
+    else's; whether anything changed. Ours are the hierarchical keywords under our root
+    (``batchtag|...``, ``batchtag/...``) and the flat ones named by their last level: a
+    retag or a language switch replaces them all, a person's keywords stay."""
     descriptions = descriptions_of(tree)
-    changed = False
+    containers = {}
     for namespace, prefix, name, kind in KEYWORD_PROPERTIES:
         container = find_container(descriptions, namespace, name)
         if container is None:
             prop = etree.Element(f"{{{namespace}}}{name}", nsmap={prefix: namespace})
             container = etree.SubElement(prop, f"{{{RDF}}}{kind}")
             place_indented(descriptions[0], prop)
+        containers[name] = container
+    ours = keywords_we_wrote(containers)
+    changed = False
+    for name, container in containers.items():
+        wanted = lists[name]
+        for item in container.findall(f"{{{RDF}}}li"):
+            if (item.text or "") in ours[name] and (item.text or "") not in wanted:
+                remove_keeping_indent(item)
+                changed = True
         present = {li.text or "" for li in container.findall(f"{{{RDF}}}li")}
-        for value in lists[name]:
+        for value in wanted:
             if value not in present:
                 item = etree.Element(f"{{{RDF}}}li")
                 item.text = value
@@ -154,6 +170,27 @@ def merge_keywords(tree: etree._ElementTree, lists: dict[str, list[str]]) -> boo
                 present.add(value)
                 changed = True
     return changed
+
+
+def keywords_we_wrote(containers: dict[str, etree._Element]) -> dict[str, set[str]]:
+    """Per property, the values an earlier export of ours wrote: under our root in the two
+    hierarchical lists, and in dc:subject the last level of those."""
+    values = {name: [li.text or "" for li in c.findall(f"{{{RDF}}}li")] for name, c in containers.items()}
+    hierarchical = {v for v in values["hierarchicalSubject"] if v.startswith(ROOT_TAG + "|")}
+    tags_list = {v for v in values["TagsList"] if v.startswith(ROOT_TAG + "/")}
+    leaves = {v.rsplit("|", 1)[1] for v in hierarchical} | {v.rsplit("/", 1)[1] for v in tags_list}
+    return {"subject": leaves, "hierarchicalSubject": hierarchical, "TagsList": tags_list}
+
+
+def remove_keeping_indent(item: etree._Element) -> None:
+    """Remove a list item; the whitespace before the next sibling (or the closing tag) stays."""
+    parent = item.getparent()
+    previous = item.getprevious()
+    if previous is not None:
+        previous.tail = item.tail
+    else:
+        parent.text = item.tail
+    parent.remove(item)
 
 
 def find_container(descriptions: list[etree._Element], namespace: str, name: str) -> etree._Element | None:

@@ -37,7 +37,7 @@ async def opened_out(
     created = not os.path.lexists(config.out)
     try:
         sink, checkpoint = await asyncio.to_thread(
-            open_sink, config.out, config.retry_errors, stop, settings, writer
+            open_sink, config.out, config.retry_errors, stop, settings, writer, config.max_attempts
         )
     except asyncio.CancelledError:
         stop.set()  # the scan thread raises ScanStopped, closes OUT and ends
@@ -83,9 +83,12 @@ async def run_batch(
         async with opened_out(config, writer) as (sink, checkpoint):
             summary = await tag_into(config, sink, checkpoint, bar)
             summary.broken_lines = checkpoint.bad_lines
+            summary.compacted = checkpoint.compacted
             summary.previous_errors = checkpoint.error_records - checkpoint.transient_errors
     finally:
         bar.close()
+    if summary.found == 0 and not summary.interrupted:  # the driver's count (--cluster too)
+        log.warning("no items found in %s", " ".join(config.sources))
     summary.wall_s = time.monotonic() - started  # start-up (model load, resume scan) included
     if config.summary_json:
         summary.write_json(config.summary_json)

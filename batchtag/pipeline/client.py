@@ -50,6 +50,11 @@ class RetryPolicy:
     max_wait_s: float = 20.0
     jitter_s: float = 0.5
     clock: Clock = SYSTEM_CLOCK  # every wait of the client (retries, outage probes); tests pass a fake
+    # Failures that settle (a dead link, a 4xx: codes.Retry.SETTLES) get this many quick
+    # retries after this short wait, not the backoff above: they rarely heal within seconds,
+    # and later runs try them again (up to --max-attempts runs).
+    settle_retries: int = 1
+    settle_wait_s: float = 0.2
 
 
 CONNECT_TIMEOUT_S = 10.0
@@ -128,6 +133,17 @@ class Answer:
     def endpoint_down(self) -> bool:
         """The endpoint's failure, not the item's: a pool sends the item elsewhere."""
         return codes.says_endpoint_down(self.code, self.http_status, self.unreachable)
+
+
+def failure_answer(failure: ApiFailure, attempts: int) -> Answer:
+    """How an item ended when its last attempt failed."""
+    return Answer(
+        failure.code,
+        failure.message,
+        attempts=attempts,
+        http_status=failure.http_status,
+        unreachable=failure.unreachable,
+    )
 
 
 def parse_answer(status: int, body: bytes) -> list[dict[str, Any]]:
@@ -253,17 +269,30 @@ class TagClient:
         try:
             tags = await self._attempt(payload)
         except ApiFailure as failure:
+            if failure.retry_class is codes.Retry.SETTLES and retries > 0:
+                return await self._settle_retry(payload, failure)
             if not failure.transient or retries < 1 or self._hands_back(failure):
-                return Answer(
-                    failure.code,
-                    failure.message,
-                    attempts=1,
-                    http_status=failure.http_status,
-                    unreachable=failure.unreachable,
-                )
+                return failure_answer(failure, 1)
             return await self._retry(payload, retries, failure)
         self._limiter.on_success()
         return Answer(codes.OK, "success", tags, attempts=1, http_status=200)
+
+    async def _settle_retry(self, payload: Payload, first: ApiFailure) -> Answer:
+        """A failure that settles gets ``policy.settle_retries`` quick tries, no backoff."""
+        failure, attempts = first, 1
+        for _ in range(self.policy.settle_retries):
+            await self.policy.clock.sleep(self.policy.settle_wait_s)
+            attempts += 1
+            try:
+                tags = await self._attempt(payload)
+            except ApiFailure as again:
+                failure = again
+                if again.retry_class is not codes.Retry.SETTLES:
+                    break
+                continue
+            self._limiter.on_success()
+            return Answer(codes.OK, "success", tags, attempts=attempts, http_status=200)
+        return failure_answer(failure, attempts)
 
     async def _retry(self, payload: Payload, retries: int, first: ApiFailure) -> Answer:
         """Attempts 2.. under tenacity; attempt 1 (already failed) is replayed so the waits,
@@ -291,13 +320,7 @@ class TagClient:
                         raise failure
                     tags = await self._attempt(payload)
         except ApiFailure as failure:
-            return Answer(
-                failure.code,
-                failure.message,
-                attempts=attempts,
-                http_status=failure.http_status,
-                unreachable=failure.unreachable,
-            )
+            return failure_answer(failure, attempts)
         self._limiter.on_success()
         return Answer(codes.OK, "success", tags, attempts=attempts, http_status=200)
 

@@ -18,6 +18,25 @@ from dataclasses import dataclass, field
 SYSTEM_FOLDERS = frozenset({"@eaDir", ".thumbnails", ".AppleDouble", "__MACOSX"})
 
 SYSTEM, HIDDEN, EXCLUDED, UNSUPPORTED = "system folder", "hidden", "excluded", "unsupported format"
+# Files beside photos that are not photos, counted under names a person knows them by:
+# metadata sidecars (ours from `export --format xmp` among them) and the files desktop
+# systems leave in every folder (macOS, Windows; ``._*`` are AppleDouble resource forks).
+SIDECARS, SYSTEM_FILES = "sidecars", "system files"
+SIDECAR_EXTENSIONS = frozenset({".xmp", ".aae", ".thm"})
+SYSTEM_FILE_NAMES = frozenset(
+    {".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", ".picasa.ini", ".localized"}
+)
+
+
+def is_system_file(name: str) -> bool:
+    return name.lower() in SYSTEM_FILE_NAMES or name.startswith("._")
+
+
+def not_an_image_reason(name: str) -> str:
+    """Why a file that is not an image is left out: a sidecar, a system file, or its format."""
+    if is_system_file(name):
+        return SYSTEM_FILES
+    return SIDECARS if os.path.splitext(name)[1].lower() in SIDECAR_EXTENSIONS else UNSUPPORTED
 
 
 @dataclass
@@ -65,6 +84,8 @@ class WalkRules:
         return EXCLUDED if self.excluded(name, relative) else None
 
     def file_reason(self, name: str, relative: str) -> str | None:
+        if name.startswith(".") and is_system_file(name):
+            return SYSTEM_FILES  # never a photo, hidden or not
         if not self.include_hidden and name.startswith("."):
             return HIDDEN
         return EXCLUDED if self.excluded(name, relative) else None

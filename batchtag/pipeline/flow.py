@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from batchtag.config import RunConfig
 from batchtag.pipeline.dedupe import Dedupe
 from batchtag.pipeline.excludes import WalkRules
+from batchtag.pipeline.ledger import Ledger
 from batchtag.pipeline.progress import Progress, Summary
 from batchtag.pipeline.resume import Checkpoint, ResumeFilter, Skipped
 from batchtag.pipeline.sources import Item, Walk, iter_items
@@ -51,7 +52,10 @@ class Run:
         self.sink = sink
         self.progress = progress
         self.middle = middle
-        self.summary = Summary(out=config.out)
+        self.summary = Summary(out=config.out, fail_on=config.fail_on)
+        self.checkpoint = checkpoint
+        self.ledger = Ledger(checkpoint)
+        self.summary.run_id = self.ledger.run_id
         self.queue: asyncio.Queue[Item | None] = asyncio.Queue(maxsize=middle.queue_size)
         self.results: asyncio.Queue[Record | None] = asyncio.Queue()
         self.resume = ResumeFilter(checkpoint)
@@ -121,6 +125,7 @@ class Run:
         waited for one of them (written next)."""
         for record in batch:
             record.settings = self.settings
+        self.ledger.stamp(batch)
         offsets = await self.sink.write(batch)
         followers = []
         for record, offset in zip(batch, offsets, strict=True):
@@ -149,8 +154,7 @@ class Run:
             self._walker.shutdown(wait=False, cancel_futures=True)
             self.summary.wall_s = time.monotonic() - started
             self.report_hidden_warnings()
-        if self.summary.found == 0 and not self.summary.interrupted:
-            log.warning("no items found in %s", " ".join(self.config.sources))
+        self.summary.add_errors(self.ledger.errors, self.checkpoint)
         return self.summary
 
 

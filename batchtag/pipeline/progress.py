@@ -12,9 +12,10 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from batchtag import codes
-from batchtag.errors import Outcome, SummaryError, exit_status
+from batchtag.errors import DEFAULT_FAIL_ON, Outcome, SummaryError, counts_as_failure, exit_status
 from batchtag.pipeline.excludes import LeftOut
-from batchtag.pipeline.resume import Skipped
+from batchtag.pipeline.ledger import FAILURES_LISTED, ErrorCounts
+from batchtag.pipeline.resume import Checkpoint, Skipped
 from batchtag.records import Record
 
 
@@ -58,6 +59,14 @@ class Summary:
     limit_reached: bool = False  # --max-requests spent: stopped cleanly, resumable
     endpoints: dict[str, int] = field(default_factory=dict)  # items each endpoint answered (several)
     workers: Counter[str] = field(default_factory=Counter)  # records per cluster worker (--cluster)
+    run_id: str = ""  # also in each record this run wrote (``run``)
+    new_errors: int = 0  # of ``errors``: keys that failed for the first time
+    errors_again: int = 0  # of ``errors``: keys whose previous record was an error too
+    settled_errors: int = 0  # failures that settle, tried in --max-attempts runs: not tried again
+    open_errors: int = 0  # error records OUT holds after this run (one a key)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # the first failing keys (ledger)
+    fail_on: str = DEFAULT_FAIL_ON
+    compacted: int = 0  # superseded records removed from OUT before the run (compact.py)
 
     def count(self, record: Record) -> None:
         self.done += 1
@@ -75,6 +84,13 @@ class Summary:
             self.converted += 1
         if "uprighted" in record.extra:
             self.uprighted += 1
+
+    def add_errors(self, errors: ErrorCounts, checkpoint: Checkpoint) -> None:
+        """This run's errors set against what OUT held before it (``ledger``)."""
+        self.new_errors, self.errors_again = errors.new, errors.again
+        self.failures = errors.failures
+        self.settled_errors = checkpoint.settled_errors
+        self.open_errors = checkpoint.error_records - errors.redone + self.errors
 
     def left_out_lines(self) -> list[str]:
         """Files the walk left out, by reason, each with its commonest extensions."""
@@ -105,14 +121,22 @@ class Summary:
 
     @property
     def outcome(self) -> Outcome:
-        """This run's outcome: errors left by earlier runs are reported, not held against it."""
+        """What this run did, then what OUT holds, as ``--fail-on`` counts them
+        (``errors.FAILS_UNDER``): new errors before old ones."""
         if self.interrupted:
             return Outcome.INTERRUPTED
         if self.limit_reached:
             return Outcome.REQUEST_LIMIT
         if self.found == 0:
             return Outcome.NO_ITEMS
-        return Outcome.SOME_FAILED if self.errors else Outcome.ALL_OK
+        happened = (
+            (Outcome.SOME_FAILED, self.new_errors > 0),
+            (Outcome.OLD_ERRORS, self.open_errors > 0),
+        )
+        for outcome, true in happened:
+            if true and counts_as_failure(outcome, self.fail_on):
+                return outcome
+        return Outcome.ALL_OK
 
     @property
     def exit_code(self) -> int:
@@ -122,6 +146,7 @@ class Summary:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["by_code"] = {str(code): n for code, n in sorted(self.by_code.items())}
         data["left_out"] = self.left_out.to_dict()
+        data["failures_listed_at_most"] = FAILURES_LISTED
         data["workers"] = dict(sorted(self.workers.items()))
         if not self.workers:
             del data["workers"]
@@ -148,12 +173,21 @@ class Summary:
         failures = {code: n for code, n in self.by_code.items() if code != codes.OK}
         for code, n in sorted(failures.items(), key=lambda kv: -kv[1])[:10]:
             lines.append(f"    code {code:>6}  {n:>8,}  {codes.message(code)}")
+        if self.failures:  # the whole message once: it may say what to do
+            lines.append(f"    first: {self.failures[0]['key']}: {self.failures[0]['message']}")
         if self.skipped_done:
             lines.append(f"  skipped    {self.skipped_done:>10,}  already in OUT")
+        if self.errors_again:
+            lines.append(f"    again    {self.errors_again:>10,}  failed before too (not new)")
         if self.previous_errors:
             lines.append(
                 f"  old errors {self.previous_errors:>10,}  error records from earlier runs in OUT "
                 "(redo them with --retry-errors)"
+            )
+        if self.settled_errors:
+            lines.append(
+                f"  settled    {self.settled_errors:>10,}  dead links and the like, tried in --max-attempts "
+                "runs: not tried again until --retry-errors"
             )
         if self.broken_lines:
             lines.append(
@@ -180,6 +214,8 @@ class Summary:
             lines.append(f"  converted  {self.converted:>10,}  HEIC/WebP/TIFF/RAW sent as JPEG")
         if self.uprighted:
             lines.append(f"  uprighted  {self.uprighted:>10,}  turned upright by their EXIF orientation")
+        if self.compacted:
+            lines.append(f"  compacted  {self.compacted:>10,}  superseded records removed from OUT first")
         lines += self.left_out_lines()
         for name, n in self.endpoints.items():
             lines.append(f"  endpoint   {n:>10,}  answered by {name}")

@@ -24,6 +24,8 @@ def result_record(
     """The record of an item the API answered (after retries): ok, or its last failure."""
     status: Status = "ok" if answer.code == codes.OK else "error"
     extra = {**notes, "elapsed_ms": elapsed_ms}
+    if answer.code == codes.CLIENT_HTTP_ERROR and answer.http_status is not None:
+        extra["http_status"] = answer.http_status  # its retry class across runs depends on it
     return Record(
         item.key,
         item.kind,

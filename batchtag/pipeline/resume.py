@@ -31,12 +31,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from batchtag.codes import DEFAULT_MAX_ATTEMPTS
 from batchtag.errors import ConfigError
 from batchtag.keyset import KeySet, fingerprint
 from batchtag.pipeline.dedupe import ContentIndex
 from batchtag.pipeline.sources import Item
 from batchtag.records import (
     OTHER_SETTINGS,
+    SETTLING_FLAG,
     LineScan,
     Settings,
     parse_record,
@@ -66,6 +68,14 @@ class Checkpoint:
     lines: int = 0
     error_records: int = 0
     transient_errors: int = 0  # error records a rerun does again without being asked
+    settled_errors: int = 0  # failures that settle, tried in --max-attempts runs: left alone
+    # Keys whose last record is a failure that settles (sorted), and the runs that tried each:
+    # a run that tries one again carries the count forward (``ledger``).
+    settling_keys: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
+    settling_runs: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint8))
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retried_errors: KeySet = field(default_factory=KeySet)  # error records --retry-errors removed
+    compacted: int = 0  # superseded records a run's own compaction removed before it started
     torn_bytes: int = 0  # cut off the end of OUT: a record half-written by a crash
     bad_lines: int = 0  # lines that are not complete records, kept as they are
     bad_line_numbers: list[int] = field(default_factory=list)  # the first few, for the warning
@@ -80,11 +90,14 @@ class Checkpoint:
 
 
 def read_checkpoint(
-    path: str, stop: threading.Event | None = None, settings: Settings | None = None
+    path: str,
+    stop: threading.Event | None = None,
+    settings: Settings | None = None,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> Checkpoint:
     """Scan OUT once and reduce it to per-key sets. Raises ScanStopped soon after ``stop``
     is set."""
-    checkpoint = Checkpoint()
+    checkpoint = Checkpoint(max_attempts=max_attempts)
     if not os.path.exists(path):
         return checkpoint
 
@@ -134,17 +147,35 @@ def reduce_scan(checkpoint: Checkpoint, scan: LineScan) -> None:
     flag = np.frombuffer(scan.flags, dtype=np.uint8)[winners]
     is_error = (flag & 1).astype(bool)
     transient = (flag & 2).astype(bool)  # a timeout, code 15, a 503: done again, unasked
-    same = (flag >> 2) != OTHER_SETTINGS
+    settling = (flag & SETTLING_FLAG).astype(bool)  # a dead link: done again up to max_attempts runs
+    same = ((flag & (SETTLING_FLAG - 1)) >> 2) != OTHER_SETTINGS
     del flag
+    runs = settling_runs(scan, winners[settling])
+    settled = runs >= checkpoint.max_attempts
+    checkpoint.settling_keys = done[settling]
+    checkpoint.settling_runs = runs
+    redo = transient.copy()
+    redo[np.flatnonzero(settling)[~settled]] = True
     checkpoint.records = len(done)
     checkpoint.error_records = int(is_error.sum())
-    checkpoint.transient_errors = int(transient.sum())
+    checkpoint.transient_errors = int(redo.sum())
+    checkpoint.settled_errors = int(settled.sum())
     checkpoint.errors = KeySet.from_sorted_unique(done[is_error])
     checkpoint.other_settings = KeySet.from_sorted_unique(done[~same])
     checkpoint.done = KeySet.from_sorted_unique(done)
-    unchanged = as_uint64(scan.states)[winners[same & ~transient]]
+    unchanged = as_uint64(scan.states)[winners[same & ~redo]]
     unchanged.sort()
     checkpoint.unchanged = KeySet.from_sorted_unique(unchanged)
+
+
+def settling_runs(scan: LineScan, lines: np.ndarray) -> np.ndarray:
+    """The run counts of the given settling error lines (indices into the scan's arrays)."""
+    if not len(lines):
+        return np.empty(0, dtype=np.uint8)
+    indices = as_uint64(scan.settling_lines)
+    order = np.argsort(indices)
+    at = np.searchsorted(indices[order], lines.astype(np.uint64))
+    return np.frombuffer(scan.settling_runs, dtype=np.uint8)[order][at]
 
 
 @dataclass

@@ -20,13 +20,17 @@ import fcntl
 import logging
 import os
 import secrets
+import signal
 import stat
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Protocol
 
+from batchtag.codes import DEFAULT_MAX_ATTEMPTS
 from batchtag.errors import NotAResultsFile, SinkError
+from batchtag.keyset import KeySet, fingerprint_bytes
 from batchtag.pipeline.resume import Checkpoint, read_checkpoint
 from batchtag.records import (
     KEY_START,
@@ -34,7 +38,7 @@ from batchtag.records import (
     Settings,
     parse_record,
     read_key_bytes_and_status,
-    valid_line_mask,
+    record_line_masks,
 )
 from batchtag.results_file import check_results_file, is_record_prefix
 
@@ -132,37 +136,85 @@ def write_all(fd: int, data: bytes, writer: Writer | None = None) -> None:
         view = view[writer.write(fd, view) :]
 
 
-def copy_without_errors(path: str, source_fd: int, target_fd: int) -> int:
-    """Copy OUT's lines to ``target_fd``: each key's valid record unless it is an error,
-    and every line that is not a record, as it was (only a torn last line is ever cut);
-    records superseded by a later one of their key go. Returns the errors dropped."""
-    dropped = 0
+KeepLine = Callable[[bytes], bool]
+
+
+def copy_valid_lines(
+    path: str, source_fd: int, target_fd: int, keep: KeepLine | None = None
+) -> tuple[int, int]:
+    """Copy OUT's lines to ``target_fd``: each key's valid record when ``keep`` says so (all
+    of them without ``keep``), and every line that is not a record, as it was (only a torn
+    last line is ever cut); records superseded by a later one of their key go. Returns the
+    record lines read and the valid records among them."""
     pending: list[bytes] = []
-    size = 0
-    valid = valid_line_mask(path)
+    held: list[bytes] | None = []  # lines before the first record: they follow it, so the
+    size = 0  # copy still starts with a record (``is_results_head``) and stays ours
+    flushed = False
+    valid, is_record = record_line_masks(path)
     with os.fdopen(os.dup(source_fd), "rb") as source:
         source.seek(0)
         for index, line in enumerate(source):
-            if index < len(valid) and valid[index]:
-                if read_key_bytes_and_status(line)[1] == "error":
-                    dropped += 1
+            known = index < len(valid)
+            if known and valid[index]:
+                if keep is not None and not keep(line):
                     continue
-            elif parse_record(line) is not None:
+                if held is not None:
+                    pending += [line, *held]
+                    size += len(line) + sum(map(len, held))
+                    held = None
+                    continue
+            elif is_record[index] if known else parse_record(line) is not None:
                 continue  # superseded by a later record of its key
+            elif held is not None:
+                held.append(line)
+                continue
             pending.append(line)
             size += len(line)
             if size >= 1 << 20:
                 write_all(target_fd, b"".join(pending))
                 pending, size = [], 0
-    write_all(target_fd, b"".join(pending))
-    return dropped
+                if not flushed:
+                    flushed = True
+                    pause_at("rewrite-copying")
+    write_all(target_fd, b"".join(pending + (held or [])))
+    return int(is_record.sum()), int(valid.sum())
 
 
-def rewrite_without_errors(path: str, handle: BinaryIO) -> tuple[BinaryIO, int]:
-    """``--retry-errors``: replace OUT with a copy without its error records
-    (``copy_without_errors``), atomically (temp file, fsync, rename), keeping OUT's mode
-    and owner. The copy is locked before the rename, so no other run can slip in between;
-    it is returned as the new handle. Returns it and the number of errors dropped."""
+def copy_without_errors(path: str, source_fd: int, target_fd: int) -> KeySet:
+    """``--retry-errors``: the valid records that are not errors (``copy_valid_lines``).
+    Returns the keys of the errors dropped (a failure of theirs in this run is not new)."""
+    dropped: list[int] = []
+
+    def not_an_error(line: bytes) -> bool:
+        key, status = read_key_bytes_and_status(line)
+        if status == "error":
+            dropped.append(fingerprint_bytes(key))
+            return False
+        return True
+
+    copy_valid_lines(path, source_fd, target_fd, not_an_error)
+    return KeySet(dropped)
+
+
+def rewrite_without_errors(path: str, handle: BinaryIO) -> tuple[BinaryIO, KeySet]:
+    """``--retry-errors``: replace OUT with a copy without its error records; see
+    ``rewrite_out``. Returns the new handle and the keys of the errors dropped."""
+    dropped = KeySet()
+
+    def copy(source_fd: int, target_fd: int) -> None:
+        nonlocal dropped
+        dropped = copy_without_errors(path, source_fd, target_fd)
+
+    return rewrite_out(path, handle, copy), dropped
+
+
+def rewrite_out(path: str, handle: BinaryIO, copy: Callable[[int, int], object]) -> BinaryIO:
+    """Replace OUT (open and locked as ``handle``) with what ``copy(source_fd, target_fd)``
+    writes, atomically (temp file beside it, fsync, rename, fsync of the folder), keeping
+    OUT's mode and owner. The copy is locked before the rename, so no other run can slip in
+    between; it is returned as the new handle (``handle`` is closed). A crash at any point
+    leaves OUT whole, old or new; the temp file it may leave is removed by the next open.
+    Used by ``--retry-errors`` and ``compact``."""
     directory = os.path.dirname(os.path.abspath(path))
     info = os.fstat(handle.fileno())
     temp = os.path.join(directory, f"{temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}.tmp")
@@ -177,9 +229,11 @@ def rewrite_without_errors(path: str, handle: BinaryIO) -> tuple[BinaryIO, int]:
         os.fchmod(fd, stat.S_IMODE(info.st_mode))
         with contextlib.suppress(OSError):  # only root may give a file away
             os.fchown(fd, info.st_uid, info.st_gid)
-        dropped = copy_without_errors(path, handle.fileno(), fd)
+        copy(handle.fileno(), fd)
+        pause_at("rewrite-copied")
         os.fsync(fd)
         os.replace(temp, path)
+        pause_at("rewrite-renamed")
         fsync_directory(directory)
     except BaseException as exc:
         new.close()
@@ -189,7 +243,17 @@ def rewrite_without_errors(path: str, handle: BinaryIO) -> tuple[BinaryIO, int]:
             raise SinkError(f"cannot rewrite {path}: {exc.strerror or exc}") from None
         raise
     handle.close()
-    return new, dropped
+    return new
+
+
+PAUSE_ENV = "BATCHTAG_TEST_PAUSE_AT"
+
+
+def pause_at(point: str) -> None:
+    """A test hook: with ``BATCHTAG_TEST_PAUSE_AT=point`` the process stops itself (SIGSTOP)
+    here, a state the test sees in /proc and then SIGKILLs (tests/test_compact.py)."""
+    if os.environ.get(PAUSE_ENV) == point:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def fsync_directory(directory: str) -> None:
@@ -291,6 +355,7 @@ def open_sink(
     stop: threading.Event | None = None,
     settings: Settings | None = None,
     writer: Writer | None = None,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> tuple[ResultSink, Checkpoint]:
     """Lock OUT, check it is ours, repair a torn tail, with ``retry_errors`` drop the error
     records, read the checkpoint (errors that may pass are done again by resume).
@@ -308,12 +373,20 @@ def open_sink(
         if torn:
             log.warning("%s ended with a torn record (%d bytes, from a crash); cut it off", path, torn)
         remove_stale_temps(path)
+        dropped = KeySet()
         if retry_errors:
             handle, dropped = rewrite_without_errors(path, handle)
             if dropped:
-                log.info("--retry-errors: %d error records removed from %s, to be done again", dropped, path)
-        checkpoint = read_checkpoint(path, stop, settings)
+                log.info(
+                    "--retry-errors: %d error records removed from %s, to be done again", len(dropped), path
+                )
+        checkpoint = read_checkpoint(path, stop, settings, max_attempts)
+        handle, compacted = compact_if_due(path, handle, checkpoint)
+        if compacted:
+            checkpoint = read_checkpoint(path, stop, settings, max_attempts)
+            checkpoint.compacted = compacted
         checkpoint.torn_bytes = torn
+        checkpoint.retried_errors = dropped
     except BaseException:
         handle.close()
         raise
@@ -329,6 +402,28 @@ def open_sink(
             more,
         )
     return ResultSink(path, handle, writer), checkpoint
+
+
+AUTO_SHARE = 0.5  # superseded record lines over all record lines, above which a run compacts
+AUTO_MIN_SUPERSEDED = 1_000  # below this many, the rewrite is not worth a second scan
+
+
+def should_compact(checkpoint: Checkpoint) -> bool:
+    """Whether a run compacts OUT before it starts (see ``AUTO_SHARE``)."""
+    superseded = checkpoint.lines - checkpoint.records
+    return superseded >= AUTO_MIN_SUPERSEDED and superseded > AUTO_SHARE * checkpoint.lines
+
+
+def compact_if_due(path: str, handle: BinaryIO, checkpoint: Checkpoint) -> tuple[BinaryIO, int]:
+    """At the start of a run (OUT open and locked as ``handle``): compact when due. Returns
+    the handle to go on with and how many superseded records went (when any did, the
+    checkpoint must be read again: offsets moved)."""
+    if not should_compact(checkpoint):
+        return handle, 0
+    superseded = checkpoint.lines - checkpoint.records
+    handle = rewrite_out(path, handle, lambda source, target: copy_valid_lines(path, source, target))
+    log.info("%s: compacted, %d superseded records removed", path, superseded)
+    return handle, superseded
 
 
 def open_locked(path: str) -> BinaryIO:

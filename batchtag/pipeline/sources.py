@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from batchtag import codes
 from batchtag.errors import SourceError
-from batchtag.pipeline.excludes import UNSUPPORTED, LeftOut, WalkRules
+from batchtag.pipeline.excludes import LeftOut, WalkRules, not_an_image_reason
 from batchtag.records import SourceKind
 
 SENT_AS_IS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})  # what the API takes
@@ -190,7 +190,7 @@ def _walk(directory: str, relative_to: str, ancestors: set[tuple[int, int]], wal
             elif is_image_name(name):
                 yield _file_item(entry, f"{base}{os.sep}{name}")
             else:
-                left_out.file(UNSUPPORTED, name)
+                left_out.file(not_an_image_reason(name), name)
     finally:
         ancestors.discard(identity)
 

@@ -31,7 +31,10 @@ MAX_REDIRECTS = 5
 MAX_URL_LENGTH = 8192
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 CHUNK_SIZE = 64 * 1024
-PRIVATE_ADDRESS_DETAIL = "url points at a private address (loopback, private, link-local or reserved)"
+PRIVATE_ADDRESS_DETAIL = (
+    "url points at a private address (loopback, private, link-local or reserved); "
+    "batchtag serve --allow-private-urls fetches them"
+)
 USER_AGENT = "batchtag-server (image-tag API)"
 
 
