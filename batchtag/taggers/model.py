@@ -29,9 +29,7 @@ batch.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,8 +132,6 @@ class ModelTagger:
             self.objects = objects or ObjectDetector()  # CenterFace takes the detector's input too
         if "detector" in chosen:
             self.object_rules = ObjectRules(lang)
-        self._side: ThreadPoolExecutor | None = None
-        self._side_lock = threading.Lock()
 
     def prepare(self, image: Image.Image) -> Prepared:
         """The network inputs for one image (thread-safe)."""
@@ -151,36 +147,14 @@ class ModelTagger:
         if not items:
             return []
         prepared = [item if isinstance(item, Prepared) else self.prepare(item) for item in items]
-        if self._wants_detector():
-            # The detector runs on one intra-op thread; the classifier beside it on its own
-            # thread keeps both cores busy instead of one while the detector works (same
-            # models, same inputs: the same numbers).
-            pending = self._side_pool().submit(self._classify, prepared)
-            found = self._objects(prepared)
-            classified = pending.result()
-        else:
-            classified = self._classify(prepared)
-            found = self._objects(prepared)
+        probs = self.classifier.predict(self.classifier.normalize(np.stack([p.pixels for p in prepared])))
+        classified = self.rules.parts_batch(probs)
+        found = self._objects(prepared)
         faces = self._faces(prepared, found)
         return [
             self._merge(parts, photo_faces, objects)
             for parts, photo_faces, objects in zip(classified, faces, found, strict=True)
         ]
-
-    def _classify(self, prepared: Sequence[Prepared]) -> list[tuple[Named, Named]]:
-        """The classifier's (specific, broad) names per photo: one network call for the batch."""
-        probs = self.classifier.predict(self.classifier.normalize(np.stack([p.pixels for p in prepared])))
-        return self.rules.parts_batch(probs)
-
-    def _wants_detector(self) -> bool:
-        return self.objects is not None and "detector" in self.stages
-
-    def _side_pool(self) -> ThreadPoolExecutor:
-        """The thread the classifier runs on beside the detector (made on first use)."""
-        with self._side_lock:
-            if self._side is None:
-                self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchtag-classifier")
-            return self._side
 
     def _faces(self, prepared: Sequence[Prepared], found: Sequence[Detections | None]) -> list[list[Face]]:
         """Faces per photo from the face stage that is on (CenterFace where it is asked for)."""
@@ -208,7 +182,7 @@ class ModelTagger:
         return sum(1 for p in objects.persons if p.score >= PERSON_FLOOR) >= floor.min_persons
 
     def _objects(self, prepared: Sequence[Prepared]) -> list[Detections | None]:
-        if not self._wants_detector() or self.objects is None:
+        if self.objects is None or "detector" not in self.stages:
             return [None for _ in prepared]
         inputs = [p.objects for p in prepared if p.objects is not None]
         return list(self.objects.detect(inputs, [p.size for p in prepared]))
