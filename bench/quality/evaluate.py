@@ -90,9 +90,9 @@ def build_tagger(config: Config) -> Any:
 def tag_photos(tagger: Any, paths: Sequence[Path]) -> dict[str, Tags]:
     """Each photo's tags, through the server's decode (with its limits for this tagger), the
     tagger's prepare and its batches."""
-    from batchtag.server.service import create_state
     from batchtag.server.config import ServeConfig
     from batchtag.server.imaging import decode_image
+    from batchtag.server.service import create_state
     from batchtag.taggers import preparer
 
     limits = create_state(ServeConfig(tagger="model"), tagger).limits
