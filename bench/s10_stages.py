@@ -94,8 +94,8 @@ def run(ctx: Ctx) -> Section:
             )
             bars[f"{name.split(' (')[0]}, {label.split(' (')[0]}"] = median(rates[name])
     section.notes.append(
-        "Both defaults on the same files, alternating; each tagger's models use one intra-op thread but "
-        "the classifier's (2 on this machine). Tag quality of the same configurations: section 9."
+        "Both defaults on the same files, alternating; every model runs on one intra-op thread but the "
+        "float classifier (2 on this machine). Tag quality of the same configurations: section 9."
     )
     section.plots.append(
         bar_plot(ctx.out / "stages-throughput.png", "Default tagger, 640 px", "images / s", bars)

@@ -114,7 +114,12 @@ class ModelTagger:
         self.stages = chosen
         self.min_confidence = min_confidence
         self.max_tags = max_tags
-        self.classifier = classifier or ImageNetClassifier(model_path=INT8_CLASSIFIER if int8 else None)
+        # The INT8 classifier on one intra-op thread: its many small operators cost more CPU
+        # split over two (the same logits either way), and on two busy cores the CPU an image
+        # is what sets the images a second (bench section ``stages``).
+        self.classifier = classifier or (
+            ImageNetClassifier(model_path=INT8_CLASSIFIER, threads=1) if int8 else ImageNetClassifier()
+        )
         # The classifier's own cut is left to the merge, which sees every stage's names.
         self.rules = LabelRules.load(lang, max_tags=1000)
         people_needed = bool(chosen & {"faces", "blazeface", "detector"})
