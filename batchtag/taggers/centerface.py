@@ -24,26 +24,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from batchtag.taggers.faces import Face, weighted_nms
+from batchtag.taggers.runtime import cpu_session
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "data" / "centerface.onnx"
 INPUT_NAME = "input.1"
 OUTPUTS = ("537", "538", "539")  # heatmap, scale, offset (540: landmarks, unused)
 STRIDE = 4
-
-
-def session(model_path: Path, threads: int = 1) -> ort.InferenceSession:
-    """A CPU session tuned as the other stages' (one thread, no spinning)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def decode(
@@ -75,7 +63,7 @@ class CenterFace:
             )
         self.min_score = min_score
         self.nms_iou = nms_iou
-        self.session = session(self.model_path)
+        self.session = cpu_session(self.model_path)
 
     def raw(self, batch: np.ndarray) -> list[np.ndarray]:
         """Heatmap, scale and offset for a (N, 3, H, W) RGB 0..255 batch."""

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
+
+from batchtag.taggers.runtime import cpu_session
 
 INPUT_SIZE = 128
 STRIDES = (8, 16, 16, 16)
@@ -243,16 +244,7 @@ class FaceDetector:
         self.settings = settings
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        self.session = cpu_session(self.model_path, threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def raw(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -31,10 +31,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from batchtag.taggers.rules import NUM_CLASSES  # ImageNet-1k: the class count lives with the class rules
+from batchtag.taggers.runtime import cpu_session
 
 INPUT_SIZE = 224
 """Side of the square network input."""
@@ -113,18 +113,7 @@ class ImageNetClassifier:
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle worker threads would otherwise busy-wait between operators and take CPU away from
-        # the image decoding that runs next to inference on a 2-core machine.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3  # warnings about unused initialisers etc. are noise here
-        self.session = ort.InferenceSession(
-            str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        self.session = cpu_session(self.model_path, self.threads)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 

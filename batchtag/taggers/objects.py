@@ -24,10 +24,10 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from batchtag.taggers.faces import REDUCING_GAP, Face, weighted_nms
+from batchtag.taggers.runtime import cpu_session
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "data" / "yolox_nano.onnx"
 STRIDES = (8, 16, 32)
@@ -152,16 +152,7 @@ class ObjectDetector:
         self.box_floor = box_floor
         self.nms_iou = nms_iou
         self._cells, self._strides = grid(size)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        self.session = cpu_session(self.model_path, threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def prepare(self, image: Image.Image) -> tuple[np.ndarray, float]:
