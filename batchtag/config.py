@@ -28,7 +28,7 @@ from batchtag.endpoint_specs import (
 )
 from batchtag.errors import DEFAULT_FAIL_ON, EXIT_STATUS, FAIL_ON_CHOICES, ConfigError, Outcome
 from batchtag.records import Settings
-from batchtag.taggers.base import DEFAULT_STAGES, LANGS, STAGES, TAGGERS, parse_stages
+from batchtag.taggers.base import LANGS, STAGES_HELP, TAGGERS, parse_stages
 
 LOCAL = "local"
 ENV_PREFIX = "BATCHTAG_"
@@ -214,11 +214,7 @@ class RunConfig:
         None,
         flags=("--stages",),
         metavar="LIST",
-        help="model tagger stages, comma-separated, from "
-        + ",".join(STAGES)
-        + " (default: "
-        + ",".join(s for s in STAGES if s in DEFAULT_STAGES)
-        + "; blazeface is the face stage of earlier versions, kept for comparison; local endpoint only)",
+        help=STAGES_HELP + "; local endpoint only",
     )
     float_classifier: bool = setting(
         False,

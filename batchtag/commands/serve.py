@@ -11,7 +11,8 @@ from typing import Any
 
 from batchtag.commands import EXIT_USAGE
 from batchtag.errors import Outcome, exit_status
-from batchtag.taggers import DEFAULT_MIN_CONFIDENCE, DEFAULT_STAGES, LANGS, STAGES, TAGGERS
+from batchtag.taggers import DEFAULT_MIN_CONFIDENCE, LANGS, TAGGERS
+from batchtag.taggers.base import STAGES_HELP
 
 
 def add_serve_parser(commands: Any) -> None:
@@ -33,11 +34,7 @@ def add_serve_parser(commands: Any) -> None:
     p.add_argument(
         "--stages",
         metavar="LIST",
-        help="model tagger stages, comma-separated, from "
-        + ",".join(STAGES)
-        + " (default: "
-        + ",".join(s for s in STAGES if s in DEFAULT_STAGES)
-        + "; blazeface is the face stage of earlier versions, kept for comparison)",
+        help=STAGES_HELP,
     )
     p.add_argument(
         "--float-classifier",

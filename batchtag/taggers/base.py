@@ -50,6 +50,12 @@ DEFAULT_STAGES = frozenset({"classifier", "detector"})
 # at 21 (recall 0.61, precision 0.92 there; held-out 0.56 / 0.85); tags scoring 10-19 were
 # right half of the time, 20-29 three times in four, 30 and up 0.76-1.00 per band.
 DEFAULT_MIN_CONFIDENCE = 21
+# ``--stages``'s help, the same for run and serve.
+STAGES_HELP = (
+    f"model tagger stages, comma-separated, from {','.join(STAGES)} "
+    f"(default: {','.join(s for s in STAGES if s in DEFAULT_STAGES)}; blazeface is the face stage "
+    "of earlier versions, kept for comparison)"
+)
 
 
 def confidence(share: float) -> int:
