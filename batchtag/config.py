@@ -28,7 +28,7 @@ from batchtag.endpoint_specs import (
 )
 from batchtag.errors import DEFAULT_FAIL_ON, EXIT_STATUS, FAIL_ON_CHOICES, ConfigError, Outcome
 from batchtag.records import Settings
-from batchtag.taggers.base import LANGS, STAGES_HELP, TAGGERS, parse_stages
+from batchtag.taggers.base import LANGS, STAGES_HELP, TAGGERS, model_choice, parse_stages
 
 LOCAL = "local"
 ENV_PREFIX = "BATCHTAG_"
@@ -274,7 +274,8 @@ class RunConfig:
         """What shapes the tags, as records carry it: the endpoint without credentials,
         query or fragment; the tagger and language only where the run chooses them."""
         if self.is_local:
-            return Settings(LOCAL, self.tagger, self.lang)
+            model = model_choice(parse_stages(self.stages), self.faces, not self.float_classifier)
+            return Settings(LOCAL, self.tagger, self.lang, model if self.tagger == "model" else None)
         if self.endpoints:
             service = self.service or public_endpoint(first_url(self.endpoints))
             return Settings(service, declared(self.endpoints, "tagger"), declared(self.endpoints, "lang"))

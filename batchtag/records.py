@@ -147,26 +147,28 @@ def content_hash(data: bytes) -> str:
 @dataclass(frozen=True, slots=True)
 class Settings:
     """The settings that shape tags. ``tagger`` and ``lang`` are the embedded tagger's and
-    are None for a remote endpoint, whose own model and language the client cannot see."""
+    are None for a remote endpoint, whose own model and language the client cannot see;
+    ``model`` says what the embedded model tagger does otherwise than its default (other
+    stages, the float classifier) and is None, and left out of the line, for the default."""
 
     endpoint: str
     tagger: str | None = None
     lang: str | None = None
+    model: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"endpoint": self.endpoint}
-        if self.tagger is not None:
-            data["tagger"] = self.tagger
-        if self.lang is not None:
-            data["lang"] = self.lang
+        for name in ("tagger", "lang", "model"):
+            if (value := getattr(self, name)) is not None:
+                data[name] = value
         return data
 
     @classmethod
     def from_dict(cls, data: Any) -> Settings | None:
         """Settings from a record's ``settings`` object; None when it is not in our shape."""
-        if not isinstance(data, dict) or set(data) - {"endpoint", "tagger", "lang"}:
+        if not isinstance(data, dict) or set(data) - {"endpoint", "tagger", "lang", "model"}:
             return None
-        values = (data.get("endpoint"), data.get("tagger"), data.get("lang"))
+        values = (data.get("endpoint"), data.get("tagger"), data.get("lang"), data.get("model"))
         if not isinstance(values[0], str) or not all(v is None or isinstance(v, str) for v in values[1:]):
             return None
         return cls(*values)

@@ -372,6 +372,27 @@ def test_other_language_is_refused_unless_retag(tmp_path):
     assert run_cli(*base, "--lang", "zh").returncode == 0  # nothing mixed any more
 
 
+def test_other_model_stages_are_a_settings_change(tmp_path):
+    """--stages (and the float classifier) change the tags, so records name them; the default
+    leaves them out, so an OUT made before they were named still resumes."""
+    root = tmp_path / "photos"
+    photo(root / "a.jpg", (220, 20, 20))
+    out = tmp_path / "out.jsonl"
+    base = ["run", root, "-o", out, "--tagger", "model", "--no-progress"]
+    assert run_cli(*base).returncode == 0
+    made_by_default = out.read_bytes()
+    assert "model" not in next(iter(valid(out).values()))["settings"]
+    refused = run_cli(*base, "--stages", "classifier,blazeface")
+    assert refused.returncode == 2 and "--retag" in refused.stderr and "Traceback" not in refused.stderr
+    assert out.read_bytes() == made_by_default
+    assert run_cli(*base, "--stages", "classifier,blazeface", "--retag").returncode == 0
+    (record,) = valid(out).values()
+    assert record["settings"]["model"] == "stages classifier,blazeface"
+    assert run_cli(*base, "--stages", "blazeface,classifier").returncode == 0  # the same choice
+    assert run_cli(*base, "--stages", "classifier,detector").returncode == 2  # the default again
+    assert run_cli(*base, "--float-classifier").returncode == 2
+
+
 async def test_other_endpoint_is_refused(serve, creds, tmp_path):
     first, second = await serve(), await serve()
     photo(tmp_path / "photos" / "a.jpg")

@@ -56,6 +56,7 @@ from batchtag.taggers.base import (
     confidence,
     parse_stages,
     preparer,
+    resolve_stages,
 )
 
 __all__ = [
@@ -97,10 +98,10 @@ def load_tagger(
     if name == "model":
         from batchtag.taggers.model import ModelTagger
 
-        chosen = check_stages(DEFAULT_STAGES if stages is None else stages)
-        if not faces:
-            chosen -= {"faces", "blazeface"}
         return ModelTagger(
-            lang=lang, stages=chosen, min_confidence=check_min_confidence(min_confidence), int8=int8
+            lang=lang,
+            stages=resolve_stages(stages, faces),
+            min_confidence=check_min_confidence(min_confidence),
+            int8=int8,
         )
     raise ValueError(f"unknown tagger {name!r}; choose one of {', '.join(TAGGERS)}")

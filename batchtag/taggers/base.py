@@ -81,6 +81,26 @@ def parse_stages(text: str | None) -> frozenset[str] | None:
     return check_stages(name.strip() for name in text.split(",") if name.strip())
 
 
+def resolve_stages(stages: Iterable[str] | None, faces: bool = True) -> frozenset[str]:
+    """The stages a model tagger runs: the chosen ones (default ``DEFAULT_STAGES``), less the
+    face stages under ``--no-faces``."""
+    chosen = check_stages(DEFAULT_STAGES if stages is None else stages)
+    return chosen - {"faces", "blazeface"} if not faces else chosen
+
+
+def model_choice(stages: Iterable[str] | None, faces: bool = True, int8: bool = True) -> str | None:
+    """What a run's model tagger does otherwise than the default, as records name it in their
+    settings, so a rerun with other stages is a settings change. None for the default: records
+    made with it keep the settings they always had, and older OUTs resume as before."""
+    chosen = resolve_stages(stages, faces)
+    parts = []
+    if chosen != DEFAULT_STAGES:
+        parts.append("stages " + ",".join(name for name in STAGES if name in chosen))
+    if not int8:
+        parts.append("float classifier")
+    return "; ".join(parts) or None
+
+
 def check_min_confidence(value: int) -> int:
     """A minimum confidence is a whole number 0..100, as the API's confidences are."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
