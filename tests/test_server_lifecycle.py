@@ -115,3 +115,29 @@ def test_serve_forever_logs_its_url_and_stops_cleanly(stop_signal: signal.Signal
     assert process.returncode == 0, stderr
     assert stdout == "returned\n"
     assert SECRET not in first_line + stderr
+
+
+def test_a_signal_after_serve_stopped_changes_nothing() -> None:
+    """serve_forever has stopped cleanly; a late SIGTERM (a supervisor repeating itself) must
+    not turn the clean exit into -15. The script waits on stdin after returning, so the
+    second signal lands after the stop, by order, not by timing."""
+    script = SERVE_SCRIPT + "sys.stdin.read()\nprint('exiting', flush=True)\n"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, "en", SECRET],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None and process.stdout is not None and process.stdin is not None
+        assert "serving on" in process.stderr.readline()
+        process.send_signal(signal.SIGTERM)
+        assert process.stdout.readline() == "returned\n"
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(input="", timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert stdout == "exiting\n"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
+from batchtag.interrupts import SIGNALS, hard_exit, ignore_signals
 from batchtag.server.app import API_CODE, create_app
 from batchtag.server.config import ServeConfig
 from batchtag.taggers import Tagger
@@ -134,7 +134,7 @@ def serve_forever(config: ServeConfig) -> None:
 async def _serve_until_signalled(config: ServeConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     if not config.credentials:
         log.warning("no credentials configured: every request will be refused (code 10)")
@@ -144,6 +144,17 @@ async def _serve_until_signalled(config: ServeConfig) -> None:
         await stop.wait()
         log.info("shutting down")
     finally:
+        for signum in SIGNALS:
+            loop.add_signal_handler(signum, stop_at_once)
         await server.close()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in SIGNALS:
             loop.remove_signal_handler(signum)
+        # remove_signal_handler puts the default action back: a late SIGTERM after a clean
+        # stop would end the process as -15. Stopped is stopped: later signals change nothing.
+        ignore_signals()
+
+
+def stop_at_once() -> None:
+    """A second signal while in-flight requests drain: the user does not want to wait."""
+    log.warning("second signal: stopping now, without waiting for requests in flight")
+    hard_exit()
