@@ -14,7 +14,7 @@ and the run goes at 4Q.
 Failover: a member whose request definitely failed for the endpoint's reasons (no
 connection, HTTP 5xx, the API's busy/internal codes: ``codes.says_endpoint_down``) is taken
 out at once, without retrying there, and the item goes to another member. A taken-out
-member is probed with back-off (1 s, doubling to 15 s): the probe is the next item itself,
+member is probed with back-off (1 s, doubling to 5 s): the probe is the next item itself,
 so a probe costs no extra request and an item whose probe fails simply goes elsewhere.
 One that answers is back in. A member that refuses its credentials is out for the run,
 with one line naming it (by ``name`` or scheme://host:port, never a secret); the run
@@ -51,7 +51,7 @@ from batchtag.signing import Credentials
 log = logging.getLogger("batchtag")
 
 PROBE_FIRST_WAIT_S = 1.0
-PROBE_MAX_WAIT_S = 15.0
+PROBE_MAX_WAIT_S = 5.0  # so an endpoint back after a long outage takes its share within ~5 s
 IDLE_POLL_S = 0.05  # every member out and its probe in flight: look again this often
 
 
