@@ -163,7 +163,7 @@ def read_out_readonly(config: RunConfig) -> Checkpoint:
     except OSError as exc:
         raise SinkError(f"cannot read {config.out}: {exc.strerror or exc}") from None
     settings = config.settings()
-    checkpoint = read_checkpoint(config.out, settings=settings)
+    checkpoint = read_checkpoint(config.out, settings=settings, max_attempts=config.max_attempts)
     if not config.retag:
         refuse_other_settings(checkpoint, settings, config.out)
     return checkpoint
