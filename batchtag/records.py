@@ -479,12 +479,12 @@ class _BlockScanner:
         self.on_bad_line = on_bad_line
         self.number = 0  # lines before the current block
         self.position = 0  # its byte offset in OUT
-        self.url_ok: re.Pattern[bytes] | None = None
+        self.line_heads: re.Pattern[bytes] | None = None
         self.each_line: re.Pattern[bytes] | None = None
         if self.tail is not None:
-            # Group 1: the key of each such head in a block (``_all_plain`` checks that
-            # they are the lines' starts).
-            self.url_ok = re.compile(_URL_OK_HEAD)
+            # At every newline: the key of the line after it when that line starts with
+            # the head of an ok URL record with a plain key; b"" for any other line.
+            self.line_heads = re.compile(rb"\n(?:" + _URL_OK_HEAD + rb"|)")
             # One match a line: the key of an ok URL line with the current settings' tail,
             # b"" for any other line (empty keys too: those take the general path).
             fast = _URL_OK_HEAD + rb"[^\n]*" + re.escape(self.tail[:-1]) + rb"(?=\n)"
@@ -492,7 +492,7 @@ class _BlockScanner:
 
     def block(self, block: bytes) -> None:
         """Scan one block of whole lines (``read_blocks``)."""
-        lines = self._all_plain(block) or self._mostly_plain(block) or self._general_block(block)
+        lines = self._whole_records(block) or self._mostly_plain(block) or self._general_block(block)
         self.number += lines
         self.position += len(block)
 
@@ -501,12 +501,14 @@ class _BlockScanner:
         self._general_lines(pieces, range(len(pieces)), self._offsets(pieces))
         return len(pieces) - (not pieces[-1])
 
-    def _all_plain(self, block: bytes) -> int:
-        """A block of nothing but ok URL lines with the current settings and plain keys:
-        every line starts with ``{"key":"`` and no line holds a second one (as many as
-        lines), so each head found starts a line, and there is one a line; every line ends
-        with the tail (as many tails as newlines: each ends at one)."""
-        if self.url_ok is None or self.tail is None or not block.endswith(b"\n"):
+    def _whole_records(self, block: bytes) -> int:
+        """A block whose lines each hold one record (the usual OUT): every line starts
+        with ``{"key":"`` and none holds a second one (as many as lines). Its ok URL lines
+        with a plain key and the current settings are known by their head (one regular
+        expression finds them all) and their tail (as many tails as newlines: each ends
+        one line; else compared line by line in one numpy step); the other lines (errors,
+        files, other settings, ...) take the general path in their place."""
+        if self.line_heads is None or self.tail is None or not block.endswith(b"\n"):
             return 0
         data = np.frombuffer(block, dtype=np.uint8)
         ends = np.flatnonzero(data == NEWLINE)
@@ -514,16 +516,32 @@ class _BlockScanner:
         starts[0], starts[1:] = 0, ends[:-1] + 1
         if int((ends - starts).min()) < len(KEY_START) + len(self.tail):
             return 0
-        opening = data[starts[:, None] + np.arange(len(KEY_START))]
-        if not (opening == np.frombuffer(KEY_START, dtype=np.uint8)).all():
+        if not (_bytes_at(data, starts, len(KEY_START)) == np.frombuffer(KEY_START, dtype=np.uint8)).all():
             return 0
         lines = len(ends)
-        if block.count(KEY_START) != lines or block.count(self.tail) != lines:
+        if block.count(KEY_START) != lines:
             return 0
-        keys = self.url_ok.findall(block)
-        if len(keys) != lines:
+        keys = self.line_heads.findall(b"\n" + block)
+        if len(keys) != lines + 1:
             return 0
-        self._add_plain(_fingerprints(keys))
+        keys.pop()  # the block's last newline: no line after it
+        fps = _fingerprints(keys)
+        others = np.empty(0, dtype=np.int64)
+        if not all(keys):
+            others = np.flatnonzero(np.fromiter(map(len, keys), dtype=np.int64, count=lines) == 0)
+        if block.count(self.tail) != lines:
+            tails = _bytes_at(data, ends + 1 - len(self.tail), len(self.tail))
+            same = (tails == np.frombuffer(self.tail, dtype=np.uint8)).all(axis=1)
+            others = np.union1d(others, np.flatnonzero(~same))
+        done = 0
+        for index in others.tolist():
+            self._add_plain(fps[done:index])
+            line_at = int(starts[index])
+            self._general(
+                block[line_at : int(ends[index]) + 1], self.position + line_at, self.number + index + 1
+            )
+            done = index + 1
+        self._add_plain(fps[done:])
         return lines
 
     def _mostly_plain(self, block: bytes) -> int:
@@ -638,6 +656,11 @@ class _BlockScanner:
         scan.keys.append(key_fp)
         scan.states.append(state_fp)
         scan.flags.append(relation * 4 + transient * 2 + is_error + settling * SETTLING_FLAG)
+
+
+def _bytes_at(data: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """The ``length`` bytes at each of ``starts``, one row each."""
+    return data[starts[:, None] + np.arange(length)]
 
 
 def _fingerprints(keys: list[bytes]) -> np.ndarray:

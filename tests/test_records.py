@@ -232,7 +232,7 @@ def mixed_lines():
 def general_scan(lines, settings, bad):
     """The reference: every line through the general path, one at a time."""
     scanner = records._BlockScanner(settings, bad.append)
-    scanner.url_ok = scanner.each_line = None
+    scanner.line_heads = scanner.each_line = None
     for line in lines:
         scanner.block(line)
     return scanner.scan
@@ -268,6 +268,33 @@ def test_a_second_record_after_a_plain_head_is_a_bad_line_in_any_block():
         scan = scan_blocks([b"".join(lines)], SERVICE, bad.append)
         assert as_tuple(scan) == as_tuple(general_scan(lines, SERVICE, []))
         assert bad == [lines.index(joined) + 1]
+
+
+def test_other_whole_records_among_plain_lines_take_the_general_path_in_place(monkeypatch):
+    """Every line one record (the usual OUT: errors, files, older or other settings among
+    the ok URL lines): the plain ones by head and tail, the others line by line, in order."""
+    facts = FileFacts(10, 20, "cd" * 16)
+    plain = [url_line(f"https://x.example/{i}.jpg") for i in range(30)]
+    others = [
+        url_line("https://x.example/e.jpg", "error", -1507, run_attempts=2),
+        url_line("https://x.example/t.jpg", "error", 15),
+        Record("/f.jpg", "file", "ok", 0, "m", [], 1, file=facts, settings=SERVICE).to_line(),
+        url_line('https://x.example/"q".jpg'),
+        url_line(""),
+        url_line("https://x.example/o.jpg", settings=Settings("https://other.example")),  # no tail
+        url_line("https://x.example/n.jpg", settings=None),
+    ]
+    lines = [*others[:1], *plain[:10], *others[1:3], *plain[10:20], *others[3:], *plain[20:]]
+    expected = as_tuple(general_scan(lines, SERVICE, []))
+
+    def refuse(*_):
+        raise AssertionError("a block of whole records left the head path")
+
+    monkeypatch.setattr(records._BlockScanner, "_mostly_plain", refuse)
+    scan = scan_blocks([b"".join(lines)], SERVICE)
+    assert as_tuple(scan) == expected
+    assert list(scan.content_offsets) == [sum(map(len, lines[: lines.index(others[2])]))]
+    assert list(scan.settling_lines) == [0] and list(scan.flags)[:2] == [1 + 16, 0]
 
 
 def test_a_block_of_plain_url_lines_takes_no_line_by_line_path(monkeypatch):
