@@ -1,10 +1,10 @@
 """The result record: one JSON object a line in OUT. The only code that knows the line
 layout: it writes lines, reads them back whole (``iter_valid_records``, ``load_records``)
-and reads just what resume needs, fast (``scan_lines``).
+and reads just what resume needs, fast (``scan_blocks``).
 
 ``key`` is always written first, then ``source`` and ``status``, so resume can read keys
 without parsing whole records; a record's ``file`` facts and ``settings`` are always its
-last two fields, so resume finds them from the end of the line (``scan_lines``).
+last two fields, so resume finds them from the end of the line (``scan_blocks``).
 
 OUT may hold several records for one key (a changed file tagged again, ``--retag``): the
 last complete one is valid. ``iter_valid_records`` is how every reader sees OUT. A line counts
@@ -20,7 +20,7 @@ import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import xxhash
@@ -192,10 +192,29 @@ HASH_FIELD = b',"xxh3_128":"'
 
 KEY_START = b'{"key":"'
 KEY_END = b'","source":"'
-STATUS_ERROR = (b'file","status":"error"', b'url","status":"error"')
 # An ok record in our layout: the status, then the code (the fields ``parse_record`` needs).
 STATUS_OK_CODE = (b'file","status":"ok","code":', b'url","status":"ok","code":')
-URL_OK_CODE = STATUS_OK_CODE[1]
+
+
+def _plain_head(source: bytes, status: bytes) -> bytes:
+    """A regular expression for the start of a line in our layout whose key is written as
+    its UTF-8 bytes verbatim (nothing to unescape: no quote, backslash or newline), the
+    key as group 1. The one description of that layout for every fast reader."""
+    return (
+        re.escape(KEY_START)
+        + rb'([^"\\\n]*)'
+        + re.escape(KEY_END)
+        + source
+        + rb'","status":"'
+        + status
+        + rb'"'
+    )
+
+
+# The key and status of any line in our layout with a plain key (``read_key_bytes_and_status``).
+PLAIN_HEAD = re.compile(_plain_head(rb"(?:file|url)", rb"(ok|error)"))
+# An ok URL record's head with its code (the fields ``parse_record`` needs before the rest).
+_URL_OK_HEAD = _plain_head(rb"url", rb"ok") + rb',"code":'
 
 
 def read_key_bytes_and_status(line: bytes) -> tuple[bytes, Status | None]:
@@ -203,14 +222,10 @@ def read_key_bytes_and_status(line: bytes) -> tuple[bytes, Status | None]:
 
     In our layout a key without backslashes is written as its UTF-8 bytes verbatim between
     ``{"key":"`` and ``","source":"`` (an unescaped quote cannot occur inside the string),
-    so most lines need no decoding at all; the rest take the general path.
+    so most lines need no decoding at all (``PLAIN_HEAD``); the rest take the general path.
     """
-    if line.startswith(KEY_START):
-        end = line.find(KEY_END, len(KEY_START))
-        if end > 0 and b"\\" not in line[len(KEY_START) : end]:
-            status_at = end + len(KEY_END)
-            status: Status = "error" if line.startswith(STATUS_ERROR, status_at) else "ok"
-            return line[len(KEY_START) : end], status
+    if match := PLAIN_HEAD.match(line):
+        return match[1], match[2].decode()  # type: ignore[return-value]
     key, status_text = read_key_and_status(line.decode("utf-8", "surrogateescape"))
     return key.encode("utf-8", "surrogatepass"), status_text
 
@@ -381,10 +396,31 @@ class LineScan:
 
 def state_fingerprint(key_fp: int, size: int | None, mtime_ns: int | None) -> int:
     """What resume compares for a file with a stat (its key's fingerprint for anything
-    else); ``scan_lines`` computes the same from a record's bytes."""
+    else); ``scan_blocks`` computes the same from a record's bytes."""
     if size is None or mtime_ns is None:
         return key_fp
     return xxhash.xxh3_64_intdigest(state_bytes(size, mtime_ns), seed=key_fp)
+
+
+NEWLINE = ord("\n")
+SCAN_BLOCK = 1 << 21  # bytes of OUT scanned at a time, whole lines (2 MiB: ~8,000 records)
+
+
+def read_blocks(handle: BinaryIO, size: int = SCAN_BLOCK, line_ends: bytes = b"\n") -> Iterator[bytes]:
+    """A file in blocks of whole lines, each ending with one of ``line_ends`` (bytes);
+    only the last may not (a file that ends in a torn line). A million lines one Python
+    call each is most of a resume's time; a block is searched and counted by C loops."""
+    rest = b""
+    while chunk := handle.read(size):
+        if rest:
+            chunk, rest = rest + chunk, b""
+        cut = max(chunk.rfind(end) for end in line_ends) + 1
+        if cut < len(chunk):
+            chunk, rest = chunk[:cut], chunk[cut:]
+        if chunk:
+            yield chunk
+    if rest:
+        yield rest
 
 
 def scan_lines(
@@ -392,46 +428,187 @@ def scan_lines(
     settings: Settings | None,
     on_bad_line: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
-    check_every: int = 65_536,
 ) -> LineScan:
-    """One pass over OUT's lines, reading only what resume needs, straight from the bytes.
+    """``scan_blocks`` over lines (each ends with a newline, but perhaps the last)."""
+    return scan_blocks(_join_lines(lines), settings, on_bad_line, stop)
+
+
+def _join_lines(lines: Iterable[bytes]) -> Iterator[bytes]:
+    pending: list[bytes] = []
+    size = 0
+    for line in lines:
+        pending.append(line)
+        size += len(line)
+        if size >= SCAN_BLOCK or not line.endswith(b"\n"):
+            yield b"".join(pending)
+            pending, size = [], 0
+    if pending:
+        yield b"".join(pending)
+
+
+def scan_blocks(
+    blocks: Iterable[bytes],
+    settings: Settings | None,
+    on_bad_line: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> LineScan:
+    """One pass over OUT (``read_blocks``), reading only what resume needs, straight from
+    the bytes.
 
     Only complete records count: a line cut short or holding two records is reported to
-    ``on_bad_line`` and left out, so its item is done again. This loop is the whole cost
-    of resuming a million records, so the common line (our layout, no escapes in the
-    key, status ok, the current settings) is handled inline. ``settings``
-    None means "any settings are the same". Gives up (``stopped``) soon after ``stop`` is
-    set, checking every ``check_every`` lines.
+    ``on_bad_line`` (its line number) and left out, so its item is done again. This is
+    the whole cost of resuming a million records, so the commonest line, an ok URL record
+    with the current settings and a plain key, is found a block at a time by one regular
+    expression (``_BlockScanner``); every other line takes the general path, a line at a
+    time. ``settings`` None means "any settings are the same". Gives up (``stopped``) at
+    the next block once ``stop`` is set.
     """
-    scan = LineScan()
-    keys, states, flags = scan.keys, scan.states, scan.flags
-    tail = settings.line_tail() if settings else None
-    tail_len = len(tail) if tail else 0
-    start, start_len, key_end, end_len = KEY_START, len(KEY_START), KEY_END, len(KEY_END)
-    fact_skip, hash_skip = len(FILE_OPEN), len(HASH_FIELD)
-    xxh3, add_key, add_state, add_flag = xxhash.xxh3_64_intdigest, keys.append, states.append, flags.append
-    settling_flag = SETTLING_FLAG
-    position = 0
-    for number, line in enumerate(lines, start=1):
-        line_at = position
-        position += len(line)
-        if stop is not None and number % check_every == 0 and stop.is_set():
-            scan.stopped = True
+    scanner = _BlockScanner(settings, on_bad_line)
+    for block in blocks:
+        if stop is not None and stop.is_set():
+            scanner.scan.stopped = True
             break
-        # The commonest line of a URL run's OUT: an ok URL record with the current settings,
-        # its key unescaped. What the general path below decides for it, in a fifth fewer
-        # steps (no file facts: its state is its key; flag 0: same settings, not an error).
-        if tail is not None and line.endswith(tail) and line.startswith(start):
-            end = line.find(key_end, start_len)
-            if end > 0 and line.startswith(URL_OK_CODE, end + end_len):
-                key = line[start_len:end]
-                if b"\\" not in key and line.find(start, 1) < 0:
-                    key_fp = xxh3(key)
-                    add_key(key_fp)
-                    add_state(key_fp)
-                    add_flag(SAME_SETTINGS * 4)
-                    continue
-        end = line.find(key_end, start_len) if line.startswith(start) else -1
+        scanner.block(block)
+    return scanner.scan
+
+
+class _BlockScanner:
+    """``scan_blocks``' state: the scan so far, the line count and byte offset reached."""
+
+    def __init__(self, settings: Settings | None, on_bad_line: Callable[[int], None] | None) -> None:
+        self.scan = LineScan()
+        self.tail = settings.line_tail() if settings else None
+        self.on_bad_line = on_bad_line
+        self.number = 0  # lines before the current block
+        self.position = 0  # its byte offset in OUT
+        self.line_heads: re.Pattern[bytes] | None = None
+        self.each_line: re.Pattern[bytes] | None = None
+        if self.tail is not None:
+            # At every newline: the key of the line after it when that line starts with
+            # the head of an ok URL record with a plain key; b"" for any other line.
+            self.line_heads = re.compile(rb"\n(?:" + _URL_OK_HEAD + rb"|)")
+            # One match a line: the key of an ok URL line with the current settings' tail,
+            # b"" for any other line (empty keys too: those take the general path).
+            fast = _URL_OK_HEAD + rb"[^\n]*" + re.escape(self.tail[:-1]) + rb"(?=\n)"
+            self.each_line = re.compile(rb"(?m)^(?:" + fast + rb"|[^\n]*)")
+
+    def block(self, block: bytes) -> None:
+        """Scan one block of whole lines (``read_blocks``)."""
+        lines = self._whole_records(block) or self._mostly_plain(block) or self._general_block(block)
+        self.number += lines
+        self.position += len(block)
+
+    def _general_block(self, block: bytes) -> int:
+        pieces = block.split(b"\n")
+        self._general_lines(pieces, range(len(pieces)), self._offsets(pieces))
+        return len(pieces) - (not pieces[-1])
+
+    def _whole_records(self, block: bytes) -> int:
+        """A block whose lines each hold one record (the usual OUT): every line starts
+        with ``{"key":"`` and none holds a second one (as many as lines). Its ok URL lines
+        with a plain key and the current settings are known by their head (one regular
+        expression finds them all) and their tail (as many tails as newlines: each ends
+        one line; else compared line by line in one numpy step); the other lines (errors,
+        files, other settings, ...) take the general path in their place."""
+        if self.line_heads is None or self.tail is None or not block.endswith(b"\n"):
+            return 0
+        data = np.frombuffer(block, dtype=np.uint8)
+        ends = np.flatnonzero(data == NEWLINE)
+        starts = np.empty(len(ends), dtype=np.int64)
+        starts[0], starts[1:] = 0, ends[:-1] + 1
+        if int((ends - starts).min()) < len(KEY_START) + len(self.tail):
+            return 0
+        if not (_bytes_at(data, starts, len(KEY_START)) == np.frombuffer(KEY_START, dtype=np.uint8)).all():
+            return 0
+        lines = len(ends)
+        if block.count(KEY_START) != lines:
+            return 0
+        keys = self.line_heads.findall(b"\n" + block)
+        if len(keys) != lines + 1:
+            return 0
+        keys.pop()  # the block's last newline: no line after it
+        fps = _fingerprints(keys)
+        others = np.empty(0, dtype=np.int64)
+        if not all(keys):
+            others = np.flatnonzero(np.fromiter(map(len, keys), dtype=np.int64, count=lines) == 0)
+        if block.count(self.tail) != lines:
+            tails = _bytes_at(data, ends + 1 - len(self.tail), len(self.tail))
+            same = (tails == np.frombuffer(self.tail, dtype=np.uint8)).all(axis=1)
+            others = np.union1d(others, np.flatnonzero(~same))
+        done = 0
+        for index in others.tolist():
+            self._add_plain(fps[done:index])
+            line_at = int(starts[index])
+            self._general(
+                block[line_at : int(ends[index]) + 1], self.position + line_at, self.number + index + 1
+            )
+            done = index + 1
+        self._add_plain(fps[done:])
+        return lines
+
+    def _mostly_plain(self, block: bytes) -> int:
+        """A block with other lines among them: one match a line says which lines are
+        plain; the others take the general path, in their place."""
+        if self.each_line is None or not block.endswith(b"\n"):
+            return 0
+        found = self.each_line.findall(block)
+        pieces = block.split(b"\n")
+        if len(found) != len(pieces):
+            return 0
+        lengths = np.fromiter(map(len, found), dtype=np.int64, count=len(found))
+        lengths[-1] = 1  # the empty piece after the last newline: no line
+        others = np.flatnonzero(lengths == 0)
+        # A plain line holds no second record when the ``{"key":"`` are one a plain line
+        # plus those of the other lines.
+        in_others = sum(pieces[i].count(KEY_START) for i in others.tolist())
+        if block.count(KEY_START) != len(found) - 1 - len(others) + in_others:
+            return 0
+        fps = _fingerprints(found)
+        offsets = self._offsets(pieces)
+        done = 0
+        for index in others.tolist():
+            self._add_plain(fps[done:index])
+            self._general_lines(pieces, (index,), offsets)
+            done = index + 1
+        self._add_plain(fps[done : len(found) - 1])
+        return len(found) - 1
+
+    def _offsets(self, pieces: list[bytes]) -> np.ndarray:
+        """Each piece's byte offset in OUT."""
+        offsets = np.empty(len(pieces), dtype=np.int64)
+        offsets[0] = self.position
+        np.cumsum(
+            np.fromiter(map(len, pieces[:-1]), dtype=np.int64, count=len(pieces) - 1) + 1, out=offsets[1:]
+        )
+        offsets[1:] += self.position
+        return offsets
+
+    def _add_plain(self, fps: np.ndarray) -> None:
+        """Ok URL lines with the current settings: no file facts, so the state is the key;
+        flag 0 (same settings, not an error)."""
+        if len(fps):
+            data = fps.tobytes()
+            self.scan.keys.frombytes(data)
+            self.scan.states.frombytes(data)
+            self.scan.flags.extend(bytes(len(fps)))
+
+    def _general_lines(self, pieces: list[bytes], indices: Iterable[int], offsets: np.ndarray) -> None:
+        """The given pieces of ``block.split(b"\\n")``, a line at a time (each with its
+        newline, but a last piece that had none)."""
+        last = len(pieces) - 1
+        for index in indices:
+            piece = pieces[index]
+            if index < last:
+                self._general(piece + b"\n", int(offsets[index]), self.number + index + 1)
+            elif piece:  # a last line without newline: torn
+                self._general(piece, int(offsets[index]), self.number + index + 1)
+
+    def _general(self, line: bytes, line_at: int, number: int) -> None:
+        """Any line: what resume needs of it, or ``on_bad_line`` when it is no complete
+        record."""
+        scan, tail = self.scan, self.tail
+        start_len = len(KEY_START)
+        end = line.find(KEY_END, start_len) if line.startswith(KEY_START) else -1
         key = line[start_len:end] if end > 0 else b"\\"
         transient = settling = False
         # A line that ends with the current settings' tail ends with its record's own
@@ -440,27 +617,27 @@ def scan_lines(
         same_tail = tail is not None and line.endswith(tail)
         if (  # an ok record with its code in our layout, complete
             b"\\" not in key
-            and line.startswith(STATUS_OK_CODE, end + end_len)
-            and ((same_tail and line.find(start, 1) < 0) or looks_complete(line))
+            and line.startswith(STATUS_OK_CODE, end + len(KEY_END))
+            and ((same_tail and line.find(KEY_START, 1) < 0) or looks_complete(line))
         ):
             is_error = False
-            is_file = line.startswith(b"f", end + end_len)  # "file", not "url": facts to read
+            is_file = line.startswith(b"f", end + len(KEY_END))  # "file", not "url": facts to read
         else:  # escaped keys, error records, anything odd: decided by the full parse
             record = parse_record(line) if line.endswith(b"\n") else None
             if record is None:  # cut short, two records run together, not a record
-                if on_bad_line is not None:
-                    on_bad_line(number)
-                continue
+                if self.on_bad_line is not None:
+                    self.on_bad_line(number)
+                return
             key = key_bytes(record.key)
             is_error = not record.ok
             transient, settling = retry_flags(record)
             if settling:
-                scan.settling_lines.append(len(keys))
+                scan.settling_lines.append(len(scan.keys))
                 scan.settling_runs.append(min(255, run_attempts(record)))
             is_file = record.source == "file"
         key_fp = xxhash.xxh3_64_intdigest(key)  # = keyset.fingerprint_bytes, inline for speed
         if same_tail:
-            relation, facts_end = SAME_SETTINGS, len(line) - tail_len
+            relation, facts_end = SAME_SETTINGS, len(line) - len(tail or b"")
         elif (settings_at := line.rfind(SETTINGS_OPEN)) > 0:
             # Only tags can mix: an error made elsewhere is an error like any other.
             relation = OTHER_SETTINGS if tail is not None and not is_error else SAME_SETTINGS
@@ -473,15 +650,24 @@ def scan_lines(
         facts_at = line.rfind(FILE_OPEN, 0, facts_end) if is_file else -1
         if facts_at > 0:  # facts_end is just past the file object's "}"
             has_hash = line[facts_end - 2 : facts_end] == b'"}'
-            state_end = facts_end - 2 - HASH_HEX - hash_skip if has_hash else facts_end - 1
-            state_fp = xxhash.xxh3_64_intdigest(line[facts_at + fact_skip : state_end], seed=key_fp)
+            state_end = facts_end - 2 - HASH_HEX - len(HASH_FIELD) if has_hash else facts_end - 1
+            state_fp = xxhash.xxh3_64_intdigest(line[facts_at + len(FILE_OPEN) : state_end], seed=key_fp)
             if has_hash and not is_error and relation == SAME_SETTINGS:
                 scan.content.append(int(line[facts_end - 2 - HASH_HEX : facts_end - 2 - HASH_HEX // 2], 16))
                 scan.content_offsets.append(line_at)
-        keys.append(key_fp)
-        states.append(state_fp)
-        flags.append(relation * 4 + transient * 2 + is_error + settling * settling_flag)
-    return scan
+        scan.keys.append(key_fp)
+        scan.states.append(state_fp)
+        scan.flags.append(relation * 4 + transient * 2 + is_error + settling * SETTLING_FLAG)
+
+
+def _bytes_at(data: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """The ``length`` bytes at each of ``starts``, one row each."""
+    return data[starts[:, None] + np.arange(length)]
+
+
+def _fingerprints(keys: list[bytes]) -> np.ndarray:
+    """``keyset.fingerprint_bytes`` of each key, one C call each."""
+    return np.fromiter(map(xxhash.xxh3_64_intdigest, keys), dtype=np.uint64, count=len(keys))
 
 
 SETTLING_FLAG = 16  # in ``LineScan.flags``: an error whose failure settles

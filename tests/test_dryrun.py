@@ -11,8 +11,9 @@ import os
 import shutil
 
 from batchtag.errors import EXIT_STATUS, Outcome
+from batchtag.pipeline.client import RetryPolicy
 from batchtag.server.app import STATE
-from tests.support import credentials_env, read_out, run_cli, tiny_jpegs
+from tests.support import credentials_env, free_port, read_out, run_cli, tiny_jpegs
 
 MAX_REQUESTS_EXIT = EXIT_STATUS[Outcome.REQUEST_LIMIT]
 
@@ -106,3 +107,40 @@ def test_exit_status_of_max_requests_is_documented():
     help_text = run_cli("run", "--help").stdout
     assert f"{MAX_REQUESTS_EXIT}" in help_text and "--max-requests" in help_text
     assert Outcome.REQUEST_LIMIT.value.split(",")[0] in " ".join(help_text.split())
+
+
+async def test_dry_run_of_a_url_manifest_counts_what_the_run_then_sends(serve, tmp_path):
+    """A .txt manifest read a block at a time (CRLF, blanks, a comment, padding, repeats,
+    odd characters, a bad URL) over an OUT with done, settling and torn records: at each
+    step the dry run counts what the next run sends, --max-attempts included."""
+    server = await serve(allow_private_urls=True)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: each URL fails and settles
+    first = [f"{dead}/a{i}.jpg" for i in range(6)]
+    later = [f"{dead}/ü 中/{{b}}{i}.jpg" for i in range(3)] + [f"{dead}/c{i}.jpg?x=1#f" for i in range(3)]
+    manifest = tmp_path / "urls.txt"
+    manifest.write_bytes("\r\n".join(first).encode())
+    out = tmp_path / "out.jsonl"
+    flags = ["--endpoint", server.url, "--no-progress", "--concurrency", "4", "--max-attempts", "2"]
+    assert (await cli("run", manifest, "-o", out, *flags)).returncode == 1  # every URL an error
+    tries = 1 + RetryPolicy().settle_retries  # a dead link's requests in one run (first attempts: 1)
+    assert requests_seen(server) == 6 * tries
+    entries = ["# a comment", "", *first[:3], f"  {later[0]}\t", *later, first[0], "ftp://x.example/a.jpg"]
+    manifest.write_bytes("\r\n".join(entries + first[3:]).encode())
+    line = out.read_bytes().split(b"\n")[0]
+    torn = line.replace(json.loads(line)["key"].encode(), later[1].encode())[:-20]
+    with open(out, "ab") as handle:  # a record of a URL still to do, torn by a crash
+        handle.write(torn)
+    summary = tmp_path / "dry.json"
+    seen = requests_seen(server)
+    for attempt in (2, 3):
+        dry = await cli("run", manifest, "-o", out, *flags, "--dry-run", "--summary-json", summary)
+        assert dry.returncode == 0, dry.stderr
+        estimate = json.loads(summary.read_text())
+        assert estimate["found"] == len(entries) + 3 - 2  # no blank, no comment
+        # Repeats of URLs to do; the ftp URL is refused once, then done (its record)
+        assert (estimate["duplicates"], estimate["refused"]) == ((2, 1) if attempt == 2 else (1, 0))
+        real = await cli("run", manifest, "-o", out, *flags)
+        assert real.returncode in (1, 4), real.stderr  # failures: new (1), then only old ones (4)
+        sent, seen = requests_seen(server) - seen, requests_seen(server)
+        assert sent == estimate["requests"] * tries, f"run {attempt}: the dry run counts what the run sent"
+    assert requests_seen(server) == (6 + (6 + 6) + 6) * tries, "each URL tried in two runs, then left alone"

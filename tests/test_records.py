@@ -1,20 +1,25 @@
 """The record module: the OUT line layout, written and read back (fast key reader and the
 whole-record reader other tools use)."""
 
+import io
 import json
 
 import pytest
 
+from batchtag import records
 from batchtag.errors import NotAResultsFile
 from batchtag.keyset import fingerprint
 from batchtag.records import (
+    FileFacts,
     Record,
     Settings,
     iter_valid_records,
     load_records,
     parse_record,
+    read_blocks,
     read_key_and_status,
     read_key_bytes_and_status,
+    scan_blocks,
     scan_lines,
 )
 from batchtag.results_file import check_results_file
@@ -187,3 +192,127 @@ def test_the_url_fast_path_decides_as_the_general_path():
     assert list(scan.flags) == [0, 0]
     general = scan_lines(lines, None, [].append)  # no settings: the general path only
     assert list(general.keys) == expected and list(general.states) == expected
+
+
+# --- the block scan: its fast paths decide every line as the general path does ---------------
+
+SERVICE = Settings("https://svc.example")
+
+
+def url_line(key, status="ok", code=0, settings=SERVICE, **extra):
+    return Record(key, "url", status, code, "m", [], 1, extra, settings=settings).to_line()
+
+
+def mixed_lines():
+    """ok URL lines with plain keys (the fast paths) among every other kind of line."""
+    facts = FileFacts(10, 20, "ab" * 16)
+    plain = [url_line(f"https://x.example/{i}.jpg") for i in range(40)]
+    whole = url_line("https://x.example/whole.jpg")
+    return [
+        *plain[:10],
+        url_line("https://x.example/ü 中 {odd} [x].jpg"),  # non-ASCII, braces, a space: still plain
+        url_line('https://x.example/"q"\\b.jpg'),  # escaped: the general path
+        url_line(""),  # an empty key
+        url_line("https://x.example/e.jpg", "error", -1507, run_attempts=2),  # settles
+        url_line("https://x.example/t.jpg", "error", 15),  # transient
+        url_line("https://x.example/o.jpg", settings=Settings("https://other.example")),
+        url_line("https://x.example/n.jpg", settings=None),
+        Record("/f.jpg", "file", "ok", 0, "m", [], 1, file=facts, settings=SERVICE).to_line(),
+        *plain[10:20],
+        b"\n",  # blank
+        b"not json\n",
+        whole[:30] + whole,  # a torn record joined to a whole one
+        whole[: whole.rindex(b"}")] + b"\n",  # cut before its last brace
+        whole.replace(b"\n", b"\r\n"),  # CRLF: not our layout, but a record
+        *plain[20:],
+        plain[0][:-9],  # a torn last line, no newline
+    ]
+
+
+def general_scan(lines, settings, bad):
+    """The reference: every line through the general path, one at a time."""
+    scanner = records._BlockScanner(settings, bad.append)
+    scanner.line_heads = scanner.each_line = None
+    for line in lines:
+        scanner.block(line)
+    return scanner.scan
+
+
+def as_tuple(scan):
+    return (
+        list(scan.keys), list(scan.states), list(scan.flags), list(scan.content),
+        list(scan.content_offsets), scan.other_settings_line, list(scan.settling_lines),
+        list(scan.settling_runs),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("block_size", [1 << 21, 4096, 700, 1])
+def test_block_scan_decides_as_the_general_path(block_size):
+    lines = mixed_lines()
+    expected_bad: list[int] = []
+    expected = as_tuple(general_scan(lines, SERVICE, expected_bad))
+    bad: list[int] = []
+    scan = scan_blocks(read_blocks(io.BytesIO(b"".join(lines)), block_size), SERVICE, bad.append)
+    assert as_tuple(scan) == expected
+    assert bad == expected_bad == [29, 30, 31, 32, len(lines)]
+    assert len(scan.keys) == len(lines) - 5 and list(scan.settling_runs) == [2]
+
+
+def test_a_second_record_after_a_plain_head_is_a_bad_line_in_any_block():
+    """Joined after the head: the line starts and ends like a plain one."""
+    whole = url_line("https://x.example/whole.jpg")
+    joined = whole[: whole.index(b'"code":') + 8] + whole
+    plain = [url_line(f"https://x.example/{i}.jpg") for i in range(5)]
+    for lines in ([*plain, joined, *plain], [joined, *plain], [*plain, joined]):
+        bad: list[int] = []
+        scan = scan_blocks([b"".join(lines)], SERVICE, bad.append)
+        assert as_tuple(scan) == as_tuple(general_scan(lines, SERVICE, []))
+        assert bad == [lines.index(joined) + 1]
+
+
+def test_other_whole_records_among_plain_lines_take_the_general_path_in_place(monkeypatch):
+    """Every line one record (the usual OUT: errors, files, older or other settings among
+    the ok URL lines): the plain ones by head and tail, the others line by line, in order."""
+    facts = FileFacts(10, 20, "cd" * 16)
+    plain = [url_line(f"https://x.example/{i}.jpg") for i in range(30)]
+    others = [
+        url_line("https://x.example/e.jpg", "error", -1507, run_attempts=2),
+        url_line("https://x.example/t.jpg", "error", 15),
+        Record("/f.jpg", "file", "ok", 0, "m", [], 1, file=facts, settings=SERVICE).to_line(),
+        url_line('https://x.example/"q".jpg'),
+        url_line(""),
+        url_line("https://x.example/o.jpg", settings=Settings("https://other.example")),  # no tail
+        url_line("https://x.example/n.jpg", settings=None),
+    ]
+    lines = [*others[:1], *plain[:10], *others[1:3], *plain[10:20], *others[3:], *plain[20:]]
+    expected = as_tuple(general_scan(lines, SERVICE, []))
+
+    def refuse(*_):
+        raise AssertionError("a block of whole records left the head path")
+
+    monkeypatch.setattr(records._BlockScanner, "_mostly_plain", refuse)
+    scan = scan_blocks([b"".join(lines)], SERVICE)
+    assert as_tuple(scan) == expected
+    assert list(scan.content_offsets) == [sum(map(len, lines[: lines.index(others[2])]))]
+    assert list(scan.settling_lines) == [0] and list(scan.flags)[:2] == [1 + 16, 0]
+
+
+def test_a_block_of_plain_url_lines_takes_no_line_by_line_path(monkeypatch):
+    lines = [url_line(f"https://x.example/{i}.jpg") for i in range(500)]
+    expected = as_tuple(general_scan(lines, SERVICE, []))
+
+    def refuse(*_):
+        raise AssertionError("a plain line took the general path")
+
+    monkeypatch.setattr(records._BlockScanner, "_general", refuse)
+    monkeypatch.setattr(records._BlockScanner, "_mostly_plain", refuse)
+    assert as_tuple(scan_blocks([b"".join(lines)], SERVICE)) == expected
+
+
+def test_read_blocks_ends_blocks_at_line_ends_and_keeps_every_byte():
+    data = b"ab\ncd\r\nlong line without end" + b"x" * 50
+    for size in (1, 3, 8, 1 << 20):
+        blocks = list(read_blocks(io.BytesIO(data), size))
+        assert b"".join(blocks) == data
+        assert all(block.endswith(b"\n") for block in blocks[:-1])
+    assert list(read_blocks(io.BytesIO(b"a\rb\rc"), 2, line_ends=b"\n\r")) == [b"a\r", b"b\r", b"c"]

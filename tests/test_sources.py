@@ -2,15 +2,22 @@
 
 import io
 import os
+import re
 
 import pytest
 
 from batchtag import codes
+from batchtag.keyset import fingerprint
+from batchtag.pipeline import sources
 from batchtag.pipeline.sources import (
     SourceError,
+    UrlChunk,
     check_source,
+    iter_chunks,
     iter_items,
+    read_manifest,
     read_stdin,
+    read_txt_chunks,
     url_problem,
     walk_directory,
 )
@@ -145,3 +152,66 @@ def test_unusable_source_arguments_are_usage_errors(tmp_path, name):
         touch(tmp_path / name)
     with pytest.raises(SourceError):
         check_source(str(tmp_path / name))
+
+
+# --- .txt manifests a block at a time: the same items as line by line ------------------------
+
+URLS = [f"https://x.example/{i}.jpg" for i in range(30)]
+ODD_MANIFESTS = {
+    "plain": "\n".join(URLS) + "\n",
+    "crlf, no last newline": "\r\n".join(URLS),
+    "cr alone": "\r".join(URLS) + "\r",
+    "blanks, comments, padding": "# head\n\n" + "\n".join(f" {u}\t" for u in URLS) + "\n\x1c\n#x\n",
+    "duplicates": "\n".join(URLS + URLS[:5]) + "\n",
+    "odd characters": "\n".join([*URLS, 'http://x.example/a b{c}"d"\\e.jpg', "HTTP://X.EXAMPLE/UP.JPG"]),
+    "paths among urls": "\n".join([*URLS[:10], "pics/a.jpg", "/abs/b.png", *URLS[10:]]) + "\n",
+    "non-ascii": "\n".join([*URLS, "https://x.example/路径/ü.jpg", "\ufeffhttps://x.example/bom.jpg"]),
+    "bad utf-8": None,  # bytes below
+    "urls of other schemes": "\n".join([*URLS, "ftp://x.example/a.jpg", "https:///nohost.jpg", "http://"]),
+}
+
+
+def manifest_bytes(name):
+    text = ODD_MANIFESTS[name]
+    if text is None:
+        return ("\n".join(URLS[:5]) + "\n").encode() + b"https://x.example/\xff\xfe.jpg\n" + URLS[5].encode()
+    return text.encode()
+
+
+@pytest.mark.parametrize("name", ODD_MANIFESTS)
+@pytest.mark.parametrize("block_size", [1 << 20, 64, 1])
+def test_txt_blocks_give_the_items_of_the_line_by_line_reader(tmp_path, name, block_size):
+    manifest = touch(tmp_path / "m" / "list.txt", manifest_bytes(name))
+    expected = list(read_manifest(str(manifest)))  # the text file, line by line
+    chunks = list(read_txt_chunks(str(manifest), block_size))
+    items = [item for chunk in chunks for item in (chunk.items() if isinstance(chunk, UrlChunk) else chunk)]
+    assert items == expected
+    for chunk in chunks:
+        if isinstance(chunk, UrlChunk):
+            assert list(chunk.fingerprints) == [fingerprint(key.decode()) for key in chunk.keys]
+    if name in ("plain", "crlf, no last newline", "blanks, comments, padding", "duplicates"):
+        assert all(isinstance(chunk, UrlChunk) for chunk in chunks), "URL blocks without an Item each"
+
+
+def test_iter_chunks_keeps_argument_order_and_iter_items_expands_them(tmp_path):
+    manifest = touch(tmp_path / "list.txt", "\n".join(URLS).encode())
+    touch(tmp_path / "d" / "a.jpg")
+    chunks = list(iter_chunks([str(manifest), str(tmp_path / "d")]))
+    assert isinstance(chunks[0], UrlChunk) and [i.key for i in chunks[-1]] == [str(tmp_path / "d" / "a.jpg")]
+    assert [i.key for i in iter_items([str(manifest), str(tmp_path / "d")])][:-1] == URLS
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/a.jpg", "HTTP://EXAMPLE.COM", "hTTpS://x.y:8080/p?q#f", "http://h.com:",
+        "http://-/", "http://./", "http://host?x", "http://host#f", "https://host/a[b]c",
+        "http://ex\u212aample.com/", "http://[::1]/a", "http://[::1/a", "http://a:b@host/",
+        "http://host:abc/", "https://", "http:///x", "http://ho\tst/", " http://host/", "http://host /x",
+        "https://xn--e1afmkfd.xn--p1ai/a.jpg", "https://пример.рф/a.jpg", "http://host\\x/",
+    ],
+)  # fmt: skip
+def test_the_plain_url_shortcut_decides_as_urlsplit(monkeypatch, url):
+    fast = url_problem(url)
+    monkeypatch.setattr(sources, "_PLAIN_URL", re.compile(r"(?!)"))  # never matches: urlsplit only
+    assert fast == url_problem(url)

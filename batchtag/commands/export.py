@@ -19,7 +19,7 @@ FORMATS = ("xmp", "csv", "parquet")
 
 
 def add_export_parser(commands: Any) -> None:
-    from batchtag.export.xmp import NAMINGS
+    from batchtag.export import NAMINGS
 
     p = commands.add_parser(
         "export",

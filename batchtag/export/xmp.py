@@ -36,14 +36,13 @@ from typing import Literal
 
 from lxml import etree
 
+from batchtag.export import Naming
 from batchtag.export.common import tags_at_least
 from batchtag.export.sidecar_io import Folder, ImageFacts, Unsafe, key_problem, open_folder
 from batchtag.records import Record
 
 log = logging.getLogger(__name__)
 
-Naming = Literal["default", "lightroom"]
-NAMINGS: tuple[Naming, ...] = ("default", "lightroom")
 
 X = "adobe:ns:meta/"
 RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"

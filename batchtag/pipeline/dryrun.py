@@ -13,7 +13,6 @@ refused there without a request, and counted here as one.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
@@ -24,17 +23,17 @@ import numpy as np
 
 from batchtag.config import RunConfig
 from batchtag.errors import ConfigError, NotAResultsFile, SinkError
-from batchtag.keyset import KeySet, fingerprint
+from batchtag.keyset import KeySet
 from batchtag.pipeline.excludes import LeftOut, WalkRules
 from batchtag.pipeline.resume import Checkpoint, ResumeFilter, read_checkpoint, refuse_other_settings
 from batchtag.pipeline.sink import refuse_out_among_sources
-from batchtag.pipeline.sources import Item, Walk, check_source, iter_items, url_problem
+from batchtag.pipeline.sources import Chunk, Item, Walk, check_source, iter_chunks, url_problem
 from batchtag.records import content_fingerprint
 from batchtag.results_file import check_results_file
 
 log = logging.getLogger("batchtag")
 
-CHUNK = 4096  # items through the resume filter at a time
+CHUNK = 4096  # items through the resume filter at a time (a .txt manifest: a block)
 READ_BATCH = 64  # files read and hashed together
 
 
@@ -141,8 +140,7 @@ def dry_run(config: RunConfig) -> Estimate:
     walk = Walk(rules=WalkRules(tuple(config.exclude), config.include_hidden), left_out=estimate.left_out)
     walk.warn = lambda message: log.warning("%s", message)
     counter = Tally(checkpoint, estimate, config.max_file_bytes)
-    items = iter_items(config.sources, walk=walk)
-    while chunk := list(itertools.islice(items, CHUNK)):
+    for chunk in iter_chunks(config.sources, walk=walk, size=CHUNK):
         counter.add(chunk)
     counter.finish()
     estimate.wall_s = time.monotonic() - started
@@ -163,7 +161,7 @@ def read_out_readonly(config: RunConfig) -> Checkpoint:
     except OSError as exc:
         raise SinkError(f"cannot read {config.out}: {exc.strerror or exc}") from None
     settings = config.settings()
-    checkpoint = read_checkpoint(config.out, settings=settings)
+    checkpoint = read_checkpoint(config.out, settings=settings, max_attempts=config.max_attempts)
     if not config.retag:
         refuse_other_settings(checkpoint, settings, config.out)
     return checkpoint
@@ -180,13 +178,13 @@ class Tally:
         self.seen_content = KeySet()
         self.files: list[Item] = []
 
-    def add(self, chunk: list[Item]) -> None:
-        fresh, skipped = self.resume.new_items(chunk)
+    def add(self, chunk: Chunk) -> None:
+        fresh, fingerprints, skipped = self.resume.fresh_in(chunk)
         estimate = self.estimate
         estimate.found += len(chunk)
         estimate.done += skipped.done
         estimate.duplicates += skipped.duplicates
-        self.sort_known(fresh)
+        self.sort_known(fingerprints)
         for item in fresh:
             if item.error_code is not None:
                 estimate.refused += 1
@@ -200,12 +198,11 @@ class Tally:
                 if len(self.files) >= READ_BATCH:
                     self.read_files()
 
-    def sort_known(self, fresh: list[Item]) -> None:
-        """The items to do: new to OUT, or known there (made otherwise, an error record to
-        redo, or changed since)."""
-        if not fresh:
+    def sort_known(self, fps: np.ndarray) -> None:
+        """The items to do (their key fingerprints): new to OUT, or known there (made
+        otherwise, an error record to redo, or changed since)."""
+        if not len(fps):
             return
-        fps = np.fromiter((fingerprint(i.key) for i in fresh), dtype=np.uint64, count=len(fresh))
         known = (
             self.checkpoint.done.contains_many(fps) if len(self.checkpoint.done) else np.zeros(len(fps), bool)
         )

@@ -13,7 +13,6 @@ the writer touches the sink.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -25,13 +24,13 @@ from batchtag.pipeline.excludes import WalkRules
 from batchtag.pipeline.ledger import Ledger
 from batchtag.pipeline.progress import Progress, Summary
 from batchtag.pipeline.resume import Checkpoint, ResumeFilter, Skipped
-from batchtag.pipeline.sources import Item, Walk, iter_items
+from batchtag.pipeline.sources import Chunk, Item, Walk, iter_chunks
 from batchtag.pipeline.stage import STOP, Ends, MiddleStage, RecordSink
 from batchtag.records import Record
 
 log = logging.getLogger("batchtag")
 
-CHUNK = 2048  # items pulled from the (blocking) source walker per thread hop
+CHUNK = 2048  # items pulled from the (blocking) source walker per thread hop (a .txt block: more)
 WRITE_WINDOW_S = 0.05  # records finished within this time share one write
 WRITE_BATCH = 1024  # records a write at most
 WARNINGS_SHOWN = 5  # then only a count, at the end
@@ -81,7 +80,7 @@ class Run:
     async def produce(self) -> None:
         loop = asyncio.get_running_loop()
         self.walk.warn = lambda m: loop.call_soon_threadsafe(self.warn, m)
-        iterator = iter_items(self.config.sources, walk=self.walk)
+        iterator = iter_chunks(self.config.sources, walk=self.walk, size=CHUNK)
         found = 0
         while (chunk := await loop.run_in_executor(self._walker, self.next_chunk, iterator)) is not None:
             fresh, skipped = chunk
@@ -96,10 +95,13 @@ class Run:
         for _ in range(self.middle.consumers):
             await self.queue.put(STOP)
 
-    def next_chunk(self, iterator: Iterator[Item]) -> tuple[list[Item], Skipped] | None:
+    def next_chunk(self, iterator: Iterator[Chunk]) -> tuple[list[Item], Skipped] | None:
         """The next chunk's items still to do (walker thread); None at the end."""
-        chunk = list(itertools.islice(iterator, CHUNK))
-        return self.resume.new_items(chunk) if chunk else None
+        chunk = next(iterator, None)
+        if chunk is None:
+            return None
+        fresh, _, skipped = self.resume.fresh_in(chunk)
+        return fresh, skipped
 
     # -- writer -----------------------------------------------------------------------------
 

@@ -9,8 +9,6 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any, TextIO
 
-from tqdm import tqdm
-
 from batchtag import codes
 from batchtag.errors import DEFAULT_FAIL_ON, Outcome, SummaryError, counts_as_failure, exit_status
 from batchtag.pipeline.excludes import LeftOut
@@ -241,6 +239,8 @@ class Progress:
     """A tqdm bar on a terminal; silent otherwise."""
 
     def __init__(self, enabled: bool | None, stream: TextIO | None = None) -> None:
+        from tqdm import tqdm  # here: the dry run reads this module but shows no bar
+
         stream = stream or sys.stderr
         if enabled is None:
             enabled = stream.isatty()

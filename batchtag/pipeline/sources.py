@@ -4,12 +4,18 @@ Directories are walked depth first in sorted order (each directory's own entries
 sorted, so the order is stable from run to run); manifests are read line by line. A bad
 line or an unreadable folder becomes an item carrying its error, so it gets a record
 like any other failure instead of stopping the run.
+
+``iter_chunks`` gives the items a chunk at a time, which is how the run and the dry run
+read them. A .txt manifest is read a block (1 MiB) at a time, and a block whose lines are
+all http(s) URLs in ASCII comes as a ``UrlChunk``: the URLs' bytes and fingerprints, no
+``Item`` each, since a resume skips most of them (``resume.ResumeFilter.fresh_in``).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import re
@@ -21,10 +27,13 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
 
+import numpy as np
+import xxhash
+
 from batchtag import codes
 from batchtag.errors import SourceError
 from batchtag.pipeline.excludes import LeftOut, WalkRules, not_an_image_reason
-from batchtag.records import SourceKind
+from batchtag.records import SourceKind, read_blocks
 
 SENT_AS_IS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})  # what the API takes
 CONVERTED = frozenset({".heic", ".heif", ".webp", ".tif", ".tiff"})  # made JPEG on the client
@@ -33,6 +42,7 @@ IMAGE_EXTENSIONS = SENT_AS_IS | CONVERTED | RAW
 MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".jsonl"})
 URL_SCHEMES = ("http", "https")
 STDIN = "-"
+MANIFEST_BLOCK = 1 << 20  # bytes of a .txt manifest read at a time (~25,000 URLs)
 
 
 @dataclass(slots=True)
@@ -95,9 +105,19 @@ def url_item(url: str) -> Item:
     return Item(url, "url", url)
 
 
+# An http(s) URL whose host is plain ASCII letters, digits, dots and dashes (and perhaps a
+# port), then nothing or a path, query or fragment: ``urlsplit`` finds that scheme and host
+# in it, and cannot fail on it. No re.IGNORECASE: it would let the Kelvin sign match "k".
+_PLAIN_URL = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(?::[0-9]*)?(?:[/?#].*)?", re.DOTALL)
+
+
 def url_problem(url: str) -> str | None:
     """Why ``url`` can never be fetched, or None. The worker asks, not the walker: parsing
-    a million URLs only to skip the finished ones would be most of a resume's time."""
+    a million URLs only to skip the finished ones would be most of a resume's time. The
+    common URL is passed by one regular expression, a tenth of ``urlsplit``'s time (the
+    dry run asks for every URL to do)."""
+    if _PLAIN_URL.fullmatch(url):
+        return None
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
@@ -216,6 +236,72 @@ def read_txt(lines: Iterable[str], base: str | None, name: str) -> Iterator[Item
             yield entry_item(text, base)
 
 
+@dataclass
+class UrlChunk:
+    """Consecutive http(s) URLs of a .txt manifest, in ASCII: each URL's bytes (its key)
+    and their fingerprints (``keyset.fingerprint``), without an ``Item`` each."""
+
+    keys: list[bytes]
+    fingerprints: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def items(self, indices: Iterable[int] | None = None) -> list[Item]:
+        """The items of all the URLs, or of those at ``indices``."""
+        keys = self.keys if indices is None else [self.keys[i] for i in indices]
+        return [url_item(key.decode("ascii")) for key in keys]
+
+
+Chunk = list[Item] | UrlChunk
+# What str.strip() strips from an ASCII line; "\n" is the separator and "\r" is made one.
+_ASCII_SPACE = b" \t\x0b\x0c\x1c\x1d\x1e\x1f"
+_ASCII_SPACES = [bytes([space]) for space in _ASCII_SPACE]
+_URL_STARTS = tuple(start.encode() for start in COMMON_URL_STARTS)
+
+
+def read_txt_chunks(path: str, size: int = MANIFEST_BLOCK) -> Iterator[Chunk]:
+    """A .txt manifest a block at a time: what ``read_txt`` gives, with each block of
+    ASCII http(s) URLs as one ``UrlChunk``. Blocks end at line ends, so the UTF-8 decoding
+    (with replacement) of each is that of the whole file."""
+    base = os.path.dirname(os.path.abspath(path))
+    name = os.path.abspath(path)
+    with open(path, "rb") as handle:
+        for block in read_blocks(handle, size, line_ends=b"\n\r"):  # "\r" alone ends a line too
+            urls = _ascii_urls(block) if block.isascii() else None
+            if urls is None:
+                lines = io.StringIO(block.decode("utf-8", "replace"), newline="")
+                items = list(read_txt(lines, base, name))
+                if items:
+                    yield items
+            elif urls:
+                fps = np.fromiter(map(xxhash.xxh3_64_intdigest, urls), dtype=np.uint64, count=len(urls))
+                yield UrlChunk(urls, fps)
+
+
+def _ascii_urls(block: bytes) -> list[bytes] | None:
+    """The entries of an ASCII block of a .txt manifest when all are http(s) URLs, as
+    ``read_txt`` reads them: lines split at LF, CR LF and CR (the file is opened with
+    ``newline=""``), stripped, blank and comment lines skipped. None when some other
+    entry is among them."""
+    if b"\r" in block:
+        block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    lines = block.split(b"\n")
+    if any(space in block for space in _ASCII_SPACES):
+        lines = [line.strip(_ASCII_SPACE) for line in lines]
+    elif b"\n\n" not in block and b"#" not in block and not block.startswith(b"\n"):
+        # Lines as they are, none blank: count the URL starts instead of testing each.
+        if not lines[-1]:
+            lines.pop()
+        starts = sum((b"\n" + block).count(b"\n" + start) for start in _URL_STARTS)
+        return lines if starts == len(lines) else None
+    entries = list(filter(None, lines))
+    if b"#" in block:
+        entries = [entry for entry in entries if not entry.startswith(b"#")]
+    urls = [entry for entry in entries if entry.startswith(_URL_STARTS)]
+    return urls if len(urls) == len(entries) else None
+
+
 def read_csv(lines: Iterable[str], base: str | None, name: str) -> Iterator[Item]:
     reader = csv.DictReader(lines)
     columns = [c.strip().lower() for c in (reader.fieldnames or [])]
@@ -310,12 +396,30 @@ def _check_csv_header(path: str) -> None:
 
 def iter_items(sources: Iterable[str], warn: Warn = _ignore, walk: Walk | None = None) -> Iterator[Item]:
     """Every item of every SOURCE, in argument order."""
+    for chunk in iter_chunks(sources, warn, walk):
+        yield from chunk.items() if isinstance(chunk, UrlChunk) else chunk
+
+
+def iter_chunks(
+    sources: Iterable[str], warn: Warn = _ignore, walk: Walk | None = None, size: int = 2048
+) -> Iterator[Chunk]:
+    """Every item of every SOURCE, in argument order, in chunks of up to ``size`` items
+    (a ``UrlChunk`` holds a block of a .txt manifest, however many URLs that is)."""
     for source in sources:
-        if source == STDIN:
-            yield from read_stdin()
-        elif os.path.isdir(source):
-            yield from walk_directory(source, warn, walk)
-        elif Path(source).suffix.lower() in MANIFEST_EXTENSIONS:
-            yield from read_manifest(source)
-        else:
-            yield path_item(source)
+        if Path(source).suffix.lower() == ".txt" and source != STDIN and not os.path.isdir(source):
+            yield from read_txt_chunks(source)
+            continue
+        items = _source_items(source, warn, walk)
+        while chunk := list(itertools.islice(items, size)):
+            yield chunk
+
+
+def _source_items(source: str, warn: Warn, walk: Walk | None) -> Iterator[Item]:
+    if source == STDIN:
+        yield from read_stdin()
+    elif os.path.isdir(source):
+        yield from walk_directory(source, warn, walk)
+    elif Path(source).suffix.lower() in MANIFEST_EXTENSIONS:
+        yield from read_manifest(source)
+    else:
+        yield path_item(source)
