@@ -83,6 +83,20 @@ def test_detections_do_not_depend_on_the_batch() -> None:
     assert together[0].persons[0].score > 0.8 and together[1].class_scores[41] > 0.4  # person; cup
 
 
+def test_int8_classifier_answers_in_prepare_as_in_a_batch() -> None:
+    """The INT8 classifier runs per photo in prepare (the decode threads); its probabilities
+    are the batch's. The float classifier (the default before issue 18) still runs batched."""
+    tagger = ModelTagger(lang="en")
+    prepared = [tagger.prepare(photo(n)) for n in sorted(p.name for p in PHOTOS.glob("*.jpg"))]
+    alone = np.stack([p.probs for p in prepared if p.probs is not None])
+    batch = tagger.classifier.predict(tagger.classifier.normalize(np.stack([p.pixels for p in prepared])))
+    assert alone.shape == batch.shape
+    np.testing.assert_allclose(alone, batch, rtol=0, atol=1e-5)
+    assert (
+        ModelTagger(lang="en", stages={"classifier"}, int8=False).prepare(photo("coffee.jpg")).probs is None
+    )
+
+
 def test_face_model_matches_its_recorded_heatmap() -> None:
     fixture = np.load(DATA / "centerface_parity.npz")
     heat, _, _ = CenterFace().raw(fixture["pixels"][None].astype(np.float32))
