@@ -116,9 +116,10 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def square() -> np.ndarray:
-    """(3, 320, 320) RGB uint8: the example photo as the model tagger feeds CenterFace."""
+    """(3, 320, 320) RGB uint8: the example photo letterboxed into the detector's square (the
+    model tagger now feeds CenterFace the photo's aspect; the model takes either)."""
     with Image.open(PHOTO) as image:
-        bgr, _ = letterbox(image.convert("RGB"), SIDE)
+        bgr, _ = letterbox(image.convert("RGB"), SIDE, square=True)
     return np.ascontiguousarray(bgr[::-1])
 
 

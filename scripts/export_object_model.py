@@ -109,7 +109,7 @@ def inputs() -> np.ndarray:
     batch = [rng.integers(0, 256, (3, ORIGINAL_SIZE, ORIGINAL_SIZE), dtype=np.uint8)]
     for name in CHECK_PHOTOS:
         with Image.open(PHOTOS / name) as image:
-            batch.append(letterbox(image.convert("RGB"), ORIGINAL_SIZE)[0])
+            batch.append(letterbox(image.convert("RGB"), ORIGINAL_SIZE, square=True)[0])
     return np.stack(batch).astype(np.float32)
 
 
@@ -134,7 +134,7 @@ def check(source: Path, edited: Path) -> float:
 def record_fixture(source: Path, fixture: Path) -> None:
     """Step 3: the fixture photo's input and the original's strongest rows."""
     with Image.open(PHOTOS / FIXTURE_PHOTO) as image:
-        pixels, _ = letterbox(image.convert("RGB"), ORIGINAL_SIZE)
+        pixels, _ = letterbox(image.convert("RGB"), ORIGINAL_SIZE, square=True)
     (out,) = session(source).run(None, {"images": pixels[None].astype(np.float32)})
     rows = np.argsort(-out[0, :, 4], kind="stable")[:FIXTURE_ROWS]
     np.savez_compressed(fixture, pixels=pixels, rows=rows, outputs=out[0, rows])

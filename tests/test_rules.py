@@ -252,6 +252,18 @@ def test_batch_matches_single(zh: LabelRules) -> None:
     assert zh.tags_batch(batch) == [zh.tags(row) for row in batch]
 
 
+def test_category_sums_are_each_category_s_classes(zh: LabelRules, rows: list[dict[str, str]]) -> None:
+    """category_probs (a bincount, not a BLAS product) sums exactly the classes the CSV puts
+    in each category, row by row."""
+    batch = np.random.default_rng(11).dirichlet(np.full(NUM_CLASSES, 0.05), size=5)
+    order = list(read_categories(rules_mod._data_file("categories.csv")))
+    expected = np.zeros((len(batch), len(order)))
+    for row in rows:
+        for cid in cats(row):
+            expected[:, order.index(cid)] += batch[:, int(row["index"])]
+    np.testing.assert_allclose(zh.category_probs(batch), np.minimum(expected, 1.0), rtol=1e-12, atol=1e-15)
+
+
 def test_category_confidence_is_capped(zh: LabelRules) -> None:
     probs = one_hot({207: 0.7, 208: 0.6})  # not normalised: still at most 100
     tags = zh.tags(probs)

@@ -13,7 +13,7 @@ from batchtag.taggers import DEFAULT_MIN_CONFIDENCE, DEFAULT_STAGES, STAGES, loa
 from batchtag.taggers.centerface import CenterFace
 from batchtag.taggers.imagenet import ImageNetClassifier
 from batchtag.taggers.model import INT8_CLASSIFIER, ModelTagger, ObjectRules, merge_named
-from batchtag.taggers.objects import NUM_CLASSES, ObjectDetector
+from batchtag.taggers.objects import NUM_CLASSES, PAD_VALUE, ObjectDetector, grid, letterbox
 from batchtag.taggers.people import PeopleRules
 
 DATA = Path(__file__).parent / "data"
@@ -45,6 +45,56 @@ def test_object_model_takes_any_batch_and_size() -> None:
     two = detector.raw(np.stack([square, square]))
     assert one.shape == (1, (40 * 40 + 20 * 20 + 10 * 10), 85)
     np.testing.assert_allclose(two[1], one[0], rtol=0, atol=1e-4)
+
+
+def test_detector_input_keeps_the_photo_s_aspect() -> None:
+    """Long side 320, short side rounded up to a multiple of 32; the photo at the top left,
+    grey beyond it; the output rows match the shape's anchor grid."""
+    detector = ObjectDetector()
+    for size, shape in (
+        ((640, 480), (3, 256, 320)),
+        ((480, 640), (3, 320, 256)),
+        ((500, 500), (3, 320, 320)),
+    ):
+        pixels, scale = detector.prepare(Image.new("RGB", size, (200, 10, 30)))
+        assert pixels.shape == shape and scale == 320 / max(size)
+        w, h = round(size[0] * scale), round(size[1] * scale)
+        assert (pixels[:, :h, :w] == np.array([30, 10, 200])[:, None, None]).all()  # BGR
+        assert (pixels[:, h:, :] == PAD_VALUE).all() and (pixels[:, :, w:] == PAD_VALUE).all()
+        cells, _ = grid(shape[1], shape[2])
+        assert detector.raw(pixels[None]).shape == (1, len(cells), 85)
+    assert detector.prepare(Image.new("RGB", (2000, 90)))[0].shape == (3, 32, 320)
+    assert letterbox(Image.new("RGB", (640, 480)), 320, square=True)[0].shape == (3, 320, 320)
+
+
+def test_detections_do_not_depend_on_the_batch() -> None:
+    """Photos of two shapes in one batch, more than a chunk of them: each photo's scores and
+    person boxes are those it gets alone (one network call per shape and chunk)."""
+    detector = ObjectDetector(chunk=2)
+    photos = [photo("astronaut_eileen_collins.jpg"), photo("coffee.jpg"), photo("grace_hopper.jpg")]
+    photos += [photos[1].transpose(Image.Transpose.FLIP_LEFT_RIGHT), photos[0].rotate(90)]
+    inputs = [detector.prepare(p) for p in photos]
+    assert len({pixels.shape for pixels, _ in inputs}) >= 2
+    together = detector.detect(inputs, [p.size for p in photos])
+    for one, pixels, image in zip(together, inputs, photos, strict=True):
+        (alone,) = detector.detect([pixels], [image.size])
+        np.testing.assert_allclose(one.class_scores, alone.class_scores, rtol=0, atol=1e-5)
+        assert [round(f.score, 4) for f in one.persons] == [round(f.score, 4) for f in alone.persons]
+    assert together[0].persons[0].score > 0.8 and together[1].class_scores[41] > 0.4  # person; cup
+
+
+def test_int8_classifier_answers_in_prepare_as_in_a_batch() -> None:
+    """The INT8 classifier runs per photo in prepare (the decode threads); its probabilities
+    are the batch's. The float classifier (the default before issue 18) still runs batched."""
+    tagger = ModelTagger(lang="en")
+    prepared = [tagger.prepare(photo(n)) for n in sorted(p.name for p in PHOTOS.glob("*.jpg"))]
+    alone = np.stack([p.probs for p in prepared if p.probs is not None])
+    batch = tagger.classifier.predict(tagger.classifier.normalize(np.stack([p.pixels for p in prepared])))
+    assert alone.shape == batch.shape
+    np.testing.assert_allclose(alone, batch, rtol=0, atol=1e-5)
+    assert (
+        ModelTagger(lang="en", stages={"classifier"}, int8=False).prepare(photo("coffee.jpg")).probs is None
+    )
 
 
 def test_face_model_matches_its_recorded_heatmap() -> None:

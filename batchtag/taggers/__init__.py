@@ -5,7 +5,8 @@ A tagger is synchronous and CPU-bound. The server works with it in two places:
 1. ``prepare(image)`` (optional) runs once per request in the server's decode thread pool,
    in the same call as the image decode, so requests prepare in parallel with each other
    and with the model. It turns the decoded RGB image into whatever the tagger's batch step
-   wants (the model: its normalised input tensor). It must be thread-safe and may raise; a
+   wants (the model: each stage's input, and the INT8 classifier's answer, which gains
+   nothing from batching). It must be thread-safe and may raise; a
    failure answers only that request (code 201).
 2. ``tag_batch(items)`` runs on the batcher's single tagger thread with the items of several
    concurrent requests, so one model call serves many requests. ``items`` are what

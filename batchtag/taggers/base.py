@@ -43,12 +43,14 @@ LANGS = ("zh", "en")
 # The model tagger's stages, and the ones it runs unless told otherwise (see the docstring).
 STAGES = ("classifier", "detector", "faces", "blazeface")
 # "faces" (CenterFace) is not a default: on the evaluation set it changed neither recall nor
-# precision once the detector's person boxes count people, for 16 % more CPU a photo.
+# precision once the detector's person boxes count people (held-out precision 0.3 points
+# lower since the detector's input keeps the photo's aspect), for 16 % more CPU a photo.
 DEFAULT_STAGES = frozenset({"classifier", "detector"})
 # Tags below this confidence are not returned by default (serve, run, export, report). Set on
 # the tuning half of bench/quality (python -m bench.quality): the final tagger's highest F1 is
-# at 21 (recall 0.61, precision 0.92 there; held-out 0.56 / 0.85); tags scoring 10-19 were
-# right half of the time, 20-29 three times in four, 30 and up 0.76-1.00 per band.
+# at 21 (recall 0.64, precision 0.93 there; held-out 0.57 / 0.86); tags scoring 10-19 were
+# right half of the time, 20-29 three times in four, 30 and up 0.82-1.00 per band. Chosen
+# again, the same, when the detector's input took the photo's aspect (objects.DEFAULT_SIZE).
 DEFAULT_MIN_CONFIDENCE = 21
 # ``--stages``'s help, the same for run and serve.
 STAGES_HELP = (

@@ -14,8 +14,8 @@ faces decides 合影 / 人群. It is not a default stage: with the detector's pe
 counting people, it changed neither recall nor precision on the evaluation set.
 
 What the network sees: RGB 0..255 float32, any size divisible by 32; here the detector's own
-letterboxed square (``objects.letterbox``, channels back to RGB), so the photo is resized once
-for both. Outputs, at a quarter of the input's resolution: a face-centre heatmap (sigmoid),
+letterboxed input (``objects.letterbox``: long side 320, the photo's aspect; channels back to
+RGB), so the photo is resized once for both. Outputs, at a quarter of the input's resolution: a face-centre heatmap (sigmoid),
 log box sizes (x4 pixels), centre offsets and landmarks (unused).
 """
 
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from batchtag.taggers.faces import Face, weighted_nms
+from batchtag.taggers.objects import by_shape
 from batchtag.taggers.runtime import cpu_session
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "data" / "centerface.onnx"
@@ -72,18 +73,19 @@ class CenterFace:
     def detect(
         self, squares: list[np.ndarray], scales: list[float], sizes: list[tuple[int, int]]
     ) -> list[list[Face]]:
-        """Faces per photo (photo coordinates 0..1) from the detector's BGR letterboxed squares.
+        """Faces per photo (photo coordinates 0..1) from the detector's BGR letterboxed inputs
+        (``objects.letterbox``), a network call per input shape.
 
         ``scales``: each photo's photo-to-input scale; ``sizes``: each photo's (width, height).
         """
-        if not squares:
-            return []
-        batch = np.stack(squares)[:, ::-1]  # BGR -> RGB
-        heat, scale, offset = self.raw(batch)
-        side = batch.shape[-1]
-        found = []
-        for i, (s, (width, height)) in enumerate(zip(scales, sizes, strict=True)):
-            faces = decode(heat[i], scale[i], offset[i], self.min_score, self.nms_iou)
-            fx, fy = side / s / width, side / s / height  # input fraction -> photo fraction
-            found.append([Face(f.score, f.x0 * fx, f.y0 * fy, f.x1 * fx, f.y1 * fy) for f in faces])
+        found: list[list[Face]] = [[] for _ in squares]
+        for group in by_shape(squares, len(squares)):
+            batch = np.stack([squares[i] for i in group])[:, ::-1]  # BGR -> RGB
+            heat, scale, offset = self.raw(batch)
+            in_h, in_w = batch.shape[-2:]
+            for row, i in enumerate(group):
+                faces = decode(heat[row], scale[row], offset[row], self.min_score, self.nms_iou)
+                width, height = sizes[i]
+                fx, fy = in_w / scales[i] / width, in_h / scales[i] / height  # input -> photo fraction
+                found[i] = [Face(f.score, f.x0 * fx, f.y0 * fy, f.x1 * fx, f.y1 * fy) for f in faces]
         return found

@@ -22,9 +22,9 @@ most confident first, then broad categories; then everything below ``min_confide
 at most ``max_tags`` stay. Confidences are each stage's own probability-like score x 100 (the
 classifier's summed softmax, the detector's objectness x class score, the face score).
 
-``prepare`` (each stage's resize of the same decoded image) runs per request in the server's
-decode threads; ``tag_batch`` only stacks the prepared inputs and runs each model once for the
-batch.
+``prepare`` (each stage's resize of the same decoded image, and the INT8 classifier itself)
+runs per request in the server's decode threads; ``tag_batch`` stacks the prepared inputs and
+runs each other model once for the batch (see ``prepare`` for why).
 """
 
 from __future__ import annotations
@@ -55,10 +55,11 @@ PERSON_FLOOR = 0.4
 class Prepared:
     """One image made ready for every stage; a stage that is off has None."""
 
-    pixels: np.ndarray  # (3, 224, 224) uint8: the classifier's crop, normalised a batch at a time
+    pixels: np.ndarray  # (3, 224, 224) uint8: the classifier's crop (the float one's batch input)
     faces: Views | None  # BlazeFace's views (the blazeface stage)
-    objects: tuple[np.ndarray, float] | None  # the letterboxed square of detector and CenterFace, its scale
+    objects: tuple[np.ndarray, float] | None  # the detector's and CenterFace's letterboxed input, its scale
     size: tuple[int, int]  # the decoded photo's (width, height)
+    probs: np.ndarray | None = None  # (1000,) the INT8 classifier's probabilities, run in prepare
 
 
 class ObjectRules:
@@ -120,6 +121,10 @@ class ModelTagger:
         self.classifier = classifier or (
             ImageNetClassifier(model_path=INT8_CLASSIFIER, threads=1) if int8 else ImageNetClassifier()
         )
+        # The INT8 classifier runs in prepare (see there); the float one, standing for the
+        # default before issue 18 in bench section ``stages``, a batch at a time in tag_batch
+        # as it did then.
+        self.classify_in_prepare = int8
         # The classifier's own cut is left to the merge, which sees every stage's names.
         self.rules = LabelRules.load(lang, max_tags=1000)
         people_needed = bool(chosen & {"faces", "blazeface", "detector"})
@@ -139,27 +144,45 @@ class ModelTagger:
             self.object_rules = ObjectRules(lang)
 
     def prepare(self, image: Image.Image) -> Prepared:
-        """The network inputs for one image (thread-safe)."""
+        """The network inputs for one image, and the INT8 classifier's answer (thread-safe).
+
+        The INT8 classifier runs here, one photo a call, in the server's decode threads: alone
+        it costs the CPU it costs in a batch (2.2 ms at 1, 2, 4 or 8 photos a call, 2.7 at 16),
+        and there it runs beside the detector's batch on the other core. With both models in
+        tag_batch, that one thread was busier than the decoding (~6 ms a photo) and the run
+        could not use both cores: 0.95-1.14x the images/s of the default before, at 1.13-1.16x
+        its CPU an image (generated 640 px, bench section ``stages``); 1.07-1.26x after this.
+        The detector stays batched: in the decode threads too it cost ~1 ms more CPU a photo.
+        """
         image = to_rgb(image)
         views = (
             prepare_views(image, self.people.detector) if self.detector is not None and self.people else None
         )
         objects = self.objects.prepare(image) if self.objects is not None else None
-        return Prepared(self.classifier.crop_pixels(image), views, objects, image.size)
+        pixels = self.classifier.crop_pixels(image)
+        probs = None
+        if self.classify_in_prepare:
+            (probs,) = self.classifier.predict(self.classifier.normalize(pixels[None]))
+        return Prepared(pixels, views, objects, image.size, probs)
 
     def tag_batch(self, items: list[Any]) -> list[list[Tag]]:
         """Tags for prepared inputs (from ``prepare``); plain images are prepared here."""
         if not items:
             return []
         prepared = [item if isinstance(item, Prepared) else self.prepare(item) for item in items]
-        probs = self.classifier.predict(self.classifier.normalize(np.stack([p.pixels for p in prepared])))
-        classified = self.rules.parts_batch(probs)
+        classified = self.rules.parts_batch(self._probabilities(prepared))
         found = self._objects(prepared)
         faces = self._faces(prepared, found)
         return [
             self._merge(parts, photo_faces, objects)
             for parts, photo_faces, objects in zip(classified, faces, found, strict=True)
         ]
+
+    def _probabilities(self, prepared: Sequence[Prepared]) -> np.ndarray:
+        """(N, 1000) class probabilities: prepare's, or the float classifier's for the batch."""
+        if all(p.probs is not None for p in prepared):
+            return np.stack([p.probs for p in prepared if p.probs is not None])
+        return self.classifier.predict(self.classifier.normalize(np.stack([p.pixels for p in prepared])))
 
     def _faces(self, prepared: Sequence[Prepared], found: Sequence[Detections | None]) -> list[list[Face]]:
         """Faces per photo from the face stage that is on (CenterFace where it is asked for)."""
