@@ -45,7 +45,7 @@ from batchtag.errors import CredentialsRefused, EndpointUnreachable
 from batchtag.pipeline.budget import RequestBudget
 from batchtag.pipeline.client import Answer, EndpointHealth, RetryPolicy, TagClient, open_tag_client
 from batchtag.pipeline.payload import Payload, with_appid
-from batchtag.pipeline.ratelimit import AdaptiveRateLimiter
+from batchtag.pipeline.ratelimit import LimiterFor, own_limiter
 from batchtag.signing import Credentials
 
 log = logging.getLogger("batchtag")
@@ -257,8 +257,10 @@ async def open_endpoint_pool(
     timeout_s: float,
     outage_wait_s: float,
     budget: RequestBudget | None = None,
+    limiter_for: LimiterFor = own_limiter,
 ) -> AsyncIterator[EndpointPool]:
-    """One session, limiter and client per endpoint, closed together."""
+    """One session, limiter and client per endpoint, closed together; ``limiter_for`` gives
+    each endpoint its limiter (a cluster worker's is its share of the endpoint's quota)."""
     async with contextlib.AsyncExitStack() as stack:
         members = []
         for spec in specs:
@@ -267,7 +269,7 @@ async def open_endpoint_pool(
                     spec.url,
                     Credentials(spec.appid, spec.secret_id, spec.secret_key),
                     bucket,
-                    AdaptiveRateLimiter(spec.qps),
+                    limiter_for(spec.name, spec.qps),
                     policy,
                     concurrency,
                     timeout_s,
