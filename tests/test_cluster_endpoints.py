@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -21,11 +22,13 @@ from batchtag.pipeline.sink import open_sink
 from batchtag.records import Record
 from tests.support import (
     credentials_env,
+    line_count,
     read_out,
     requests_seen,
     run_cli,
     server_stats,
     tiny_jpegs,
+    wait_until,
     write_credentials,
 )
 from tests.test_cluster import start_dask
@@ -139,7 +142,7 @@ def test_max_requests_over_the_cluster_then_a_rerun_finishes(spawner, tmp_path, 
     assert summary["limit_reached"] is True and summary["ok"] == len(written)
     assert "stopped at --max-requests" in first.stderr + first.stdout
 
-    again = cluster_run(tmp_path / "photos", out, address, *flags)
+    again = run_cli("run", tmp_path / "photos", "-o", out, *flags, env=credentials_env(), timeout=300)
     assert again.returncode == 0, again.stderr
     assert sorted(read_out(out).keys) == keys
     oks = sum(server_stats(url)["responses"].get("0", 0) for url in urls)
@@ -260,3 +263,37 @@ def test_a_worker_paces_each_endpoint_at_its_quota_divided_by_the_workers():
         assert announced == ["l"]
     finally:
         runtime.loop.close()
+
+
+def test_max_requests_holds_when_a_worker_dies_mid_run(spawner, tmp_path):
+    """A `dask worker` SIGKILLed once records arrive, under --max-requests 250: Dask reruns
+    its chunks elsewhere (the one it was running, and finished ones whose results died with
+    it) without a grant, as their first runs may have spent it, so the server still sees
+    at most 250 requests; the run stops at the limit and a rerun finishes."""
+    limit = 250
+    keys = tiny_jpegs(tmp_path / "photos", 320, variety=320)
+    _, url = spawner.serve(write_credentials(tmp_path / "creds.json"), "--inject-latency-ms", "20")
+    address, workers = start_dask(spawner, tmp_path, WORKERS)
+    out = tmp_path / "out.jsonl"
+    flags = ["--endpoint", url, "--qps", 40, "--concurrency", 2, "--cluster", address, "--no-progress"]
+    run = spawner.start(
+        "run",
+        tmp_path / "photos",
+        "-o",
+        out,
+        *flags,
+        "--max-requests",
+        limit,
+        env=credentials_env(),
+        name="run",
+    )
+    wait_until(lambda: line_count(out) > 0, 120, "the first records", alive=run)
+    workers["w1"].popen.send_signal(signal.SIGKILL)
+    workers["w1"].wait(timeout=30)
+    assert run.wait(timeout=180) == 5, run.stderr()
+    seen = requests_seen(server_stats(url))
+    assert seen <= limit
+    assert 0 < len(read_out(out).records) <= seen
+    again = run_cli("run", tmp_path / "photos", "-o", out, *flags, env=credentials_env(), timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert sorted(read_out(out).keys) == keys

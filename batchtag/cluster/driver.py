@@ -40,6 +40,7 @@ from batchtag.cluster import ClusterAddress, ClusterError, SchedulerLost, parse_
 from batchtag.cluster.worker import (
     ChunkResult,
     TaggerPlugin,
+    forget_claims,
     plugin_name,
     relay_slowdown,
     relay_workers,
@@ -338,6 +339,8 @@ class ClusterStage:
                 await close_quietly(self.dask.cancel(list(self._futures)))
             with contextlib.suppress(Exception):
                 self.dask.unsubscribe_topic(slowdown_topic(self.run_id))
+            if self.config.max_requests:
+                await close_quietly(self.dask.run_on_scheduler(forget_claims, self.run_id))
 
     async def take_chunk(self) -> list[Item]:
         """Up to CHUNK_ITEMS new items; fewer when a worker is free and the producer
@@ -367,6 +370,10 @@ class ClusterStage:
                 try:
                     result = await self.tag_remotely(items, grant)
                     spent = grant if result.rerun else result.spent
+                    if result.rerun and grant:
+                        log.info(
+                            "a chunk ran again after a worker died: its grant of %d counts as spent", grant
+                        )
                 finally:
                     await self.grants.give_back(grant, spent)
                 self.take(result)

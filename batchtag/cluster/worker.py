@@ -18,8 +18,8 @@ Budget: with ``--max-requests`` each chunk comes with a grant from the driver (n
 than the run has left); the chunk's requests spend it, and what it did not spend goes back
 with its records. The process's one client serves every chunk running at once, so the
 grant is found through a context variable set in the chunk's task (its senders are
-created inside it). A chunk Dask runs again after a worker died gets no grant: the lost run
-may have spent it (the driver counts it spent), and its items come back unsent.
+created inside it). A chunk Dask runs again after a worker died gets no grant: its first
+run may have spent it (the driver counts it spent), and its items come back unsent.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from batchtag.pipeline.stage import STOP
 from batchtag.records import Record
 
 STOP_TIMEOUT_S = 30.0
+CLAIMS_ATTRIBUTE = "batchtag_grants_claimed"
 
 
 def plugin_name(run_id: str) -> str:
@@ -63,7 +64,7 @@ class ChunkResult(NamedTuple):
     records: list[Record]
     spent: int = 0  # requests of its --max-requests grant it sent
     limit_reached: bool = False  # the grant ran out: items without a record were not sent
-    rerun: bool = False  # Dask ran it again after a worker died: the grant may be spent
+    rerun: bool = False  # Dask ran it again (a worker died): its first run may have spent the grant
 
 
 class ChunkDone(NamedTuple):
@@ -276,21 +277,36 @@ def tag_chunk(run_id: str, items: list[Item], grant: int | None = None) -> Chunk
     """The Dask task: one chunk of items to their records, in this worker's runtime, within
     its ``grant`` of ``--max-requests`` (None: no limit)."""
     worker = get_worker()
-    rerun = grant is not None and ran_before(worker.get_current_task())
+    rerun = grant is not None and not claim_grant(run_id, worker.get_current_task())
     done = runtime_of(run_id, worker).tag(items, 0 if rerun else grant)
     return ChunkResult(str(worker.name), done.records, done.spent, done.limit_reached, rerun)
 
 
-def ran_before(key: str) -> bool:
-    """Whether the scheduler saw this task on a worker that died: that run may have sent
-    requests of the same grant, so this one gets none (asked only under --max-requests)."""
-    return bool(get_client().run_on_scheduler(times_lost, key))
+def claim_grant(run_id: str, key: str) -> bool:
+    """Whether this is the task's first run. Dask runs a task again when its worker died
+    while running it, or after it finished but before the driver had its result; either
+    first run may have spent the grant, so only the first to claim it on the scheduler (one
+    event loop: one claim at a time) gets it (asked only under --max-requests)."""
+    return bool(get_client().run_on_scheduler(claim_on_scheduler, run_id, key))
 
 
-def times_lost(key: str, dask_scheduler: Any) -> int:
-    """On the scheduler: how often workers died while running the task (``suspicious``)."""
-    task = dask_scheduler.tasks.get(key)
-    return int(task.suspicious) if task is not None else 0
+def claim_on_scheduler(run_id: str, key: str, dask_scheduler: Any) -> bool:
+    claimed = grants_claimed(dask_scheduler).setdefault(run_id, set())
+    first = key not in claimed
+    claimed.add(key)
+    return first
+
+
+def forget_claims(run_id: str, dask_scheduler: Any) -> None:
+    """On the scheduler, when the run ends: its claims are no longer needed."""
+    grants_claimed(dask_scheduler).pop(run_id, None)
+
+
+def grants_claimed(scheduler: Any) -> dict[str, set[str]]:
+    """The task keys that claimed their grant, by run: kept on the scheduler object."""
+    if not hasattr(scheduler, CLAIMS_ATTRIBUTE):
+        setattr(scheduler, CLAIMS_ATTRIBUTE, {})
+    return getattr(scheduler, CLAIMS_ATTRIBUTE)
 
 
 async def relay_slowdown(run_id: str, endpoint: str, dask_worker: Any) -> None:
