@@ -297,3 +297,23 @@ def test_max_requests_holds_when_a_worker_dies_mid_run(spawner, tmp_path):
     again = run_cli("run", tmp_path / "photos", "-o", out, *flags, env=credentials_env(), timeout=300)
     assert again.returncode == 0, again.stderr
     assert sorted(read_out(out).keys) == keys
+
+
+async def test_a_code_15_is_relayed_for_its_endpoint_once_a_cooldown():
+    """The driver passes a worker's rate-limit event on to every worker for that endpoint
+    only; a second event from the same endpoint within the cooldown is not relayed again."""
+    from batchtag.cluster.driver import ClusterStage
+    from batchtag.cluster.worker import relay_slowdown
+
+    class RecordingDask:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        async def run(self, function, *args, wait=True):
+            self.calls.append((function, *args))
+
+    dask = RecordingDask()
+    stage = ClusterStage(RunConfig(sources=["a"], out="o.jsonl"), dask, "run1", None, 2)
+    for endpoint in ("small", "large", "small"):
+        await stage.relay_slowdown((0.0, {"worker": "w1", "endpoint": endpoint}))
+    assert dask.calls == [(relay_slowdown, "run1", "small"), (relay_slowdown, "run1", "large")]
