@@ -112,6 +112,8 @@ def test_one_endpoint_refusing_the_credentials_among_good_ones(spawner, tmp_path
     assert refused.get("0", 0) == 0 and sum(refused.values()) > 0, refused
     assert sum(server_stats(url)["responses"].get("0", 0) for url in urls[:2]) == len(keys)
     assert wrong_key not in result.stderr and credentials_env()["BATCHTAG_SECRET_KEY"] not in result.stderr
+    said = [line for line in result.stderr.splitlines() if "refused the credentials" in line]
+    assert len(said) == 1 and ": refusing refused the credentials (" in said[0], result.stderr
 
 
 @pytest.mark.parametrize("cluster", ["dask-cli", "local:2"])

@@ -46,6 +46,7 @@ from batchtag.cluster.worker import (
     relay_workers,
     slowdown_topic,
     tag_chunk,
+    warnings_topic,
 )
 from batchtag.config import CLUSTER_TLS_FIELDS, RunConfig
 from batchtag.keyset import KeySet
@@ -306,6 +307,7 @@ class ClusterStage:
         self._chunks = 0
         self._futures: set[Any] = set()  # submitted, not yet returned: cancelled if the run stops
         self._last_relay: dict[str, float] = {}  # by endpoint
+        self._warned: set[str] = set()  # the workers' lines said once, not once a worker
         # The run's ends, given at start():
         self.queue: asyncio.Queue[Item | None]
         self.results: asyncio.Queue[Record | None]
@@ -321,6 +323,7 @@ class ClusterStage:
     async def dispatch(self) -> None:
         """Chunks out, records back, until the producer is done and every chunk is in."""
         self.dask.subscribe_topic(slowdown_topic(self.run_id), self.relay_slowdown)
+        self.dask.subscribe_topic(warnings_topic(self.run_id), self.warn_once)
         watcher = asyncio.create_task(self.watch_workers(), name="watch-workers")
         try:
             async with asyncio.TaskGroup() as chunks:
@@ -331,6 +334,7 @@ class ClusterStage:
                         await self.window.leave()
                         break
                     chunks.create_task(self.run_chunk(chunk))
+            await self.catch_up_warnings()
         except BaseExceptionGroup as group:
             raise first_cluster_error(group) from None
         finally:
@@ -339,6 +343,7 @@ class ClusterStage:
                 await close_quietly(self.dask.cancel(list(self._futures)))
             with contextlib.suppress(Exception):
                 self.dask.unsubscribe_topic(slowdown_topic(self.run_id))
+                self.dask.unsubscribe_topic(warnings_topic(self.run_id))
             if self.config.max_requests:
                 await close_quietly(self.dask.run_on_scheduler(forget_claims, self.run_id))
 
@@ -440,6 +445,22 @@ class ClusterStage:
         self._last_relay[endpoint] = now
         log.info("rate-limited by %s on a worker: every worker slows down for it", endpoint or "the endpoint")
         await self.broadcast(relay_slowdown, self.run_id, endpoint)
+
+    async def catch_up_warnings(self) -> None:
+        """Lines still on their way when the last chunk is in: the scheduler keeps them (a
+        worker's event goes to it before the result of the chunk that raised it)."""
+        with contextlib.suppress(Exception):
+            for event in await self.dask.get_events(warnings_topic(self.run_id)):
+                self.warn_once(event)
+
+    def warn_once(self, event: Any) -> None:
+        """A worker's line for the user (an endpoint refused the credentials): each worker's
+        pool finds it out, the user reads it once. Lines name endpoints, never secrets."""
+        _, message = event
+        line = str(message.get("line", "")) if isinstance(message, dict) else ""
+        if line and line not in self._warned:
+            self._warned.add(line)
+            log.warning("%s", line)
 
     async def broadcast(self, function: Any, *args: Any) -> None:
         with contextlib.suppress(Exception):

@@ -38,6 +38,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from batchtag.config import RunConfig
 from batchtag.pipeline.budget import RequestBudget, RequestLimitReached
 from batchtag.pipeline.client import TagClient
+from batchtag.pipeline.endpoints import EndpointPool
 from batchtag.pipeline.flow import Run
 from batchtag.pipeline.local import LocalStage, open_client
 from batchtag.pipeline.progress import Progress
@@ -57,6 +58,10 @@ def plugin_name(run_id: str) -> str:
 
 def slowdown_topic(run_id: str) -> str:
     return f"batchtag-{run_id}-slowdown"
+
+
+def warnings_topic(run_id: str) -> str:
+    return f"batchtag-{run_id}-warnings"
 
 
 class ChunkResult(NamedTuple):
@@ -169,10 +174,17 @@ class ChunkRun(Run):
 class WorkerRuntime:
     """One a worker process and run: the loop thread, the client, a limiter an endpoint."""
 
-    def __init__(self, config: RunConfig, workers: int, announce: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        workers: int,
+        announce: Callable[[str], None],
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
         self.workers = max(1, workers)
-        self._announce = announce
+        self._announce = announce  # a code 15 from this endpoint
+        self._warn = warn  # a line for the driver's stderr (an endpoint refused the credentials)
         self.limiters: dict[str, ClusterLimiter] = {}  # by endpoint name
         self.quotas: dict[str, float | None] = {}  # each endpoint's whole quota, split over the workers
         self.budget = ChunkBudget() if config.max_requests else None
@@ -188,6 +200,8 @@ class WorkerRuntime:
     async def _open(self) -> None:
         client = open_client(self.config, self.limiter_for, self.budget)
         self._client = await self._resources.enter_async_context(client)
+        if isinstance(self._client, EndpointPool):
+            self._client.on_refused = self._warn
 
     def limiter_for(self, name: str, qps: float | None) -> ClusterLimiter:
         """The endpoint's quota split evenly over the workers, for one endpoint or several alike."""
@@ -257,6 +271,7 @@ class TaggerPlugin(WorkerPlugin):
             self.config,
             self.workers,
             lambda endpoint: worker.log_event(topic, {"worker": name, "endpoint": endpoint}),
+            lambda line: worker.log_event(warnings_topic(self.run_id), {"worker": name, "line": line}),
         )
         await asyncio.wrap_future(self.runtime.start())
 

@@ -35,7 +35,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from batchtag import codes
@@ -111,6 +111,9 @@ class EndpointPool:
         self.none_up_since: float | None = None
         self.moved = 0  # items sent to another member after an endpoint's failure
         self.last_refusal: Answer | None = None
+        # Also told of each refusal's line: a cluster worker passes it on to the driver,
+        # whose stderr the user reads (the worker's own log is not there).
+        self.on_refused: Callable[[str], None] | None = None
         for member in self.members:
             member.probe_wait = probe_first_wait_s
 
@@ -212,13 +215,13 @@ class EndpointPool:
         member.state = State.REFUSED
         member.last_error = f"code {answer.code}: {answer.message}"
         left = sum(m.state is not State.REFUSED for m in self.members)
-        log.warning(
-            "%s refused the credentials (%s); %s; going on with %d other endpoint(s)",
-            member.name,
-            member.last_error,
-            codes.describe(answer.code).fix,
-            left,
+        line = (
+            f"{member.name} refused the credentials ({member.last_error}); "
+            f"{codes.describe(answer.code).fix}; going on with {left} other endpoint(s)"
         )
+        log.warning("%s", line)
+        if self.on_refused is not None:
+            self.on_refused(line)
         self.last_refusal = answer
 
     def all_refused(self) -> CredentialsRefused:
