@@ -15,9 +15,10 @@ records (``--retry-errors`` tries it again). Losing the scheduler stops the run
 ``--max-requests N``: the driver holds what is left of N (``Grants``) and hands each chunk
 one request an item (never more than is left); the chunk's worker gives back what it did
 not spend. Items a grant did not reach (retries took it) come back unsent and go out again
-with room for all their tries (``--retries`` + 1 each) while requests are left; once none are left and no chunk holds any, the rest
-are passed over unsent, as in a plain run: a clean stop, exit 5, a rerun goes on. So the
-workers together never send more than N, whatever the chunks in flight.
+with room for all their tries (``--retries`` + 1 each) while requests are left; once none
+are left and no chunk holds any, the rest are passed over unsent, as in a plain run: a
+clean stop, exit 5, a rerun goes on. So the workers together never send more than N,
+whatever the chunks in flight; a chunk Dask runs twice gets its grant once (worker.py).
 """
 
 from __future__ import annotations
@@ -315,9 +316,8 @@ class ClusterStage:
 
     def start(self, ends: Ends) -> list[asyncio.Task[None]]:
         self.queue, self.results, self.summary = ends.items, ends.results, ends.summary
-        self.summary.endpoints = {
-            spec.name: 0 for spec in self.config.endpoint_specs
-        }  # as a plain run's pool
+        # Every endpoint named in the summary, 0 for one that answered nothing, as a plain run's pool.
+        self.summary.endpoints = {spec.name: 0 for spec in self.config.endpoint_specs}
         return [asyncio.create_task(self.dispatch(), name="dispatch")]
 
     async def dispatch(self) -> None:
@@ -341,9 +341,9 @@ class ClusterStage:
             watcher.cancel()
             if self._futures:  # interrupted or failed: the cluster drops the rest of the work
                 await close_quietly(self.dask.cancel(list(self._futures)))
-            with contextlib.suppress(Exception):
-                self.dask.unsubscribe_topic(slowdown_topic(self.run_id))
-                self.dask.unsubscribe_topic(warnings_topic(self.run_id))
+            for topic in (slowdown_topic(self.run_id), warnings_topic(self.run_id)):
+                with contextlib.suppress(Exception):
+                    self.dask.unsubscribe_topic(topic)
             if self.config.max_requests:
                 await close_quietly(self.dask.run_on_scheduler(forget_claims, self.run_id))
 
