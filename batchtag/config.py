@@ -266,10 +266,6 @@ class RunConfig:
     def is_local(self) -> bool:
         return self.endpoint == LOCAL and not self.endpoints
 
-    @property
-    def several_endpoints(self) -> bool:
-        return len(self.endpoints) > 1
-
     def settings(self) -> Settings:
         """What shapes the tags, as records carry it: the endpoint without credentials,
         query or fragment; the tagger and language only where the run chooses them."""
@@ -339,14 +335,7 @@ class RunConfig:
             raise ConfigError("max-file-bytes must be positive")
         if self.max_requests is not None and self.max_requests < 1:
             raise ConfigError("--max-requests must be at least 1")
-        if self.max_requests is not None and self.cluster:
-            raise ConfigError("--max-requests does not work with --cluster yet: leave one of them out")
-        if self.endpoints:
-            if self.cluster and self.several_endpoints:
-                raise ConfigError(
-                    "--cluster takes one endpoint for now: several endpoints run without --cluster"
-                )
-        elif not self.is_local:
+        if not self.endpoints and not self.is_local:
             check_endpoint(self.endpoint)
             given = {"appid": self.appid, "secret_id": self.secret_id, "secret_key": self.secret_key_given}
             missing = [name for name, value in given.items() if not value]

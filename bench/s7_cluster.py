@@ -12,6 +12,10 @@
 * ``local:2`` against ``local:1``: the same input. Two worker processes on 2 shared cores
   (each with the model's threads, the driver and the scheduler beside them) cannot
   double anything here; the row shows what a second process costs or gains.
+* Two endpoints over ``local:2``: `batchtag serve` with quotas 10 and 30 a second, each
+  worker pacing each endpoint at half its quota; the rate both servers answered at
+  (sampled from their /stats while the run goes) against the sum of the quotas, and the
+  code-15 answers (goal: none).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from bench.common import (
     image_set,
     median,
     proc_cpu_s,
+    serve,
     start_client,
     write_manifest,
 )
@@ -41,13 +46,19 @@ from tests.support import batchtag_command, line_count
 CAPACITY_GOAL = 5_000.0  # records/s: 50 workers at 100 images/s
 OVERHEAD_GOAL = 0.9
 FLAT_GOAL = 1.10
+QUOTAS_GOAL = 0.9  # of the quotas' sum: pacing below each quota, never over it
+QUOTAS = (10.0, 30.0)
 TICK_S = 0.1
 
 
 def run(ctx: Ctx) -> Section:
-    section = Section("cluster", "7. --cluster on Dask: driver capacity, overhead of local:1, local:2")
+    section = Section(
+        "cluster",
+        "7. --cluster on Dask: driver capacity, overhead of local:1, local:2, two endpoints' quotas",
+    )
     capacity(ctx, section)
     overhead(ctx, section)
+    two_endpoints(ctx, section)
     return section
 
 
@@ -243,3 +254,67 @@ def timed_run(ctx: Ctx, manifest: Path, n: int, options: tuple[str, ...]) -> dic
     (t0, first), (t1, last) = seen[0], seen[-1]
     steady = (last - first) / (t1 - t0) if t1 > t0 else float("nan")
     return {"steady": steady, "whole": n / result.wall_s}
+
+
+# --- two endpoints over the cluster -----------------------------------------------------------------
+
+
+def two_endpoints(ctx: Ctx, section: Section) -> None:
+    n, runs = ctx.pick(240, 1200), ctx.pick(1, 3)
+    images = image_set(ctx, "s7-tiny", n, (64, 48), distinct=n)
+    manifest = write_manifest(ctx.work / "s7-tiny.txt", images)
+    results = [quotas_run(ctx, manifest, n) for _ in range(runs)]
+    rate = median([r["rate"] for r in results])
+    total = sum(QUOTAS)
+    refused = sum(r["refused"] for r in results)
+    section.add(
+        Row(
+            f"two endpoints (quotas {QUOTAS[0]:g} + {QUOTAS[1]:g}/s) over local:2: answered rate / sum of quotas",
+            runs,
+            rate / total,
+            "x",
+            rate / total,
+            f">= {QUOTAS_GOAL} and no code 15",
+            rate / total >= QUOTAS_GOAL and refused == 0,
+            f"{fmt(rate)} req/s of {total:g}; split {median([r['share'] for r in results]):.2f} to the larger "
+            f"quota ({QUOTAS[1] / total:.2f} of the sum); code 15 answers: {refused}",
+            samples=[r["rate"] / total for r in results],
+        )
+    )
+
+
+def quotas_run(ctx: Ctx, manifest: Path, n: int) -> dict[str, float]:
+    """One cluster run over two servers; the rate they answered ok at, from their /stats
+    sampled between the first answer and the last."""
+    with serve(ctx, qps_limit=QUOTAS[0]) as small, serve(ctx, qps_limit=QUOTAS[1]) as large:
+        config = ctx.work / "s7-two-endpoints.toml"
+        config.write_text(
+            "".join(
+                f'[[endpoints]]\nurl = "{server.url}"\nname = "{name}"\nqps = {qps}\n'
+                for server, name, qps in ((small, "small", QUOTAS[0]), (large, "large", QUOTAS[1]))
+            )
+        )
+        out = ctx.work / "s7-two-endpoints.jsonl"
+        started = time.monotonic()
+        proc, summary, stderr = start_client(
+            ctx, [manifest], out, None, "--config", str(config), "--cluster", "local:2", "--concurrency", "8"
+        )
+        seen: list[tuple[float, int]] = []
+
+        def tick() -> None:
+            with contextlib.suppress(OSError, ValueError):
+                seen.append((time.monotonic(), small.answered().get("0", 0) + large.answered().get("0", 0)))
+
+        result = finish_client(proc, summary, stderr, started, timeout_s=600, on_tick=tick, tick_s=TICK_S)
+        tick()
+        if result.returncode != 0 or seen[-1][1] != n:
+            raise RuntimeError(f"two-endpoint cluster run exited {result.returncode}: {result.stderr}")
+        window = [s for s in seen if 0 < s[1] < n] or seen
+        (t0, a0), (t1, a1) = window[0], window[-1]
+        answered = {"small": small.answered(), "large": large.answered()}
+    refused = sum(counts.get("15", 0) for counts in answered.values())
+    return {
+        "rate": (a1 - a0) / (t1 - t0) if t1 > t0 else float("nan"),
+        "refused": refused,
+        "share": answered["large"].get("0", 0) / n,
+    }

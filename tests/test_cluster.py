@@ -457,7 +457,7 @@ def test_the_cluster_as_a_whole_keeps_to_qps(spawner, tmp_path):
     assert len(json.loads((tmp_path / "summary.json").read_text())["workers"]) == 2
 
 
-def answer_twice(run_id: str, items: list) -> ChunkResult:
+def answer_twice(run_id: str, items: list, grant: int | None = None) -> ChunkResult:
     """A worker task whose chunk reports every record twice, as a chunk that ran twice could."""
     from distributed import get_worker
 

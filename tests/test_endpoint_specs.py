@@ -108,14 +108,14 @@ def test_matching_taggers_are_the_settings(tmp_path):
     assert config.settings().to_dict() == {"endpoint": "https://a.example", "tagger": "model", "lang": "en"}
 
 
-def test_several_endpoints_with_cluster_are_refused_with_one_line(tmp_path):
-    flags = {"endpoint": ["https://a.example", "https://b.example"], "cluster": "local:2"}
-    with pytest.raises(ConfigError, match="--cluster takes one endpoint for now"):
-        build_config({**BASE, **flags}, None, RUN_CREDS)
+def test_several_endpoints_and_max_requests_are_taken_with_cluster(tmp_path):
+    """Both run on Dask (tests/test_cluster_endpoints.py): the settings are accepted."""
+    flags = {"endpoint": ["https://a.example", "https://b.example"], "cluster": "local:2", "max_requests": 5}
+    config = build_config({**BASE, **flags}, None, RUN_CREDS).load_secret_key()
+    assert [spec.url for spec in config.endpoint_specs] == flags["endpoint"]
+    assert config.cluster == "local:2" and config.max_requests == 5
 
 
-def test_max_requests_must_be_positive_and_without_cluster():
+def test_max_requests_must_be_positive():
     with pytest.raises(ConfigError, match="--max-requests must be at least 1"):
         build_config({**BASE, "max_requests": 0}, None, {})
-    with pytest.raises(ConfigError, match="--max-requests does not work with --cluster yet"):
-        build_config({**BASE, "max_requests": 5, "cluster": "local:1"}, None, {})

@@ -11,6 +11,14 @@ the keys already written, so a chunk that ran twice can never put a key in OUT t
 chunk that killed workers ``distributed.scheduler.allowed-failures`` times gets error
 records (``--retry-errors`` tries it again). Losing the scheduler stops the run
 (ClusterError, exit 2); what was written stays, so a rerun resumes.
+
+``--max-requests N``: the driver holds what is left of N (``Grants``) and hands each chunk
+one request an item (never more than is left); the chunk's worker gives back what it did
+not spend. Items a grant did not reach (retries took it) come back unsent and go out again
+with room for all their tries (``--retries`` + 1 each) while requests are left; once none
+are left and no chunk holds any, the rest are passed over unsent, as in a plain run: a
+clean stop, exit 5, a rerun goes on. So the workers together never send more than N,
+whatever the chunks in flight; a chunk Dask runs twice gets its grant once (worker.py).
 """
 
 from __future__ import annotations
@@ -33,11 +41,13 @@ from batchtag.cluster import ClusterAddress, ClusterError, SchedulerLost, parse_
 from batchtag.cluster.worker import (
     ChunkResult,
     TaggerPlugin,
+    forget_claims,
     plugin_name,
-    relay_share,
     relay_slowdown,
+    relay_workers,
     slowdown_topic,
     tag_chunk,
+    warnings_topic,
 )
 from batchtag.config import CLUSTER_TLS_FIELDS, RunConfig
 from batchtag.keyset import KeySet
@@ -59,7 +69,7 @@ CLOSE_TIMEOUT_S = 10.0
 LOST_CLOSE_TIMEOUT_S = 1.0
 RELAY_COOLDOWN_S = 1.0  # the limiter's own cooldown: one relayed slow-down a second at most
 
-ChunkTask = Callable[[str, list[Item]], ChunkResult]
+ChunkTask = Callable[[str, list[Item], int | None], ChunkResult]  # run id, items, grant
 
 
 async def run_on_cluster(
@@ -207,10 +217,10 @@ async def tagger_on_every_worker(
     client: Client, config: RunConfig, run_id: str, workers: int
 ) -> AsyncIterator[None]:
     """Each worker process sets up its client (and loads the embedded tagger) once for the
-    run; torn down after it, so long-lived workers do not keep the model."""
-    share = config.qps / workers if config.qps else None
+    run; torn down after it, so long-lived workers do not keep the model. Each paces every
+    endpoint at its quota divided by ``workers``."""
     try:
-        await client.register_plugin(TaggerPlugin(config, run_id, share), name=plugin_name(run_id))
+        await client.register_plugin(TaggerPlugin(config, run_id, workers), name=plugin_name(run_id))
     except OSError:
         raise SchedulerLost(f"lost the Dask scheduler at {config.cluster} while the workers set up") from None
     except Exception as exc:
@@ -250,6 +260,37 @@ class Window:
             self._changed.notify_all()
 
 
+class Grants:
+    """``--max-requests`` over the cluster: what is left, handed out with the chunks and
+    given back by them (see the module docstring). None: no limit."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.left = limit
+        self.held = 0  # granted to chunks still out
+        self._changed = asyncio.Condition()
+
+    async def take(self, wanted: int) -> int | None:
+        """``wanted`` requests or what is left, if less; waits while nothing is left but
+        chunks out may give some back; 0 when the run's requests are spent."""
+        if self.left is None:
+            return None
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self.left) or self.held == 0)
+            assert self.left is not None
+            grant = min(self.left, wanted)
+            self.left -= grant
+            self.held += grant
+            return grant
+
+    async def give_back(self, grant: int | None, spent: int) -> None:
+        if grant is None or self.left is None:
+            return
+        async with self._changed:
+            self.held -= grant
+            self.left += grant - min(spent, grant)
+            self._changed.notify_all()
+
+
 class ClusterStage:
     """Send through Dask: a ``stage.MiddleStage`` of one dispatcher task."""
 
@@ -263,9 +304,11 @@ class ClusterStage:
         self.task = task
         self.window = Window(window)
         self.written = KeySet()  # keys sent to the writer by this run
+        self.grants = Grants(config.max_requests)
         self._chunks = 0
         self._futures: set[Any] = set()  # submitted, not yet returned: cancelled if the run stops
-        self._last_relay = -1e9
+        self._last_relay: dict[str, float] = {}  # by endpoint
+        self._warned: set[str] = set()  # the workers' lines said once, not once a worker
         # The run's ends, given at start():
         self.queue: asyncio.Queue[Item | None]
         self.results: asyncio.Queue[Record | None]
@@ -273,11 +316,14 @@ class ClusterStage:
 
     def start(self, ends: Ends) -> list[asyncio.Task[None]]:
         self.queue, self.results, self.summary = ends.items, ends.results, ends.summary
+        # Every endpoint named in the summary, 0 for one that answered nothing, as a plain run's pool.
+        self.summary.endpoints = {spec.name: 0 for spec in self.config.endpoint_specs}
         return [asyncio.create_task(self.dispatch(), name="dispatch")]
 
     async def dispatch(self) -> None:
         """Chunks out, records back, until the producer is done and every chunk is in."""
         self.dask.subscribe_topic(slowdown_topic(self.run_id), self.relay_slowdown)
+        self.dask.subscribe_topic(warnings_topic(self.run_id), self.warn_once)
         watcher = asyncio.create_task(self.watch_workers(), name="watch-workers")
         try:
             async with asyncio.TaskGroup() as chunks:
@@ -288,14 +334,18 @@ class ClusterStage:
                         await self.window.leave()
                         break
                     chunks.create_task(self.run_chunk(chunk))
+            await self.catch_up_warnings()
         except BaseExceptionGroup as group:
             raise first_cluster_error(group) from None
         finally:
             watcher.cancel()
             if self._futures:  # interrupted or failed: the cluster drops the rest of the work
                 await close_quietly(self.dask.cancel(list(self._futures)))
-            with contextlib.suppress(Exception):
-                self.dask.unsubscribe_topic(slowdown_topic(self.run_id))
+            for topic in (slowdown_topic(self.run_id), warnings_topic(self.run_id)):
+                with contextlib.suppress(Exception):
+                    self.dask.unsubscribe_topic(topic)
+            if self.config.max_requests:
+                await close_quietly(self.dask.run_on_scheduler(forget_claims, self.run_id))
 
     async def take_chunk(self) -> list[Item]:
         """Up to CHUNK_ITEMS new items; fewer when a worker is free and the producer
@@ -312,21 +362,47 @@ class ClusterStage:
         return chunk
 
     async def run_chunk(self, items: list[Item]) -> None:
+        """The chunk's records to the writer; under --max-requests, the items its grant did
+        not reach go out again while requests are left, and are passed over after."""
+        per_item = 1  # a first try each; retries that ran out of it get room for all tries again
         try:
-            result = await self.tag_remotely(items)
-            fresh = [record for record in result.records if self.written.add(record.key)]
-            if len(fresh) < len(result.records):
-                log.info("%d records of a rerun chunk were already written", len(result.records) - len(fresh))
-            self.summary.workers[result.worker] += len(fresh)
-            for record in fresh:
-                self.results.put_nowait(record)
+            while items:
+                grant = await self.grants.take(len(items) * per_item)
+                if grant == 0:
+                    self.summary.limit_reached = True  # not sent, no record: a rerun does them
+                    return
+                spent = grant or 0  # until the chunk says otherwise, all of it (a lost chunk)
+                try:
+                    result = await self.tag_remotely(items, grant)
+                    spent = grant if result.rerun else result.spent
+                    if result.rerun and grant:
+                        log.info(
+                            "a chunk ran again after a worker died: its grant of %d counts as spent", grant
+                        )
+                finally:
+                    await self.grants.give_back(grant, spent)
+                self.take(result)
+                items = unsent(items, result) if result.limit_reached and spent else []
+                per_item = 1 + self.config.retries
         finally:
             await self.window.leave()
 
-    async def tag_remotely(self, items: list[Item]) -> ChunkResult:
+    def take(self, result: ChunkResult) -> None:
+        """Records of keys not written yet go to the writer (a rerun chunk's repeats do not)."""
+        fresh = [record for record in result.records if self.written.add(record.key)]
+        if len(fresh) < len(result.records):
+            log.info("%d records of a rerun chunk were already written", len(result.records) - len(fresh))
+        self.summary.workers[result.worker] += len(fresh)
+        for record in fresh:
+            endpoint = record.extra.get("endpoint")
+            if endpoint is not None:
+                self.summary.endpoints[endpoint] = self.summary.endpoints.get(endpoint, 0) + 1
+            self.results.put_nowait(record)
+
+    async def tag_remotely(self, items: list[Item], grant: int | None) -> ChunkResult:
         self._chunks += 1
         future = self.dask.submit(
-            self.task, self.run_id, items, key=f"batchtag-{self.run_id}-{self._chunks}", pure=False
+            self.task, self.run_id, items, grant, key=f"batchtag-{self.run_id}-{self._chunks}", pure=False
         )
         self._futures.add(future)
         try:
@@ -338,14 +414,14 @@ class ClusterStage:
             ) from None
         except KilledWorker as exc:
             log.warning("%s", exc)
-            return ChunkResult("(lost)", [worker_died_record(item) for item in items])
+            return ChunkResult("(lost)", [worker_died_record(item) for item in items], rerun=True)
         except Exception as exc:
             raise ClusterError(f"a Dask worker failed a chunk: {type(exc).__name__}: {exc}") from None
         finally:
             self._futures.discard(future)
 
     async def watch_workers(self) -> None:
-        """Follow the cluster's size: the window, and each worker's share of --qps."""
+        """Follow the cluster's size: the window, and each worker's share of every quota."""
         workers = -1
         while True:
             try:
@@ -355,23 +431,46 @@ class ClusterStage:
             if len(threads) != workers and threads:
                 workers = len(threads)
                 await self.window.resize(window_for(threads))
-                if self.config.qps:
-                    await self.broadcast(relay_share, self.run_id, self.config.qps / workers)
+                await self.broadcast(relay_workers, self.run_id, workers)
             await asyncio.sleep(WATCH_INTERVAL_S)
 
     async def relay_slowdown(self, event: Any) -> None:
-        """A worker was rate-limited (code 15): the quota is the whole cluster's, so every
-        worker slows down, not just the one that was told."""
+        """A worker was rate-limited (code 15) by an endpoint: its quota is the whole
+        cluster's, so every worker slows down for that endpoint, not just the one told."""
+        _, message = event
+        endpoint = str(message.get("endpoint", "")) if isinstance(message, dict) else ""
         now = time.monotonic()
-        if now - self._last_relay < RELAY_COOLDOWN_S:
+        if now - self._last_relay.get(endpoint, -1e9) < RELAY_COOLDOWN_S:
             return
-        self._last_relay = now
-        log.info("rate-limited on a worker: every worker slows down")
-        await self.broadcast(relay_slowdown, self.run_id)
+        self._last_relay[endpoint] = now
+        log.info("rate-limited by %s on a worker: every worker slows down for it", endpoint or "the endpoint")
+        await self.broadcast(relay_slowdown, self.run_id, endpoint)
+
+    async def catch_up_warnings(self) -> None:
+        """Lines still on their way when the last chunk is in: the scheduler keeps them (a
+        worker's event goes to it before the result of the chunk that raised it)."""
+        with contextlib.suppress(Exception):
+            for event in await self.dask.get_events(warnings_topic(self.run_id)):
+                self.warn_once(event)
+
+    def warn_once(self, event: Any) -> None:
+        """A worker's line for the user (an endpoint refused the credentials): each worker's
+        pool finds it out, the user reads it once. Lines name endpoints, never secrets."""
+        _, message = event
+        line = str(message.get("line", "")) if isinstance(message, dict) else ""
+        if line and line not in self._warned:
+            self._warned.add(line)
+            log.warning("%s", line)
 
     async def broadcast(self, function: Any, *args: Any) -> None:
         with contextlib.suppress(Exception):
             await self.dask.run(function, *args, wait=False)
+
+
+def unsent(items: list[Item], result: ChunkResult) -> list[Item]:
+    """The chunk's items its grant did not reach: no record came back for them."""
+    answered = {record.key for record in result.records}
+    return [item for item in items if item.key not in answered]
 
 
 def worker_died_record(item: Item) -> Record:

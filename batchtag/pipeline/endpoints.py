@@ -35,7 +35,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from batchtag import codes
@@ -45,7 +45,7 @@ from batchtag.errors import CredentialsRefused, EndpointUnreachable
 from batchtag.pipeline.budget import RequestBudget
 from batchtag.pipeline.client import Answer, EndpointHealth, RetryPolicy, TagClient, open_tag_client
 from batchtag.pipeline.payload import Payload, with_appid
-from batchtag.pipeline.ratelimit import AdaptiveRateLimiter
+from batchtag.pipeline.ratelimit import LimiterFor, own_limiter
 from batchtag.signing import Credentials
 
 log = logging.getLogger("batchtag")
@@ -111,6 +111,9 @@ class EndpointPool:
         self.none_up_since: float | None = None
         self.moved = 0  # items sent to another member after an endpoint's failure
         self.last_refusal: Answer | None = None
+        # Also told of each refusal's line: a cluster worker passes it on to the driver,
+        # whose stderr the user reads (the worker's own log is not there).
+        self.on_refused: Callable[[str], None] | None = None
         for member in self.members:
             member.probe_wait = probe_first_wait_s
 
@@ -212,13 +215,13 @@ class EndpointPool:
         member.state = State.REFUSED
         member.last_error = f"code {answer.code}: {answer.message}"
         left = sum(m.state is not State.REFUSED for m in self.members)
-        log.warning(
-            "%s refused the credentials (%s); %s; going on with %d other endpoint(s)",
-            member.name,
-            member.last_error,
-            codes.describe(answer.code).fix,
-            left,
+        line = (
+            f"{member.name} refused the credentials ({member.last_error}); "
+            f"{codes.describe(answer.code).fix}; going on with {left} other endpoint(s)"
         )
+        log.warning("%s", line)
+        if self.on_refused is not None:
+            self.on_refused(line)
         self.last_refusal = answer
 
     def all_refused(self) -> CredentialsRefused:
@@ -257,8 +260,10 @@ async def open_endpoint_pool(
     timeout_s: float,
     outage_wait_s: float,
     budget: RequestBudget | None = None,
+    limiter_for: LimiterFor = own_limiter,
 ) -> AsyncIterator[EndpointPool]:
-    """One session, limiter and client per endpoint, closed together."""
+    """One session, limiter and client per endpoint, closed together; ``limiter_for`` gives
+    each endpoint its limiter (a cluster worker's is its share of the endpoint's quota)."""
     async with contextlib.AsyncExitStack() as stack:
         members = []
         for spec in specs:
@@ -267,7 +272,7 @@ async def open_endpoint_pool(
                     spec.url,
                     Credentials(spec.appid, spec.secret_id, spec.secret_key),
                     bucket,
-                    AdaptiveRateLimiter(spec.qps),
+                    limiter_for(spec.name, spec.qps),
                     policy,
                     concurrency,
                     timeout_s,

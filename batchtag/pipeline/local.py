@@ -31,7 +31,7 @@ from batchtag.pipeline.payload import (
     image_payload,
     read_images,
 )
-from batchtag.pipeline.ratelimit import AdaptiveRateLimiter
+from batchtag.pipeline.ratelimit import LimiterFor, own_limiter
 from batchtag.pipeline.sources import Item
 from batchtag.pipeline.stage import STOP, Ends
 from batchtag.records import Record
@@ -185,13 +185,15 @@ class LocalStage:
 
 @contextlib.asynccontextmanager
 async def open_client(
-    config: RunConfig, limiter: AdaptiveRateLimiter | None = None
+    config: RunConfig, limiter_for: LimiterFor = own_limiter, budget: RequestBudget | None = None
 ) -> AsyncIterator[TagClient]:
     """The run's one client against its endpoint (the embedded tagger, in this process, when
-    there is none); a cluster worker opens one a process, with its own limiter, and shares
-    it between its chunks."""
+    there is none; an ``EndpointPool`` for several). A cluster worker opens one a process and
+    shares it between its chunks: its ``limiter_for`` paces each endpoint at the worker's
+    share of its quota, and its ``budget`` spends each chunk's grant of ``--max-requests``."""
     policy = RetryPolicy(retries=config.retries)
-    budget = RequestBudget(config.max_requests) if config.max_requests else None
+    if budget is None and config.max_requests:
+        budget = RequestBudget(config.max_requests)
     if config.endpoints:
         async with open_endpoint_pool(
             config.endpoint_specs,
@@ -201,10 +203,11 @@ async def open_client(
             config.timeout,
             config.outage_wait,
             budget,
+            limiter_for,
         ) as pool:
             yield pool  # type: ignore[misc]
         return
-    limiter = limiter or AdaptiveRateLimiter(config.qps)
+    limiter = limiter_for(config.endpoint if config.is_local else config.endpoint_name, config.qps)
     if config.is_local:
         from batchtag.server import EmbeddedService, ServeConfig
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from batchtag.clock import SYSTEM_CLOCK, Clock
@@ -120,3 +121,13 @@ class AdaptiveRateLimiter:
         if self.max_rate is None and self.rate >= target:
             self.rate = None  # fully recovered: unlimited again
             self._ceiling = None
+
+
+LimiterFor = Callable[[str, float | None], AdaptiveRateLimiter]
+"""The limiter of one endpoint, from its name and quota: a fresh one in a plain run; in a
+cluster worker, the worker's share of that quota (``cluster/worker.py``)."""
+
+
+def own_limiter(name: str, qps: float | None) -> AdaptiveRateLimiter:
+    """A plain run paces each endpoint at its whole quota."""
+    return AdaptiveRateLimiter(qps)
