@@ -10,6 +10,7 @@ import json
 import signal
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,14 +182,15 @@ def answer_with_a_retry_each(run_id: str, items: list, grant: int | None = None)
     )
 
 
-async def test_items_a_grant_did_not_reach_go_out_again_while_requests_are_left(tmp_path):
-    """60 items at two requests each under --max-requests 150: each chunk's grant (one
-    request an item) answers half of it; the other half goes out again with room for its
-    retries, so all 60 end ok and the run is not cut short."""
-    keys = tiny_jpegs(tmp_path / "photos", 60)
+async def run_with_a_retry_each(tmp_path: Path, max_requests: int) -> tuple[Path, Any]:
+    """tmp_path/photos over local:1, every item answered on its second request."""
     out = tmp_path / "out.jsonl"
     config = RunConfig(
-        sources=[str(tmp_path / "photos")], out=str(out), cluster="local:1", tagger="color", max_requests=150
+        sources=[str(tmp_path / "photos")],
+        out=str(out),
+        cluster="local:1",
+        tagger="color",
+        max_requests=max_requests,
     )
     sink, checkpoint = open_sink(config.out)
     try:
@@ -197,6 +199,15 @@ async def test_items_a_grant_did_not_reach_go_out_again_while_requests_are_left(
         )
     finally:
         await sink.close()
+    return out, summary
+
+
+async def test_items_a_grant_did_not_reach_go_out_again_while_requests_are_left(tmp_path):
+    """60 items at two requests each under --max-requests 150: each chunk's grant (one
+    request an item) answers half of it; the other half goes out again with room for its
+    retries, so all 60 end ok and the run is not cut short."""
+    keys = tiny_jpegs(tmp_path / "photos", 60)
+    out, summary = await run_with_a_retry_each(tmp_path, max_requests=150)
     assert sorted(read_out(out).keys) == keys
     assert summary.done == 60 and summary.attempts == 120 and not summary.limit_reached
 
@@ -205,17 +216,7 @@ async def test_a_cluster_run_stops_at_max_requests_when_retries_take_the_budget(
     """The same items under --max-requests 50: 25 end ok, the rest are passed over (no
     record) and the run says it stopped at the limit."""
     tiny_jpegs(tmp_path / "photos", 60)
-    out = tmp_path / "out.jsonl"
-    config = RunConfig(
-        sources=[str(tmp_path / "photos")], out=str(out), cluster="local:1", tagger="color", max_requests=50
-    )
-    sink, checkpoint = open_sink(config.out)
-    try:
-        summary = await run_on_cluster(
-            config, sink, checkpoint, Progress(False), task=answer_with_a_retry_each
-        )
-    finally:
-        await sink.close()
+    out, summary = await run_with_a_retry_each(tmp_path, max_requests=50)
     assert len(read_out(out).keys) == 25 and summary.attempts == 50
     assert summary.limit_reached and summary.exit_code == 5
 
