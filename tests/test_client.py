@@ -222,6 +222,22 @@ async def test_an_outage_is_probed_with_doubling_waits_until_the_endpoint_is_bac
     assert clock.slept == [1.0, 2.0, 4.0]
 
 
+async def test_an_endpoint_back_from_an_outage_with_a_503_gives_the_item_its_retries(client_for, clock):
+    """The probe reaches the endpoint again but gets a transient failure: the outage is over
+    and the item is retried as usual, not recorded as failed after that one try (seen once
+    in a loaded full-suite run under 30 % injected faults)."""
+    client = client_for(replace(FAST, retries=2))
+    with aioresponses() as mocked:
+        mocked.post(URL, payload=answer(codes.OK))
+        for _ in range(3):  # the first attempt and its two retries: no connection
+            mocked.post(URL, exception=GONE)
+        mocked.post(URL, status=503, body="busy")  # the probe: back, but busy
+        mocked.post(URL, payload=answer(codes.OK))
+        assert (await client.detect(Payload(b"{}"))).ok
+        result = await client.detect(Payload(b"{}"))
+    assert result.ok and result.attempts == 5
+
+
 async def test_an_outage_longer_than_outage_wait_stops_the_run(session, clock):
     health = EndpointHealth(ENDPOINT, outage_wait_s=30.0, clock=clock)
     limiter = AdaptiveRateLimiter(None, clock=clock)

@@ -228,8 +228,12 @@ class TagClient:
         RunStopped when the failure is not the item's: credentials refused, or an endpoint
         that never answered or stays away past outage-wait."""
         answer = await self._attempts(payload, self.policy.retries)
-        if self._in_an_outage(answer):
+        while self._in_an_outage(answer):
             answer = await self._probe_until_back(payload, answer)
+            if self._back_but_failed(answer):
+                again = await self._attempts(payload, self.policy.retries)
+                again.attempts += answer.attempts
+                answer = again
         if codes.stops_run(answer.code):
             raise CredentialsRefused(answer.code, answer.message)
         if answer.unreachable:
@@ -240,6 +244,13 @@ class TagClient:
         """Unreachable now, but it answered before, and not for outage-wait yet: not this
         item's fault, so it is neither recorded nor given up."""
         return answer.unreachable and self.health.answered and not self.health.outage_too_long()
+
+    @staticmethod
+    def _back_but_failed(answer: Answer) -> bool:
+        """The probe reached the endpoint, which answered with a transient failure (a 503,
+        a busy code): the outage is over, and the item gets its retries again rather than
+        being recorded as failed after a single try."""
+        return not answer.unreachable and codes.is_transient(answer.code, answer.http_status)
 
     async def _probe_until_back(self, payload: Payload, first: Answer) -> Answer:
         """Probe with a doubling wait (tenacity, sleeping through the policy's clock) until
