@@ -26,7 +26,7 @@ import numpy as np
 import xxhash
 
 from batchtag import codes
-from batchtag.keyset import fingerprint
+from batchtag.keyset import fingerprint, fingerprints_bytes
 
 log = logging.getLogger("batchtag")
 
@@ -423,29 +423,6 @@ def read_blocks(handle: BinaryIO, size: int = SCAN_BLOCK, line_ends: bytes = b"\
         yield rest
 
 
-def scan_lines(
-    lines: Iterable[bytes],
-    settings: Settings | None,
-    on_bad_line: Callable[[int], None] | None = None,
-    stop: threading.Event | None = None,
-) -> LineScan:
-    """``scan_blocks`` over lines (each ends with a newline, but perhaps the last)."""
-    return scan_blocks(_join_lines(lines), settings, on_bad_line, stop)
-
-
-def _join_lines(lines: Iterable[bytes]) -> Iterator[bytes]:
-    pending: list[bytes] = []
-    size = 0
-    for line in lines:
-        pending.append(line)
-        size += len(line)
-        if size >= SCAN_BLOCK or not line.endswith(b"\n"):
-            yield b"".join(pending)
-            pending, size = [], 0
-    if pending:
-        yield b"".join(pending)
-
-
 def scan_blocks(
     blocks: Iterable[bytes],
     settings: Settings | None,
@@ -527,7 +504,7 @@ class _BlockScanner:
         if len(keys) != lines + 1:
             return 0
         keys.pop()  # the block's last newline: no line after it
-        fps = _fingerprints(keys)
+        fps = fingerprints_bytes(keys)
         others = np.empty(0, dtype=np.int64)
         if not all(keys):
             others = np.flatnonzero(np.fromiter(map(len, keys), dtype=np.int64, count=lines) == 0)
@@ -563,7 +540,7 @@ class _BlockScanner:
         in_others = sum(pieces[i].count(KEY_START) for i in others.tolist())
         if block.count(KEY_START) != len(found) - 1 - len(others) + in_others:
             return 0
-        fps = _fingerprints(found)
+        fps = fingerprints_bytes(found)
         offsets = self._offsets(pieces)
         done = 0
         for index in others.tolist():
@@ -663,11 +640,6 @@ class _BlockScanner:
 def _bytes_at(data: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
     """The ``length`` bytes at each of ``starts``, one row each."""
     return data[starts[:, None] + np.arange(length)]
-
-
-def _fingerprints(keys: list[bytes]) -> np.ndarray:
-    """``keyset.fingerprint_bytes`` of each key, one C call each."""
-    return np.fromiter(map(xxhash.xxh3_64_intdigest, keys), dtype=np.uint64, count=len(keys))
 
 
 SETTLING_FLAG = 16  # in ``LineScan.flags``: an error whose failure settles

@@ -20,9 +20,13 @@ from batchtag.records import (
     read_key_and_status,
     read_key_bytes_and_status,
     scan_blocks,
-    scan_lines,
 )
 from batchtag.results_file import check_results_file
+
+
+def scan_lines(lines, settings, on_bad_line):
+    """OUT's scan over these whole lines, as one block."""
+    return scan_blocks([b"".join(lines)], settings, on_bad_line)
 
 
 def record(key, status="ok", **extra):

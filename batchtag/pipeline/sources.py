@@ -28,10 +28,10 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 import numpy as np
-import xxhash
 
 from batchtag import codes
 from batchtag.errors import SourceError
+from batchtag.keyset import fingerprints_bytes
 from batchtag.pipeline.excludes import LeftOut, WalkRules, not_an_image_reason
 from batchtag.records import SourceKind, read_blocks
 
@@ -275,8 +275,7 @@ def read_txt_chunks(path: str, size: int = MANIFEST_BLOCK) -> Iterator[Chunk]:
                 if items:
                     yield items
             elif urls:
-                fps = np.fromiter(map(xxhash.xxh3_64_intdigest, urls), dtype=np.uint64, count=len(urls))
-                yield UrlChunk(urls, fps)
+                yield UrlChunk(urls, fingerprints_bytes(urls))
 
 
 def _ascii_urls(block: bytes) -> list[bytes] | None:
